@@ -1,0 +1,480 @@
+#!/usr/bin/env python3
+"""Naive PyTorch expert-parallel MoE layer: the baseline megamoe is measured against.
+
+This is the layer a user would write today with stock PyTorch collectives and
+kernels, one process per GPU:
+
+  1. order the (token, k) pairs by destination rank, exchange the per-rank
+     counts with all_to_all_single and read them on the host (a host sync);
+  2. all_to_all_single the token rows (bf16, one row per pair) and their
+     local expert ids;
+  3. sort the received rows by local expert; FC1 with torch._grouped_mm,
+     SwiGLU silu(gate) * up, FC2 with torch._grouped_mm;
+  4. unsort and all_to_all_single the rows back;
+  5. y[t] = sum_k w[t,k] * row[t,k], accumulated in fp32, stored bf16.
+
+Launch:
+  torchrun --standalone --nproc_per_node W bench/naive_ep.py \
+      --preset dsv4-flash --tokens 1,64,512,1024,2048,4096,8192 --json out.jsonl
+
+CPU debugging (gloo backend, tiny shapes):
+  torchrun --standalone --nproc_per_node 2 bench/naive_ep.py \
+      --preset tiny --tokens 1,16,64 --device cpu
+"""
+
+import os
+
+# NVLink multicast must stay off on the shared GPU hosts. Set before
+# torch.distributed (and NCCL) is initialised.
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+# name: (hidden H, intermediate I, experts E, top-k K)
+PRESETS = {
+    "dsv3": (7168, 2048, 256, 8),
+    "dsv4-flash": (4096, 2048, 256, 6),
+    "dsv4-pro": (7168, 3072, 384, 6),
+    "tiny": (256, 128, 16, 4),
+}
+
+REL_TOL = 2e-2
+
+
+def log0(*args):
+    if dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def fail(msg):
+    print(f"[rank {dist.get_rank()}] FAIL: {msg}", file=sys.stderr, flush=True)
+    # Every rank reaches the same verdict (the check is computed from
+    # all-gathered data), so exiting here does not strand a peer in a collective.
+    dist.destroy_process_group()
+    sys.exit(1)
+
+
+# --------------------------------------------------------------------------
+# Grouped GEMM
+#
+# torch._grouped_mm(mat_a, mat_b, offs=None, bias=None, out_dtype=None)
+# (ATen: aten/src/ATen/native/GroupedMMUtils.h, cuda/GroupedBlas.cpp,
+#  cuda/GroupMM.cu, cuda/GroupMMCommon.cuh).  The "2d x 3d" MoE form:
+#   mat_a [M_total, K] row-major bf16, mat_b [G, K, N] bf16,
+#   offs  [G] int32 = cumulative END row of each group (offs[-1] <= M_total;
+#         rows past offs[-1] are left unwritten in the output);
+#   out   [M_total, N] bf16 (out dtype must equal mat_a's).
+# mat_b may be a transposed view: our weights are stored like nn.Linear,
+# [G, N, K], and we pass w.transpose(-2, -1) (column-major [G, K, N]); the
+# kernel dispatches on the strides, no copy is made.
+# Constraints: data_ptr 16-byte aligned and the non-unit stride a multiple of
+# 16 bytes (K and N multiples of 8 for bf16 -- all presets qualify), fewer
+# than 1024 groups, bf16 fast path needs SM90/SM100 (else ATen loops over
+# mm itself).  For 2d x 3d with a row-major A the per-group row counts are
+# the dynamic dimension and carry NO alignment requirement: the kernel's
+# device-side alignment asserts only cover the 2d x 2d (K) and 3d x 2d (N)
+# forms, and empty groups are accepted.  So we do not pad groups; the
+# --group-align option exists only as a fallback should a build disagree.
+# --------------------------------------------------------------------------
+
+
+def probe_grouped_mm(device):
+    """Return (ok, why): does torch._grouped_mm run and agree with mm here?"""
+    if not hasattr(torch, "_grouped_mm"):
+        return False, "torch._grouped_mm does not exist in this torch"
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        a = torch.randn(40, 64, generator=g).to(device, torch.bfloat16)
+        w = torch.randn(3, 32, 64, generator=g).to(device, torch.bfloat16)  # [G, N, K]
+        sizes = [16, 0, 24]  # includes an empty group and a non-multiple-of-16 one
+        offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+        out = torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
+        ref = torch.empty_like(out)
+        start = 0
+        for gi, n in enumerate(sizes):
+            ref[start:start + n] = (a[start:start + n].float() @ w[gi].float().t()).to(torch.bfloat16)
+            start += n
+        err = (out.float() - ref.float()).norm() / ref.float().norm()
+        if not torch.isfinite(err) or err.item() > 1e-2:
+            return False, f"torch._grouped_mm disagrees with mm (rel err {err.item():.3g})"
+        return True, ""
+    except Exception as exc:  # noqa: BLE001 - any failure means "use the loop"
+        return False, f"torch._grouped_mm failed: {type(exc).__name__}: {exc}"
+
+
+class ExpertMLP:
+    """The local experts' weights and the two grouped GEMMs."""
+
+    def __init__(self, H, I, E_local, device, seed, use_grouped):
+        self.H, self.I, self.E_local = H, I, E_local
+        self.use_grouped = use_grouped
+        g = torch.Generator(device=device).manual_seed(seed)
+        # w1: [E_local, 2I, H], gate rows then up rows; w2: [E_local, H, I].
+        # Drawn straight in bf16 (no fp32 temporary), scaled ~ 1/sqrt(fan_in).
+        self.w1 = torch.randn(E_local, 2 * I, H, generator=g, device=device, dtype=torch.bfloat16)
+        self.w1.mul_(1.0 / math.sqrt(H))
+        self.w2 = torch.randn(E_local, H, I, generator=g, device=device, dtype=torch.bfloat16)
+        self.w2.mul_(1.0 / math.sqrt(I))
+        # [G, K, N] views of the [G, N, K] weights (column-major operands).
+        self.w1_t = self.w1.transpose(-2, -1)
+        self.w2_t = self.w2.transpose(-2, -1)
+
+    def _gemm(self, a, w_t, w, offs, counts_host):
+        if self.use_grouped:
+            return torch._grouped_mm(a, w_t, offs=offs)
+        # Fallback: one mm per non-empty expert (needs host-side counts).
+        out = a.new_empty(a.shape[0], w.shape[1])
+        start = 0
+        for e, n in enumerate(counts_host):
+            if n:
+                torch.mm(a[start:start + n], w_t[e], out=out[start:start + n])
+            start += n
+        return out
+
+    def forward(self, xs, offs, counts_host):
+        """xs: rows sorted by local expert; offs: int32 cumulative ends."""
+        I = self.I
+        h1 = self._gemm(xs, self.w1_t, self.w1, offs, counts_host)  # [R, 2I]
+        act = F.silu(h1[:, :I]) * h1[:, I:]  # [R, I] bf16
+        return self._gemm(act, self.w2_t, self.w2, offs, counts_host)  # [R, H]
+
+
+# --------------------------------------------------------------------------
+# The layer
+# --------------------------------------------------------------------------
+
+
+class NaiveEPLayer:
+    def __init__(self, H, I, E, K, world, rank, device, seed, use_grouped, group_align):
+        self.H, self.I, self.E, self.K = H, I, E, K
+        self.W, self.rank = world, rank
+        self.E_local = E // world
+        self.device = device
+        self.group_align = group_align
+        self.mlp = ExpertMLP(H, I, self.E_local, device, seed * 1000 + rank, use_grouped)
+        # The per-expert loop needs host-side group sizes; the grouped path does not.
+        self.need_host_counts = (not use_grouped) or group_align > 1
+
+    def _a2a(self, inp, out_splits, in_splits, trailing, dtype):
+        if self.W == 1:
+            return inp  # a single rank exchanges nothing
+        out = torch.empty((sum(out_splits),) + trailing, dtype=dtype, device=self.device)
+        dist.all_to_all_single(out, inp, out_splits, in_splits)
+        return out
+
+    def forward(self, x, topk_ids, topk_w):
+        T, K = topk_ids.shape
+        H, W, E_local = self.H, self.W, self.E_local
+
+        # (1) order the (t, k) pairs by destination rank; exchange the counts.
+        flat_ids = topk_ids.reshape(-1)
+        dest = torch.div(flat_ids, E_local, rounding_mode="floor")
+        order = torch.argsort(dest, stable=True)
+        if W > 1:
+            send_counts = torch.bincount(dest, minlength=W)
+            recv_counts = torch.empty_like(send_counts)
+            dist.all_to_all_single(recv_counts, send_counts)
+            send_splits = send_counts.tolist()  # host sync, as users do
+            recv_splits = recv_counts.tolist()
+        else:
+            send_splits = recv_splits = [T * K]
+
+        # (2) the token rows (one per pair) and their local expert ids.
+        send_x = x.index_select(0, torch.div(order, K, rounding_mode="floor"))
+        send_e = (flat_ids.index_select(0, order) % E_local).to(torch.int32)
+        recv_x = self._a2a(send_x, recv_splits, send_splits, (H,), x.dtype)
+        recv_e = self._a2a(send_e, recv_splits, send_splits, (), torch.int32)
+
+        # (3) sort by local expert, FC1 -> SwiGLU -> FC2.
+        R = recv_x.shape[0]
+        if R > 0:
+            perm = torch.argsort(recv_e, stable=True)
+            counts = torch.bincount(recv_e, minlength=E_local)
+            if self.group_align > 1:
+                out_sorted = self._mlp_padded(recv_x, recv_e, perm, counts)
+            else:
+                xs = recv_x.index_select(0, perm)
+                offs = torch.cumsum(counts, 0, dtype=torch.int32)
+                counts_host = counts.tolist() if self.need_host_counts else None
+                out_sorted = self.mlp.forward(xs, offs, counts_host)
+            # (4) unsort, send the rows back.
+            result = torch.empty_like(out_sorted)
+            result.index_copy_(0, perm, out_sorted)
+        else:
+            result = recv_x.new_empty(0, H)
+        back = self._a2a(result, send_splits, recv_splits, (H,), x.dtype)
+
+        # (5) back[j] belongs to pair order[j]; put pairs back in (t, k) order
+        # and reduce over k.  bmm accumulates in fp32 (cuBLAS bf16 GEMMs use
+        # fp32 compute) and rounds once to bf16: no fp32 copy of the [T, K, H]
+        # rows is ever made.  The fp32 routing weights are rounded to bf16 to
+        # feed the GEMM (relative error 2^-9, the precision the rows have).
+        rows = torch.empty_like(back)
+        rows.index_copy_(0, order, back)
+        y = torch.bmm(topk_w.to(torch.bfloat16).unsqueeze(1), rows.view(T, K, H))
+        return y.view(T, H)
+
+    def _mlp_padded(self, recv_x, recv_e, perm, counts):
+        """Variant that pads every expert group to a multiple of group_align rows."""
+        a = self.group_align
+        counts_host = counts.tolist()
+        padded = [(n + a - 1) // a * a for n in counts_host]
+        starts_sorted = torch.cumsum(counts, 0) - counts  # unpadded group starts
+        pstarts = torch.tensor([sum(padded[:e]) for e in range(len(padded))],
+                               dtype=torch.int64, device=recv_x.device)
+        e_sorted = recv_e.index_select(0, perm).long()
+        rank_in_group = torch.arange(perm.numel(), device=recv_x.device) - starts_sorted[e_sorted]
+        dst = pstarts[e_sorted] + rank_in_group
+        xs = recv_x.new_zeros(sum(padded), self.H)
+        xs.index_copy_(0, dst, recv_x.index_select(0, perm))
+        offs = torch.tensor(padded, dtype=torch.int64).cumsum(0).to(torch.int32).to(recv_x.device)
+        out = self.mlp.forward(xs, offs, padded)
+        return out.index_select(0, dst)
+
+
+# --------------------------------------------------------------------------
+# Inputs, correctness check, timing
+# --------------------------------------------------------------------------
+
+
+def make_inputs(T, H, E, K, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(T, H, generator=g, device=device, dtype=torch.bfloat16)
+    # Uniform random top-k: K distinct experts per token.
+    scores = torch.rand(T, E, generator=g, device=device)
+    topk_ids = torch.topk(scores, K, dim=1).indices
+    topk_w = torch.softmax(torch.randn(T, K, generator=g, device=device), dim=1)  # fp32
+    return x, topk_ids, topk_w
+
+
+def all_gather_cat(t):
+    """all_gather equal-shaped tensors and concatenate along dim 0."""
+    W = dist.get_world_size()
+    if W == 1:
+        return t.clone()
+    parts = [torch.empty_like(t) for _ in range(W)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, 0)
+
+
+def check_forward(layer, x, topk_ids, topk_w, n_check):
+    """Compare the layer's y against an fp32 per-token reference.
+
+    A handful of tokens are picked on every rank and all-gathered (inputs,
+    routing and the layer's output).  Each rank computes the fp32
+    contribution of the experts it owns to every gathered token; a SUM
+    all-reduce completes the reference, so no weights ever move and the check
+    works for any preset and any W.  Returns the max relative L2 error.
+    """
+    T = x.shape[0]
+    y = layer.forward(x, topk_ids, topk_w)
+    n = min(n_check, T)
+    idx = torch.linspace(0, T - 1, n).round().long().to(x.device)
+    xs = all_gather_cat(x.index_select(0, idx))
+    ids = all_gather_cat(topk_ids.index_select(0, idx))
+    ws = all_gather_cat(topk_w.index_select(0, idx))
+    ys = all_gather_cat(y.index_select(0, idx)).float()
+
+    I, E_local = layer.I, layer.E_local
+    lo = layer.rank * E_local
+    ref = torch.zeros(xs.shape[0], layer.H, dtype=torch.float32, device=x.device)
+    tok = torch.arange(xs.shape[0], device=x.device).unsqueeze(1).expand_as(ids).reshape(-1)
+    e_flat = ids.reshape(-1)
+    w_flat = ws.reshape(-1)
+    mine = (e_flat >= lo) & (e_flat < lo + E_local)
+    for e in torch.unique(e_flat[mine]).tolist():
+        sel = (e_flat == e).nonzero().squeeze(1)
+        t_sel = tok[sel]
+        le = e - lo
+        h = xs[t_sel].float() @ layer.mlp.w1[le].float().t()
+        a = F.silu(h[:, :I]) * h[:, I:]
+        o = a @ layer.mlp.w2[le].float().t()
+        ref.index_add_(0, t_sel, o * w_flat[sel].unsqueeze(1))
+    if layer.W > 1:
+        dist.all_reduce(ref, op=dist.ReduceOp.SUM)
+
+    if not torch.isfinite(ys).all():
+        return float("inf")
+    err = (ys - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-30)
+    return err.max().item()
+
+
+class Timer:
+    """CUDA events on GPU, wall clock (after the forward returns) on CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.pairs = []
+        self.cpu_times = []
+
+    def start(self):
+        if self.cuda:
+            s = torch.cuda.Event(enable_timing=True)
+            s.record()
+            return s
+        return time.perf_counter()
+
+    def stop(self, s):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.pairs.append((s, e))
+        else:
+            self.cpu_times.append((time.perf_counter() - s) * 1e6)
+
+    def times_us(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [s.elapsed_time(e) * 1e3 for s, e in self.pairs]
+        return list(self.cpu_times)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="dsv4-flash", choices=sorted(PRESETS))
+    p.add_argument("--tokens", default="1,64,512,1024,2048,4096,8192",
+                   help="comma-separated tokens per rank")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel size; must equal the world size (default: world size)")
+    p.add_argument("--json", default=None, help="append one JSON object per T to this file (rank 0)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up forwards per T (>= 5)")
+    p.add_argument("--iters", type=int, default=20, help="timed forwards per T (>= 20)")
+    p.add_argument("--input-sets", type=int, default=2,
+                   help="distinct (x, routing) sets rotated between forwards (>= 2)")
+    p.add_argument("--check-tokens", type=int, default=8,
+                   help="tokens per rank checked against the fp32 reference (0 disables)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--gemm", default="auto", choices=["auto", "grouped", "loop"],
+                   help="auto: torch._grouped_mm if it works, else a per-expert mm loop")
+    p.add_argument("--group-align", type=int, default=1,
+                   help="pad each expert group to a multiple of this many rows (1: no padding, "
+                        "which torch._grouped_mm 2d x 3d bf16 does not need)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: gloo backend, for debugging the logic only")
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    if args.warmup < 5 or args.iters < 20 or args.input_sets < 2:
+        # Allowed for quick debugging, but say so.
+        print("note: below the recommended --warmup 5 / --iters 20 / --input-sets 2", file=sys.stderr)
+    H, I, E, K = PRESETS[args.preset]
+    tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("CUDA is not available (use --device cpu to debug on CPU)")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if "RANK" not in os.environ:  # plain `python bench/naive_ep.py`: one rank
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    if backend == "nccl":
+        dist.init_process_group(backend, device_id=device)
+    else:
+        dist.init_process_group(backend)
+    W, rank = dist.get_world_size(), dist.get_rank()
+    if args.ep is not None and args.ep != W:
+        log0(f"--ep {args.ep} must equal the world size {W}")
+        dist.destroy_process_group()
+        sys.exit(2)
+    if E % W:
+        log0(f"E={E} is not divisible by the world size {W}")
+        dist.destroy_process_group()
+        sys.exit(2)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference stays fp32
+
+    if args.gemm == "loop":
+        use_grouped, why = False, "--gemm loop"
+    else:
+        use_grouped, why = probe_grouped_mm(device)
+    # All ranks must take the same path.
+    flag = torch.tensor([1 if use_grouped else 0], device=device)
+    if W > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    use_grouped = bool(flag.item())
+    if not use_grouped and args.gemm == "grouped":
+        fail(f"--gemm grouped requested but {why or 'another rank failed the probe'}")
+    if not use_grouped:
+        log0(f"NOTE: FALLBACK in use -- per-expert torch.mm loop instead of torch._grouped_mm ({why or 'another rank failed the probe'})")
+    gemm_name = "grouped_mm" if use_grouped else "mm_loop"
+
+    layer = NaiveEPLayer(H, I, E, K, W, rank, device, args.seed, use_grouped, args.group_align)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    log0(f"naive_torch EP layer: preset {args.preset} (H {H}, I {I}, E {E}, K {K}), ep {W}, "
+         f"{layer.E_local} experts/rank, gemm {gemm_name}, group_align {args.group_align}, "
+         f"torch {torch.__version__}, {dev_name}")
+    log0(f"{'T':>6} {'median_us':>12} {'min_us':>12} {'check_err':>10}")
+
+    for T in tokens:
+        sets = [make_inputs(T, H, E, K, device, (args.seed * 7919 + T) * 64 + rank * 8 + s)
+                for s in range(max(1, args.input_sets))]
+        dist.barrier()
+
+        err = None
+        if args.check_tokens > 0:
+            err = check_forward(layer, *sets[0], args.check_tokens)
+            if not err <= REL_TOL:
+                fail(f"T={T}: forward disagrees with the fp32 reference: "
+                     f"max relative error {err:.3g} > {REL_TOL}")
+
+        for i in range(args.warmup):
+            layer.forward(*sets[i % len(sets)])
+        sync(device)
+        dist.barrier()
+
+        timer = Timer(device)
+        for i in range(args.iters):
+            s = timer.start()
+            layer.forward(*sets[i % len(sets)])
+            timer.stop(s)
+        times = timer.times_us()
+        stats = torch.tensor([statistics.median(times), min(times)], dtype=torch.float64, device=device)
+        if W > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank's
+        med_us, min_us = stats.tolist()
+
+        err_s = "skipped" if err is None else f"{err:.2e}"
+        log0(f"{T:>6} {med_us:>12.1f} {min_us:>12.1f} {err_s:>10}")
+        if args.json and rank == 0:
+            rec = {"impl": "naive_torch", "preset": args.preset, "ep": W, "tokens": T,
+                   "latency_us": round(med_us, 2), "min_us": round(min_us, 2),
+                   "gemm": gemm_name, "iters": args.iters, "device": dev_name,
+                   "check_rel_err": err}
+            with open(args.json, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        del sets
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

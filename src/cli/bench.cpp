@@ -1,0 +1,204 @@
+// megamoe bench: the layer's latency under CUDA-graph replay on every visible GPU (one rank each),
+// against the roofline floor; or, with --comm, NVLink bandwidth through LSA pointers and the device
+// barrier's latency.
+//
+// Method: one graph per input set (x, routing, y), several sets so that inputs larger than L2 rotate;
+// warm-up replays, then each timed replay bracketed by CUDA events; per rank the median; reported: the
+// slowest rank's median.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <vector>
+
+#include "cli/args.h"
+#include "kernels/random_fill.h"
+#include "megamoe/bf16.h"
+#include "megamoe/layer.h"
+#include "megamoe/roofline.h"
+#include "megamoe/routing.h"
+#include "runtime/comm_bench.h"
+#include "runtime/cuda_check.h"
+
+namespace megamoe::cli {
+namespace {
+
+template <class T>
+struct DeviceArray {
+  T* ptr = nullptr;
+  explicit DeviceArray(size_t n) { MEGAMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr), std::max<size_t>(n, 1) * sizeof(T))); }
+  ~DeviceArray() { cudaFree(ptr); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+};
+
+struct InputSet {
+  std::unique_ptr<DeviceArray<bf16_t>> x, y;
+  std::unique_ptr<DeviceArray<int32_t>> ids;
+  std::unique_ptr<DeviceArray<float>> weights;
+  cudaGraphExec_t graph = nullptr;
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+// Random weights for this rank's experts, loaded a few experts at a time (no second full copy).
+void load_random_weights(Layer& layer, const MoeShape& shape, uint64_t seed, cudaStream_t s) {
+  const int64_t El = shape.experts_per_rank(), chunk = std::min<int64_t>(El, 8);
+  const size_t H = size_t(shape.hidden), I = size_t(shape.intermediate);
+  DeviceArray<bf16_t> w1(size_t(chunk) * 2 * I * H), w2(size_t(chunk) * H * I);
+  for (int64_t first = 0; first < El; first += chunk) {
+    const int64_t n = std::min(chunk, El - first);
+    kernels::fill_random_bf16(w1.ptr, size_t(n) * 2 * I * H, seed + uint64_t(first) * 2, 1.0f / std::sqrt(float(H)), s);
+    kernels::fill_random_bf16(w2.ptr, size_t(n) * H * I, seed + uint64_t(first) * 2 + 1, 1.0f / std::sqrt(float(I)), s);
+    layer.load_expert_weights(first, n, w1.ptr, w2.ptr, s);
+    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(s));
+  }
+}
+
+int bench_layer(Communicator& comm, const Args& a) {
+  const std::vector<std::string> presets = a.str_list("preset", {"dsv4-flash"});
+  const WeightFormat format = parse_weight_format(a.str("dtype", "bf16"), "--dtype");
+  if (format != WeightFormat::kBf16)
+    throw InvalidArgument("--dtype = fp8: this version of the layer runs bf16 weights only");
+  const std::vector<int64_t> tokens = a.integer_list("tokens", {1, 64, 512, 1024, 2048, 4096, 8192}, 0, 1 << 20);
+  const RoutingKind routing = parse_routing_kind(a.str("routing", "uniform"), "--routing");
+  const int iters = int(a.integer("iters", 30, 1, 100000));
+  const std::string json_path = a.str("json", "");
+  const int rank = comm.rank(), W = comm.world_size();
+  cudaDeviceProp prop{};
+  MEGAMOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, comm.device()));
+  cudaStream_t s;
+  MEGAMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+
+  for (const std::string& preset : presets) {
+    const int64_t max_tokens = std::max<int64_t>(1, *std::max_element(tokens.begin(), tokens.end()));
+    const MoeShape shape = make_preset(preset, W, max_tokens, format);
+    Layer layer(shape, comm);
+    load_random_weights(layer, shape, 1234 + uint64_t(rank) * 7777, s);
+    if (rank == 0) {
+      std::printf("\nmegamoe bench: %s, %d x %s, routing %s, %d timed graph replays per T (median of the slowest rank)\n",
+                  describe(shape).c_str(), W, prop.name, std::string(to_string(routing)).c_str(), iters);
+      std::printf("%8s %12s %12s %10s %12s %10s\n", "T/rank", "median us", "min us", "TFLOP/s", "floor us", "vs floor");
+    }
+    for (int64_t T : tokens) {
+      const size_t H = size_t(shape.hidden), K = size_t(shape.top_k);
+      const double set_bytes = double(T) * double(H * 2 * 2 + K * 8);
+      const int sets = int(std::clamp(std::ceil(2 * 50e6 / std::max(set_bytes, 1.0)), 2.0, 8.0));
+      std::vector<InputSet> in(static_cast<size_t>(sets));
+      for (int i = 0; i < sets; i++) {
+        InputSet& set = in[size_t(i)];
+        set.x = std::make_unique<DeviceArray<bf16_t>>(size_t(T) * H);
+        set.y = std::make_unique<DeviceArray<bf16_t>>(size_t(T) * H);
+        set.ids = std::make_unique<DeviceArray<int32_t>>(size_t(T) * K);
+        set.weights = std::make_unique<DeviceArray<float>>(size_t(T) * K);
+        const uint64_t seed = 99991 * uint64_t(i + 1) + uint64_t(rank) * 131 + uint64_t(T);
+        kernels::fill_random_bf16(set.x->ptr, size_t(T) * H, seed, 1.0f, s);
+        const Routing r = make_routing(routing, T, shape.num_experts, shape.top_k, seed);
+        if (T > 0) {
+          MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(set.ids->ptr, r.ids.data(), r.ids.size() * 4, cudaMemcpyHostToDevice, s));
+          MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(set.weights->ptr, r.weights.data(), r.weights.size() * 4, cudaMemcpyHostToDevice, s));
+        }
+        MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(s));
+        cudaGraph_t g;
+        MEGAMOE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+        layer.forward(set.x->ptr, set.ids->ptr, set.weights->ptr, set.y->ptr, T, s);
+        MEGAMOE_CUDA_CHECK(cudaStreamEndCapture(s, &g));
+        MEGAMOE_CUDA_CHECK(cudaGraphInstantiate(&set.graph, g, 0));
+        MEGAMOE_CUDA_CHECK(cudaGraphDestroy(g));
+      }
+      for (int w = 0; w < 3 * sets; w++) MEGAMOE_CUDA_CHECK(cudaGraphLaunch(in[size_t(w % sets)].graph, s));
+      MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(s));
+      layer.check_errors();
+      comm.host_barrier();
+      std::vector<cudaEvent_t> ev(2 * size_t(iters));
+      for (auto& e : ev) MEGAMOE_CUDA_CHECK(cudaEventCreate(&e));
+      for (int i = 0; i < iters; i++) {
+        MEGAMOE_CUDA_CHECK(cudaEventRecord(ev[2 * size_t(i)], s));
+        MEGAMOE_CUDA_CHECK(cudaGraphLaunch(in[size_t(i % sets)].graph, s));
+        MEGAMOE_CUDA_CHECK(cudaEventRecord(ev[2 * size_t(i) + 1], s));
+      }
+      MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(s));
+      layer.check_errors();
+      std::vector<double> us(static_cast<size_t>(iters));
+      for (int i = 0; i < iters; i++) {
+        float ms = 0;
+        MEGAMOE_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[2 * size_t(i)], ev[2 * size_t(i) + 1]));
+        us[size_t(i)] = 1e3 * ms;
+      }
+      for (auto& e : ev) MEGAMOE_CUDA_CHECK(cudaEventDestroy(e));
+      // The output must be finite (the tests check it against the reference).
+      if (T > 0) {
+        std::vector<bf16_t> y(std::min<size_t>(size_t(T) * H, 1 << 20));
+        MEGAMOE_CUDA_CHECK(cudaMemcpy(y.data(), in[0].y->ptr, y.size() * 2, cudaMemcpyDeviceToHost));
+        for (const bf16_t& v : y)
+          if (!std::isfinite(v.to_float())) throw RuntimeError("rank " + std::to_string(rank) + ": non-finite output at T=" + std::to_string(T));
+      }
+      const double slowest_median = comm.all_reduce_max(median(us));
+      const double slowest_min = comm.all_reduce_max(*std::min_element(us.begin(), us.end()));
+      for (auto& set : in) MEGAMOE_CUDA_CHECK(cudaGraphExecDestroy(set.graph));
+      const Roofline roof = roofline(shape, T);
+      const double tflops = roof.flops / (slowest_median * 1e6);
+      if (rank == 0) {
+        std::printf("%8lld %12.1f %12.1f %10.1f %12.1f %10.2f\n", (long long)T, slowest_median, slowest_min, tflops,
+                    roof.floor_us, slowest_median / roof.floor_us);
+        std::fflush(stdout);
+        if (!json_path.empty()) {
+          std::ofstream out(json_path, std::ios::app);
+          char line[512];
+          std::snprintf(line, sizeof line,
+                        "{\"impl\": \"megamoe\", \"preset\": \"%s\", \"ep\": %d, \"tokens\": %lld, \"latency_us\": %.2f, "
+                        "\"min_us\": %.2f, \"tflops\": %.2f, \"floor_us\": %.2f, \"vs_floor\": %.3f, \"gpu\": \"%s\", "
+                        "\"routing\": \"%s\"}\n",
+                        preset.c_str(), W, (long long)T, slowest_median, slowest_min, tflops, roof.floor_us,
+                        slowest_median / roof.floor_us, prop.name, std::string(to_string(routing)).c_str());
+          out << line;
+        }
+      }
+    }
+  }
+  MEGAMOE_CUDA_CHECK(cudaStreamDestroy(s));
+  return 0;
+}
+
+int bench_comm(Communicator& comm) {
+  const CommBenchResult r = run_comm_bench(comm);
+  if (comm.rank() == 0) {
+    std::printf("megamoe bench --comm: %d ranks\n", comm.world_size());
+    if (comm.world_size() >= 2) {
+      std::printf("  NVLink write via LSA pointers (SM stores), rank 0 -> rank 1: %7.1f GB/s\n", r.one_way_gbps);
+      std::printf("  NVLink write, all ranks to all peers at once, per GPU out: %7.1f GB/s (slowest rank)\n", r.all_to_all_gbps);
+      std::printf("  copy-engine peer copy GPU0 -> GPU1 (NOTES.md §6, for comparison): 385.0 GB/s\n");
+    }
+    std::printf("  device barrier across %d ranks: %.2f us (slowest rank, mean of 1000 in one kernel)\n",
+                comm.world_size(), r.barrier_us);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int bench_main(int argc, char** argv) {
+  Args a(argc, argv, 2, {"preset", "dtype", "tokens", "gpus", "routing", "iters", "json"}, {"comm"});
+  const bool in_job = rank_env_from_environment().has_value();
+  int gpus = in_job ? 1 : visible_gpu_count();
+  if (gpus == 0) {
+    std::printf("megamoe bench: no CUDA GPU is visible on this machine; the benchmark needs at least one.\n");
+    return 2;
+  }
+  if (!in_job) gpus = int(a.integer("gpus", gpus, 1, gpus));
+  // Parse everything once before spawning ranks, so a bad flag fails here and not in every child.
+  if (!a.has("comm")) {
+    for (const auto& p : a.str_list("preset", {"dsv4-flash"})) make_preset(p, 1, 1);
+    parse_routing_kind(a.str("routing", "uniform"), "--routing");
+  }
+  return run_ranks(argc, argv, gpus, [&](const RankEnv& env) {
+    auto comm = create_nccl_communicator(env);
+    return a.has("comm") ? bench_comm(*comm) : bench_layer(*comm, a);
+  });
+}
+
+}  // namespace megamoe::cli

@@ -1,0 +1,39 @@
+// megamoe selftest --skip-barrier-rank R: every rank but R enters a device barrier; R never does.
+// The others must report, within the timeout, which rank they waited for, and the command must fail
+// with that message instead of hanging.
+#include <chrono>
+#include <cstdio>
+#include <thread>
+
+#include "cli/args.h"
+#include "runtime/device_barrier.h"
+
+namespace megamoe::cli {
+
+int selftest_main(int argc, char** argv) {
+  Args a(argc, argv, 2, {"skip-barrier-rank", "timeout", "gpus"}, {});
+  const bool in_job = rank_env_from_environment().has_value();
+  int gpus = in_job ? 1 : visible_gpu_count();
+  if (gpus == 0) {
+    std::printf("megamoe selftest: no CUDA GPU is visible on this machine.\n");
+    return 2;
+  }
+  if (!in_job) gpus = int(a.integer("gpus", gpus, 1, gpus));
+  const int64_t skip = a.integer("skip-barrier-rank", -1, -1, kMaxEpSize - 1);
+  const double timeout_s = a.number("timeout", 2.0);
+  return run_ranks(argc, argv, gpus, [&](const RankEnv& env) {
+    auto comm = create_nccl_communicator(env);
+    StandaloneDeviceBarrier barrier(*comm, timeout_s);
+    if (env.rank == skip) {
+      // Stay alive (and out of the barrier) until the others have given up and the parent stops us.
+      std::this_thread::sleep_for(std::chrono::duration<double>(timeout_s + 30));
+      return 0;
+    }
+    barrier.launch(kTestBarrier, nullptr);
+    barrier.check();  // throws "rank r: test barrier timed out after ... waiting for rank R"
+    std::printf("%sall %d ranks passed the device barrier\n", log_prefix(env).c_str(), env.world_size);
+    return 0;
+  });
+}
+
+}  // namespace megamoe::cli

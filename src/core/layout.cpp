@@ -1,0 +1,141 @@
+#include "megamoe/layout.h"
+
+#include <cstdio>
+#include <functional>
+#include <sstream>
+
+#include "megamoe/error.h"
+
+namespace megamoe {
+namespace {
+
+constexpr size_t kCounterAlign = 16;
+constexpr size_t kBulkAlign = 1024;  // TMA sources and 128B-swizzled tiles want 1 KiB-aligned bases
+
+// Table order is placement order. Counters first: they are the must-zero prefix.
+constexpr std::array<RegionSpec, kNumRegions> kTable = {{
+    {Region::kExpertRecvCount, "expert_recv_count", Arena::kSymmetric, "int32", "E/W", kCounterAlign, true},
+    {Region::kSendPairCount, "send_pair_count", Arena::kSymmetric, "int32", "W", kCounterAlign, true},
+    {Region::kDispatchDoneCtas, "dispatch_done_ctas", Arena::kSymmetric, "int32", "1", kCounterAlign, true},
+    {Region::kBarrierFlags, "barrier_flags", Arena::kSymmetric, "uint64", "W", 128, false},
+    {Region::kSourcePairCount, "source_pair_count", Arena::kSymmetric, "int32", "W", 128, false},
+    {Region::kRecvPairs, "recv_pairs", Arena::kSymmetric, "int4", "W*Tmax*K", kBulkAlign, false},
+    {Region::kTokenStaging, "token_staging", Arena::kSymmetric, "bf16|e4m3", "Tmax*H", kBulkAlign, false},
+    {Region::kTokenStagingScale, "token_staging_scale", Arena::kSymmetric, "-|fp32", "Tmax*H/128 (fp8)", kBulkAlign, false},
+    {Region::kCombineRecv, "combine_recv", Arena::kSymmetric, "bf16", "Tmax*K*H", kBulkAlign, false},
+    {Region::kTokenPool, "token_pool", Arena::kLocal, "bf16|e4m3", "W*Tmax*K*H", kBulkAlign, false},
+    {Region::kTokenPoolScale, "token_pool_scale", Arena::kLocal, "-|fp32", "W*Tmax*K*H/128 (fp8)", kBulkAlign, false},
+    {Region::kPoolSource, "pool_source", Arena::kLocal, "int2", "W*Tmax*K", kBulkAlign, false},
+    {Region::kExpertRowOffset, "expert_row_offset", Arena::kLocal, "int32", "E/W+1", 128, false},
+    {Region::kExpertTileOffset, "expert_tile_offset", Arena::kLocal, "int32", "E/W+1", 128, false},
+    {Region::kFc1Out, "fc1_out", Arena::kLocal, "bf16|e4m3", "W*Tmax*K*I", kBulkAlign, false},
+    {Region::kFc1OutScale, "fc1_out_scale", Arena::kLocal, "-|fp32", "W*Tmax*K*I/128 (fp8)", kBulkAlign, false},
+    {Region::kDeviceStatus, "device_status", Arena::kLocal, "DeviceStatus", "1", 128, false},
+}};
+
+size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+
+// Element size and count of a region for a shape; the formulas match kTable's count_formula.
+void size_region(const MoeShape& s, Region r, size_t& element_bytes, size_t& count) {
+  const bool fp8 = s.weight_format == WeightFormat::kFp8;
+  const size_t W = size_t(s.ep_size), T = size_t(s.max_tokens_per_rank), K = size_t(s.top_k);
+  const size_t H = size_t(s.hidden), I = size_t(s.intermediate), El = size_t(s.experts_per_rank());
+  const size_t pool = W * T * K;
+  const size_t activation_bytes = fp8 ? 1 : 2;
+  switch (r) {
+    case Region::kExpertRecvCount: element_bytes = 4; count = El; return;
+    case Region::kSendPairCount: element_bytes = 4; count = W; return;
+    case Region::kDispatchDoneCtas: element_bytes = 4; count = 1; return;
+    case Region::kBarrierFlags: element_bytes = 8; count = W; return;
+    case Region::kSourcePairCount: element_bytes = 4; count = W; return;
+    case Region::kRecvPairs: element_bytes = 16; count = W * T * K; return;
+    case Region::kTokenStaging: element_bytes = activation_bytes; count = T * H; return;
+    case Region::kTokenStagingScale: element_bytes = 4; count = fp8 ? T * H / 128 : 0; return;
+    case Region::kCombineRecv: element_bytes = 2; count = T * K * H; return;
+    case Region::kTokenPool: element_bytes = activation_bytes; count = pool * H; return;
+    case Region::kTokenPoolScale: element_bytes = 4; count = fp8 ? pool * H / 128 : 0; return;
+    case Region::kPoolSource: element_bytes = 8; count = pool; return;
+    case Region::kExpertRowOffset: element_bytes = 4; count = El + 1; return;
+    case Region::kExpertTileOffset: element_bytes = 4; count = El + 1; return;
+    case Region::kFc1Out: element_bytes = activation_bytes; count = pool * I; return;
+    case Region::kFc1OutScale: element_bytes = 4; count = fp8 ? pool * I / 128 : 0; return;
+    case Region::kDeviceStatus: element_bytes = sizeof(DeviceStatus); count = 1; return;
+    case Region::kCount: break;
+  }
+  throw RuntimeError("workspace layout: unknown region");
+}
+
+std::string human_bytes(size_t b) {
+  char buf[32];
+  if (b >= (size_t(1) << 30)) std::snprintf(buf, sizeof buf, "%.2f GiB", double(b) / double(size_t(1) << 30));
+  else if (b >= (size_t(1) << 20)) std::snprintf(buf, sizeof buf, "%.2f MiB", double(b) / double(1 << 20));
+  else if (b >= 1024) std::snprintf(buf, sizeof buf, "%.2f KiB", double(b) / 1024.0);
+  else std::snprintf(buf, sizeof buf, "%zu B", b);
+  return buf;
+}
+
+}  // namespace
+
+const std::array<RegionSpec, kNumRegions>& workspace_table() { return kTable; }
+
+const char* barrier_name(int32_t id) {
+  switch (id) {
+    case kDispatchBarrier: return "dispatch";
+    case kCombineBarrier: return "combine";
+    case kTestBarrier: return "test";
+    case kBenchBarrier: return "benchmark";
+    default: return "unknown";
+  }
+}
+
+WorkspaceLayout::WorkspaceLayout(const MoeShape& shape) : shape_(shape) {
+  validate(shape);
+  pool_rows_ = shape.ep_size * shape.max_tokens_per_rank * shape.top_k;
+  size_t cursor[2] = {0, 0};
+  bool in_zero_prefix = true;
+  for (const RegionSpec& spec : kTable) {
+    RegionPlacement& p = placement_[static_cast<int>(spec.id)];
+    size_region(shape, spec.id, p.element_bytes, p.count);
+    p.bytes = p.element_bytes * p.count;
+    size_t& c = cursor[spec.arena == Arena::kSymmetric ? 0 : 1];
+    p.offset = align_up(c, spec.alignment);
+    c = p.offset + p.bytes;
+    if (spec.zero_per_forward) {
+      if (!in_zero_prefix || spec.arena != Arena::kSymmetric)
+        throw RuntimeError("workspace table: must-zero regions must lead the symmetric arena");
+      zero_prefix_bytes_ = c;
+    } else if (spec.arena == Arena::kSymmetric) {
+      in_zero_prefix = false;
+    }
+  }
+  symmetric_bytes_ = align_up(cursor[0], kBulkAlign);
+  local_bytes_ = align_up(cursor[1], kBulkAlign);
+}
+
+std::string WorkspaceLayout::to_string() const {
+  std::ostringstream os;
+  char line[256];
+  std::snprintf(line, sizeof line, "%-20s %-9s %-12s %-22s %6s %12s %12s %s\n", "region", "arena", "type",
+                "elements", "align", "offset", "bytes", "zero/forward");
+  os << line;
+  const bool fp8 = shape_.weight_format == WeightFormat::kFp8;
+  for (const RegionSpec& spec : kTable) {
+    const RegionPlacement& p = (*this)[spec.id];
+    std::string type = spec.element_type;
+    if (auto bar = type.find('|'); bar != std::string::npos) type = fp8 ? type.substr(bar + 1) : type.substr(0, bar);
+    if (p.bytes == 0) type = "(unused)";
+    std::snprintf(line, sizeof line, "%-20s %-9s %-12s %-22s %6zu %12zu %12s %s\n", spec.name,
+                  spec.arena == Arena::kSymmetric ? "symmetric" : "local", type.c_str(), spec.count_formula,
+                  spec.alignment, p.offset, human_bytes(p.bytes).c_str(), spec.zero_per_forward ? "yes" : "no");
+    os << line;
+  }
+  std::snprintf(line, sizeof line,
+                "symmetric arena %s, local arena %s, total %s; must-zero prefix %zu B (%.6f%% of the total)\n",
+                human_bytes(symmetric_bytes_).c_str(), human_bytes(local_bytes_).c_str(),
+                human_bytes(total_bytes()).c_str(), zero_prefix_bytes_,
+                100.0 * double(zero_prefix_bytes_) / double(total_bytes()));
+  os << line;
+  return os.str();
+}
+
+}  // namespace megamoe

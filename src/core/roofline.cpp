@@ -1,0 +1,53 @@
+#include "megamoe/roofline.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <sstream>
+
+#include "megamoe/error.h"
+
+namespace megamoe {
+
+Roofline roofline(const MoeShape& shape, int64_t tokens_per_rank, const Ceilings& c) {
+  validate(shape);
+  if (tokens_per_rank < 0) throw InvalidArgument("tokens_per_rank = " + std::to_string(tokens_per_rank) + ": must be >= 0");
+  if (c.hbm_gbps <= 0 || c.bf16_tflops <= 0 || c.fp8_tflops <= 0 || c.nvlink_gbps <= 0)
+    throw InvalidArgument("ceilings: every bandwidth and rate must be > 0");
+  const bool fp8 = shape.weight_format == WeightFormat::kFp8;
+  const double H = double(shape.hidden), I = double(shape.intermediate), K = double(shape.top_k);
+  const double W = double(shape.ep_size), T = double(tokens_per_rank);
+  Roofline r;
+  r.tokens_per_rank = tokens_per_rank;
+  // Weights: fp8 adds one fp32 scale per 128x128 block.
+  const double params = double(shape.experts_per_rank()) * (2 * I * H + H * I);
+  r.weight_bytes = fp8 ? params * (1.0 + 4.0 / (128.0 * 128.0)) : params * 2.0;
+  r.flops = 2.0 * T * K * (H * 2 * I + I * H);
+  // Rows that cross NVLink: (W-1)/W of the pairs go out (dispatch) and come back (combine, bf16).
+  const double remote_pairs = T * K * (W - 1) / W;
+  const double dispatch_row_bytes = fp8 ? H * (1.0 + 4.0 / 128.0) : H * 2.0;
+  r.nvlink_bytes = remote_pairs * (dispatch_row_bytes + H * 2.0);
+  r.weight_us = r.weight_bytes / (c.hbm_gbps * 1e3);
+  r.compute_us = r.flops / ((fp8 ? c.fp8_tflops : c.bf16_tflops) * 1e6);
+  r.nvlink_us = r.nvlink_bytes / (c.nvlink_gbps * 1e3);
+  r.floor_us = std::max({r.weight_us, r.compute_us, r.nvlink_us});
+  r.bound = r.floor_us == r.weight_us ? "weights" : r.floor_us == r.compute_us ? "compute" : "nvlink";
+  return r;
+}
+
+std::string roofline_table(const MoeShape& shape, const std::vector<int64_t>& tokens, const Ceilings& c) {
+  std::ostringstream os;
+  char line[256];
+  std::snprintf(line, sizeof line, "%8s %12s %10s %12s %10s %12s %10s %10s %8s\n", "T/rank", "weights MB", "HBM us",
+                "GFLOP", "TC us", "NVLink MB", "link us", "floor us", "bound");
+  os << line;
+  for (int64_t t : tokens) {
+    Roofline r = roofline(shape, t, c);
+    std::snprintf(line, sizeof line, "%8lld %12.1f %10.1f %12.1f %10.1f %12.1f %10.1f %10.1f %8s\n", (long long)t,
+                  r.weight_bytes / 1e6, r.weight_us, r.flops / 1e9, r.compute_us, r.nvlink_bytes / 1e6, r.nvlink_us,
+                  r.floor_us, r.bound);
+    os << line;
+  }
+  return os.str();
+}
+
+}  // namespace megamoe

@@ -1,0 +1,61 @@
+// FC1 + SwiGLU: h = silu(min(g, L)) * clamp(u, -L, L) (no clamp when L = 0), where g and u are the
+// gate and up projections of each pool row. The weights are interleaved (gate j, up j) so that the
+// two accumulators a thread holds for columns 2j and 2j+1 are exactly g and u of output j.
+#include "kernels/grouped_gemm.cuh"
+#include "runtime/cuda_check.h"
+
+namespace megamoe::kernels {
+namespace {
+
+using Fc1Config = GroupedGemmConfig<kFc1BlockN, 5>;
+
+struct SwigluEpilogue {
+  static constexpr int kOutCols = Fc1Config::kBlockN / 2;
+  static constexpr int kRowPitch = kOutCols + 8;  // +16 bytes per row: no bank conflicts, rows stay 16B aligned
+  struct Params {
+    __nv_bfloat16* out;  // fc1_out [pool_rows, I]
+    int32_t out_cols;    // I
+    float limit;         // 0: no clamp
+  };
+  struct SharedStorage {
+    __nv_bfloat16 tile[Fc1Config::kBlockM * kRowPitch];
+  };
+
+  template <class Accum, class Coords>
+  __device__ static void apply(const Params& p, SharedStorage& s, Accum& accum, const Coords& coords, const TileCoord& c,
+                               int consumer_tid) {
+    consumer_sync();  // the previous tile's rows have been stored
+#pragma unroll
+    for (int i = 0; i < cute::size(accum); i += 2) {
+      const int row = cute::get<0>(coords(i)), col = cute::get<1>(coords(i));
+      float gate = accum(i), up = accum(i + 1);
+      if (p.limit > 0.0f) {
+        gate = fminf(gate, p.limit);
+        up = fminf(fmaxf(up, -p.limit), p.limit);
+      }
+      const float h = gate / (1.0f + __expf(-gate)) * up;
+      s.tile[row * kRowPitch + col / 2] = __float2bfloat16_rn(h);
+    }
+    consumer_sync();
+    constexpr int kRowVectors = kOutCols / 8;
+    for (int v = consumer_tid; v < Fc1Config::kBlockM * kRowVectors; v += Fc1Config::kConsumerThreads) {
+      const int row = v / kRowVectors, vec = v % kRowVectors;
+      if (row < c.rows_valid) {
+        __nv_bfloat16* dst = p.out + size_t(c.row_begin + row) * p.out_cols + c.n_block * kOutCols + vec * 8;
+        *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(&s.tile[row * kRowPitch + vec * 8]);
+      }
+    }
+  }
+};
+
+}  // namespace
+
+void launch_fc1_swiglu(const LayerView& v, const CUtensorMap& pool_map, const CUtensorMap& w1_map, int num_sms,
+                       cudaStream_t stream) {
+  GroupedProblem problem{2 * v.intermediate, v.hidden, v.experts_per_rank, v.expert_row_offset, v.expert_tile_offset};
+  SwigluEpilogue::Params params{v.fc1_out, v.intermediate, v.swiglu_limit};
+  launch_grouped_gemm<Fc1Config, SwigluEpilogue>(pool_map, w1_map, problem, params, num_sms, stream,
+                                                 "fc1_swiglu grouped_gemm_kernel");
+}
+
+}  // namespace megamoe::kernels

@@ -1,0 +1,216 @@
+// The grouped GEMM shared by FC1 and FC2: for every local expert e, C_e = A_e * B_e^T, where A_e is
+// the expert's block of rows in a row-major [rows, K] bf16 matrix (rows grouped by expert, offsets
+// from the dispatch stage) and B_e is the expert's [N, K] slice of a row-major [E_local*N, K] weight
+// matrix. Both operands are K-major, so one TMA descriptor each covers every expert: a tile just
+// starts at another row.
+//
+// One persistent CTA per SM, 384 threads, warp-specialised:
+//   warpgroup 0 (producer): one thread streams 128xBK A and BNxBK B tiles into a ring of shared-
+//     memory stages with TMA (128B swizzle), signalling each stage's "full" mbarrier;
+//   warpgroups 1-2 (consumers): each owns 64 of the tile's 128 rows, issues wgmma (SS, fp32
+//     accumulators) per stage and releases it on the stage's "empty" mbarrier, then runs the
+//     Epilogue on its accumulators while the producer already loads the next tile.
+// Tiles are ordered expert-major, then by N block, then by M block, so the CTAs working at the same
+// time share a weight tile through L2 when an expert has several row tiles.
+#pragma once
+#include <cuda.h>
+
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "kernels/stages.h"
+#include "runtime/cuda_check.h"
+
+namespace megamoe::kernels {
+
+template <int kBlockN_, int kStages_>
+struct GroupedGemmConfig {
+  static constexpr int kBlockM = kGemmBlockM;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kBlockK = kGemmBlockK;
+  static constexpr int kStages = kStages_;
+  static constexpr int kThreads = 384;
+  static constexpr int kConsumerThreads = 256;
+  using Element = cute::bfloat16_t;
+  using SmemLayoutA = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<Element>{},
+      cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockK>, cute::Int<kStages>>{}));
+  using SmemLayoutB = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<Element>{},
+      cute::Shape<cute::Int<kBlockN>, cute::Int<kBlockK>, cute::Int<kStages>>{}));
+  using MmaAtom = std::conditional_t<
+      kBlockN == 128, cute::SM90_64x128x16_F32BF16BF16_SS<cute::GMMA::Major::K, cute::GMMA::Major::K>,
+      cute::SM90_64x256x16_F32BF16BF16_SS<cute::GMMA::Major::K, cute::GMMA::Major::K>>;
+  // Two 64-row atoms along M: consumer warpgroup w computes rows [64w, 64w+64) of the tile.
+  using TiledMma = decltype(cute::make_tiled_mma(MmaAtom{}, cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
+  static constexpr uint32_t kStageBytes = uint32_t(kBlockM + kBlockN) * kBlockK * sizeof(Element);
+  static_assert(kBlockN == 128 || kBlockN == 256);
+};
+
+// Where each local expert's rows and tiles start (written by dispatch_pull).
+struct GroupedProblem {
+  int32_t n;                         // B rows per expert (output columns)
+  int32_t k;                         // reduction length (multiple of kBlockK)
+  int32_t num_experts;               // local experts
+  const int32_t* expert_row_offset;  // [num_experts + 1]
+  const int32_t* expert_tile_offset; // [num_experts + 1], in kBlockM-row tiles
+};
+
+// One output tile as the epilogue sees it.
+struct TileCoord {
+  int expert;
+  int row_begin;   // first A row of the tile
+  int rows_valid;  // rows of the tile that belong to the expert (<= kBlockM)
+  int n_block;
+};
+
+template <class Config, class Epilogue>
+struct alignas(1024) GroupedGemmSharedStorage {
+  alignas(1024) typename Config::Element a[cute::cosize_v<typename Config::SmemLayoutA>];
+  alignas(1024) typename Config::Element b[cute::cosize_v<typename Config::SmemLayoutB>];
+  alignas(128) typename Epilogue::SharedStorage epilogue;
+  alignas(8) uint64_t full[Config::kStages];
+  alignas(8) uint64_t empty[Config::kStages];
+  // followed in dynamic shared memory by the schedule: row offsets and tile offsets, [E+1] each
+};
+
+template <class Config, class Epilogue>
+constexpr size_t grouped_gemm_smem_bytes(int num_experts) {
+  return sizeof(GroupedGemmSharedStorage<Config, Epilogue>) + 2 * sizeof(int32_t) * size_t(num_experts + 1) +
+         1024;  // slack to align the dynamic base to 1 KiB
+}
+
+template <class Config, class Epilogue>
+__global__ void __launch_bounds__(Config::kThreads, 1)
+    grouped_gemm_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
+                        GroupedProblem problem, typename Epilogue::Params epilogue_params) {
+  using namespace cute;
+  using Storage = GroupedGemmSharedStorage<Config, Epilogue>;
+  constexpr int BM = Config::kBlockM, BN = Config::kBlockN, BK = Config::kBlockK, kStages = Config::kStages;
+
+  extern __shared__ char smem_raw[];
+  Storage& smem = *reinterpret_cast<Storage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  int32_t* row_offset = reinterpret_cast<int32_t*>(&smem + 1);
+  int32_t* tile_offset = row_offset + problem.num_experts + 1;
+
+  const int E = problem.num_experts;
+  for (int i = threadIdx.x; i <= E; i += Config::kThreads) {
+    row_offset[i] = problem.expert_row_offset[i];
+    tile_offset[i] = problem.expert_tile_offset[i];
+  }
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; s++) {
+      cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1);
+      cutlass::arch::ClusterBarrier::init(&smem.empty[s], 2);  // one arrival per consumer warpgroup
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int n_blocks = problem.n / BN;
+  const int k_blocks = problem.k / BK;
+  const int num_tiles = tile_offset[E] * n_blocks;
+
+  // Tile index -> (expert, m block, n block). The largest e with tile_offset[e] <= t / n_blocks is
+  // the expert (experts without rows have no tiles and are skipped by the search).
+  auto decode = [&](int tile) {
+    const int m_tile = tile / n_blocks;
+    int lo = 0, hi = E - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (tile_offset[mid] <= m_tile) lo = mid; else hi = mid - 1;
+    }
+    const int expert = lo;
+    const int expert_m_tiles = tile_offset[expert + 1] - tile_offset[expert];
+    const int local = tile - tile_offset[expert] * n_blocks;
+    const int m_block = local % expert_m_tiles;
+    TileCoord c;
+    c.expert = expert;
+    c.n_block = local / expert_m_tiles;
+    c.row_begin = row_offset[expert] + m_block * BM;
+    c.rows_valid = min(BM, row_offset[expert + 1] - c.row_begin);
+    return c;
+  };
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<40>();
+    if (threadIdx.x == 0) {
+      int stage = 0;
+      uint32_t phase = 1;  // a fresh "empty" barrier counts as already released once
+      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        const TileCoord c = decode(tile);
+        const int b_row = c.expert * problem.n + c.n_block * BN;
+        for (int kb = 0; kb < k_blocks; kb++) {
+          cutlass::arch::ClusterBarrier::wait(&smem.empty[stage], phase);
+          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full[stage], Config::kStageBytes);
+          SM90_TMA_LOAD_2D::copy(&tma_a, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_LAST),
+                                 smem.a + stage * BM * BK, kb * BK, c.row_begin);
+          SM90_TMA_LOAD_2D::copy(&tma_b, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_FIRST),
+                                 smem.b + stage * BN * BK, kb * BK, b_row);
+          if (++stage == kStages) { stage = 0; phase ^= 1; }
+        }
+      }
+    }
+    return;
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<232>();
+  const int consumer_tid = threadIdx.x - 128;
+  typename Config::TiledMma tiled_mma;
+  auto thread_mma = tiled_mma.get_thread_slice(consumer_tid);
+  Tensor sA = make_tensor(make_smem_ptr(smem.a), typename Config::SmemLayoutA{});  // (BM, BK, stages)
+  Tensor sB = make_tensor(make_smem_ptr(smem.b), typename Config::SmemLayoutB{});  // (BN, BK, stages)
+  Tensor tCsA = thread_mma.partition_A(sA);
+  Tensor tCsB = thread_mma.partition_B(sB);
+  Tensor tCrA = thread_mma.make_fragment_A(tCsA);  // wgmma smem descriptors
+  Tensor tCrB = thread_mma.make_fragment_B(tCsB);
+  Tensor accum = partition_fragment_C(tiled_mma, Shape<Int<BM>, Int<BN>>{});
+  Tensor tile_coords = thread_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+
+  int stage = 0;
+  uint32_t phase = 0;
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    const TileCoord c = decode(tile);
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    int previous_stage = -1;
+    for (int kb = 0; kb < k_blocks; kb++) {
+      cutlass::arch::ClusterTransactionBarrier::wait(&smem.full[stage], phase);
+      warpgroup_fence_operand(accum);
+      warpgroup_arrive();
+      gemm(tiled_mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), accum);
+      tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+      warpgroup_commit_batch();
+      // Keep one batch of wgmma in flight; the one before it has finished reading its stage.
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(accum);
+      if (previous_stage >= 0 && consumer_tid % 128 == 0) cutlass::arch::ClusterBarrier::arrive(&smem.empty[previous_stage]);
+      previous_stage = stage;
+      if (++stage == kStages) { stage = 0; phase ^= 1; }
+    }
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(accum);
+    if (previous_stage >= 0 && consumer_tid % 128 == 0) cutlass::arch::ClusterBarrier::arrive(&smem.empty[previous_stage]);
+    Epilogue::apply(epilogue_params, smem.epilogue, accum, tile_coords, c, consumer_tid);
+  }
+  // Epilogues may store to peers; the barrier that follows the kernel publishes them system-wide.
+  __threadfence_system();
+}
+
+// Named barrier among the 256 consumer threads (id 1; id 0 is __syncthreads).
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
+
+template <class Config, class Epilogue>
+void launch_grouped_gemm(const CUtensorMap& tma_a, const CUtensorMap& tma_b, const GroupedProblem& problem,
+                         const typename Epilogue::Params& params, int num_sms, cudaStream_t stream, const char* name) {
+  auto kernel = grouped_gemm_kernel<Config, Epilogue>;
+  const size_t smem = grouped_gemm_smem_bytes<Config, Epilogue>(problem.num_experts);
+  MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  kernel<<<num_sms, Config::kThreads, smem, stream>>>(tma_a, tma_b, problem, params);
+  ::megamoe::detail::check_launch(name);
+}
+
+}  // namespace megamoe::kernels

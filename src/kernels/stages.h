@@ -1,0 +1,52 @@
+// Host entry points of the layer's stages, in forward order:
+//   x -> dispatch_claim -> [dispatch barrier] -> dispatch_pull -> fc1_swiglu -> fc2_scatter
+//     -> [combine barrier] -> combine -> y
+// Each enqueues its kernel on `stream`, checks the launch, and never synchronises.
+#pragma once
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+
+#include "kernels/layer_view.h"
+
+namespace megamoe::kernels {
+
+// Threads, tile sizes and shared memory of the grouped GEMMs, shared by host and device code.
+inline constexpr int kGemmBlockM = 128;
+inline constexpr int kGemmBlockK = 64;
+inline constexpr int kFc1BlockN = 128;  // interleaved gate/up rows: 64 SwiGLU outputs per tile
+inline constexpr int kFc2BlockN = 128;
+
+// 1. Copies this rank's tokens to its staging area, claims a slot for every (token, k) pair on the
+//    owner of expert topk_ids[t,k] (one atomic per CTA and expert), and lists the pair in the owner's
+//    recv_pairs. The last CTA publishes how many pairs it sent to each rank. Bad ids are recorded
+//    in DeviceStatus and dropped. `launch_tokens`: how many tokens the grid covers (>= the count).
+void launch_dispatch_claim(const LayerView& v, const __nv_bfloat16* x, const int32_t* topk_ids, TokenCount tokens,
+                           int launch_tokens, cudaStream_t stream);
+
+// 2. After the dispatch barrier: the expert owner lays its experts out in the pool (prefix of the
+//    counts), and pulls every listed token row from its source's staging area over NVLink.
+void launch_dispatch_pull(const LayerView& v, int num_sms, cudaStream_t stream);
+
+// 3. FC1 grouped GEMM over each local expert's pool rows with interleaved gate/up weights and the
+//    SwiGLU (optional clamp) in the epilogue -> fc1_out (bf16).
+void launch_fc1_swiglu(const LayerView& v, const CUtensorMap& pool_map, const CUtensorMap& w1_map, int num_sms,
+                       cudaStream_t stream);
+
+// 4. FC2 grouped GEMM -> bf16 rows stored straight into the source rank's combine_recv[t*K+k].
+void launch_fc2_scatter(const LayerView& v, const CUtensorMap& fc1_out_map, const CUtensorMap& w2_map, int num_sms,
+                        cudaStream_t stream);
+
+// 5. After the combine barrier: y[t] = sum_k w[t,k] * combine_recv[t*K+k] over valid slots, in fp32,
+//    stored as bf16 (k in order: deterministic).
+void launch_combine(const LayerView& v, const int32_t* topk_ids, const float* topk_weights, __nv_bfloat16* y,
+                    TokenCount tokens, int launch_tokens, cudaStream_t stream);
+
+// load_weights helper: w1 [E_local, 2I, H] (gate rows, then up rows) -> interleaved rows
+// (gate 0, up 0, gate 1, up 1, ...), so each FC1 accumulator pair holds one output's gate and up.
+void launch_interleave_gate_up(const __nv_bfloat16* w1, __nv_bfloat16* w1_interleaved, int experts, int intermediate,
+                               int hidden, cudaStream_t stream);
+
+// A 2D row-major bf16 tensor [rows, cols] as TMA sees it: boxes of box_rows x 64 columns, 128B swizzle.
+CUtensorMap make_bf16_tensor_map(const void* base, uint64_t rows, uint64_t cols, uint32_t box_rows);
+
+}  // namespace megamoe::kernels

@@ -1,0 +1,18 @@
+// `megamoe bench --comm`: what NVLink gives kernels through LSA pointers, and what a barrier costs.
+#pragma once
+#include <string>
+
+#include "megamoe/communicator.h"
+
+namespace megamoe {
+
+struct CommBenchResult {
+  double one_way_gbps = 0;      // rank 0 -> rank 1, SM stores, all SMs (0 with one rank)
+  double all_to_all_gbps = 0;   // per GPU, outgoing, every rank writing to every peer at once (slowest rank)
+  double barrier_us = 0;        // one device barrier across all ranks (slowest rank)
+};
+
+// Collective. Uses a 1 GiB symmetric buffer (less if the GPU has less free memory).
+CommBenchResult run_comm_bench(Communicator& comm);
+
+}  // namespace megamoe

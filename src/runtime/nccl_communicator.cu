@@ -1,0 +1,168 @@
+// NVLink backend of Communicator: NCCL 2.28 communicator, symmetric windows, LSA pointers.
+#include <dlfcn.h>
+#include <nccl.h>
+#include <nccl_device.h>
+
+#include <cstring>
+
+#include "megamoe/communicator.h"
+#include "runtime/bootstrap.h"
+#include "runtime/cuda_check.h"
+
+namespace megamoe {
+namespace {
+
+#define MEGAMOE_NCCL_CHECK(call)                                                                        \
+  do {                                                                                                  \
+    ncclResult_t megamoe_nccl_ = (call);                                                                \
+    if (megamoe_nccl_ != ncclSuccess)                                                                   \
+      throw RuntimeError(std::string("NCCL error ") + ncclGetErrorString(megamoe_nccl_) + " in " + #call + \
+                         " at " + __FILE__ + ":" + std::to_string(__LINE__) + ": " + ncclGetLastError(nullptr)); \
+  } while (0)
+
+std::string version_string(int code) {
+  return std::to_string(code / 10000) + "." + std::to_string(code / 100 % 100) + "." + std::to_string(code % 100);
+}
+
+// The LSA address of each rank's copy of a window, as this rank's kernels see it.
+__global__ void lsa_pointers_kernel(ncclWindow_t window, int world_size, char** out) {
+  const int peer = int(threadIdx.x);
+  if (peer < world_size) out[peer] = static_cast<char*>(ncclGetLsaPointer(window, 0, peer));
+}
+
+class NcclSymmetricBuffer : public SymmetricBuffer {
+ public:
+  NcclSymmetricBuffer(ncclComm_t comm) : comm_(comm) {}
+  ~NcclSymmetricBuffer() override {
+    if (window_) ncclCommWindowDeregister(comm_, window_);
+    if (local) ncclMemFree(local);
+  }
+  ncclComm_t comm_;
+  ncclWindow_t window_ = nullptr;
+};
+
+class NcclCommunicator : public Communicator {
+ public:
+  explicit NcclCommunicator(const RankEnv& env) : rank_(env.rank), world_(env.world_size), device_(env.local_rank) {
+    const std::string who = "rank " + std::to_string(rank_) + ": ";
+    int devices = 0;
+    MEGAMOE_CUDA_CHECK(cudaGetDeviceCount(&devices));
+    if (device_ >= devices)
+      throw RuntimeError(who + "LOCAL_RANK " + std::to_string(device_) + " but only " + std::to_string(devices) +
+                         " GPUs are visible");
+    MEGAMOE_CUDA_CHECK(cudaSetDevice(device_));
+    if (world_ > kMaxEpSize)
+      throw RuntimeError(who + "world size " + std::to_string(world_) + " exceeds " + std::to_string(kMaxEpSize));
+    check_nccl_version(who);
+
+    ncclUniqueId id{};
+    if (rank_ == 0) MEGAMOE_NCCL_CHECK(ncclGetUniqueId(&id));
+    std::string bytes = detail::tcp_broadcast_from_rank0(env, std::string(reinterpret_cast<char*>(&id), sizeof id));
+    if (bytes.size() != sizeof id) throw RuntimeError(who + "bootstrap returned a malformed NCCL unique id");
+    std::memcpy(&id, bytes.data(), sizeof id);
+    MEGAMOE_NCCL_CHECK(ncclCommInitRank(&comm_, world_, id, rank_));
+
+    ncclDevCommRequirements reqs;
+    std::memset(&reqs, 0, sizeof reqs);  // 2.28.9 has no initializer; lsaMultimem stays false (no NVLS)
+    reqs.lsaBarrierCount = 1;
+    MEGAMOE_NCCL_CHECK(ncclDevCommCreate(comm_, &reqs, &dev_comm_));
+    dev_comm_created_ = true;
+    if (dev_comm_.lsaSize != world_ || dev_comm_.lsaRank != rank_)
+      throw RuntimeError(who + "only " + std::to_string(dev_comm_.lsaSize) + " of " + std::to_string(world_) +
+                         " ranks can load/store each other's memory (LSA team); this backend needs one NVLink "
+                         "domain (a multi-node run needs a GIN backend)");
+    MEGAMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    MEGAMOE_CUDA_CHECK(cudaMalloc(&scratch_, 64 * sizeof(double) + kMaxEpSize * sizeof(char*)));
+  }
+
+  ~NcclCommunicator() override {
+    if (stream_) cudaStreamSynchronize(stream_);
+    if (dev_comm_created_) ncclDevCommDestroy(comm_, &dev_comm_);
+    if (comm_) {
+      ncclCommFinalize(comm_);
+      ncclCommDestroy(comm_);
+    }
+    if (scratch_) cudaFree(scratch_);
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+
+  int rank() const override { return rank_; }
+  int world_size() const override { return world_; }
+  int device() const override { return device_; }
+
+  std::unique_ptr<SymmetricBuffer> allocate_symmetric(size_t bytes) override {
+    if (bytes == 0) throw InvalidArgument("allocate_symmetric: bytes = 0: must be > 0");
+    auto buf = std::make_unique<NcclSymmetricBuffer>(comm_);
+    MEGAMOE_NCCL_CHECK(ncclMemAlloc(&buf->local, bytes));
+    buf->bytes = bytes;
+    MEGAMOE_CUDA_CHECK(cudaMemset(buf->local, 0, bytes));
+    MEGAMOE_CUDA_CHECK(cudaDeviceSynchronize());
+    MEGAMOE_NCCL_CHECK(ncclCommWindowRegister(comm_, buf->local, bytes, &buf->window_, NCCL_WIN_COLL_SYMMETRIC));
+    char** device_ptrs = reinterpret_cast<char**>(static_cast<char*>(scratch_) + 64 * sizeof(double));
+    lsa_pointers_kernel<<<1, kMaxEpSize, 0, stream_>>>(buf->window_, world_, device_ptrs);
+    detail::check_launch("lsa_pointers_kernel");
+    MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(buf->peers.base, device_ptrs, sizeof(char*) * size_t(world_),
+                                       cudaMemcpyDeviceToHost, stream_));
+    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    for (int p = 0; p < world_; p++)
+      if (!buf->peers.base[p])
+        throw RuntimeError("rank " + std::to_string(rank_) + ": no LSA pointer to rank " + std::to_string(p) +
+                           "'s window");
+    return buf;
+  }
+
+  void host_barrier() override { all_reduce_max(0.0); }
+
+  uint64_t broadcast(uint64_t value, int root) override {
+    auto* d = static_cast<uint64_t*>(scratch_);
+    MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(d, &value, sizeof value, cudaMemcpyHostToDevice, stream_));
+    MEGAMOE_NCCL_CHECK(ncclBroadcast(d, d, 1, ncclUint64, root, comm_, stream_));
+    MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(&value, d, sizeof value, cudaMemcpyDeviceToHost, stream_));
+    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return value;
+  }
+
+  double all_reduce_max(double value) override { return all_reduce(value, ncclMax); }
+  double all_reduce_min(double value) override { return all_reduce(value, ncclMin); }
+
+ private:
+  double all_reduce(double value, ncclRedOp_t op) {
+    MEGAMOE_CUDA_CHECK(cudaDeviceSynchronize());
+    auto* d = static_cast<double*>(scratch_);
+    MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(d, &value, sizeof value, cudaMemcpyHostToDevice, stream_));
+    MEGAMOE_NCCL_CHECK(ncclAllReduce(d, d, 1, ncclDouble, op, comm_, stream_));
+    MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(&value, d, sizeof value, cudaMemcpyDeviceToHost, stream_));
+    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return value;
+  }
+
+  // The device API (ncclDevComm layout, LSA pointers) must match between headers and library.
+  static void check_nccl_version(const std::string& who) {
+    int loaded = 0;
+    MEGAMOE_NCCL_CHECK(ncclGetVersion(&loaded));
+    if (loaded == NCCL_VERSION_CODE) return;
+    Dl_info info{};
+    const char* path = dladdr(reinterpret_cast<void*>(&ncclGetVersion), &info) && info.dli_fname ? info.dli_fname : "?";
+    throw RuntimeError(who + "loaded NCCL " + version_string(loaded) + " from " + path + ", but megamoe was built against " +
+                       version_string(NCCL_VERSION_CODE) +
+                       " headers; the NCCL device API needs the same version at run time (see MEGAMOE_NCCL_RUNTIME_DIRS "
+                       "in CMakeLists.txt, or put NCCL " + version_string(NCCL_VERSION_CODE) +
+                       "'s lib directory first in LD_LIBRARY_PATH)");
+  }
+
+  int rank_, world_, device_;
+  ncclComm_t comm_ = nullptr;
+  ncclDevComm dev_comm_{};
+  bool dev_comm_created_ = false;
+  cudaStream_t stream_ = nullptr;
+  void* scratch_ = nullptr;
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> create_nccl_communicator(const RankEnv& env) {
+  setenv("NCCL_NVLS_ENABLE", "0", 1);  // never NVLink multicast (NOTES.md §8)
+  return std::make_unique<NcclCommunicator>(env);
+}
+
+}  // namespace megamoe

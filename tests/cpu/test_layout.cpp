@@ -1,0 +1,92 @@
+// The workspace table: no overlaps, alignment, the must-zero prefix, sizes that follow the formulas.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "megamoe/layout.h"
+
+namespace megamoe {
+namespace {
+
+std::vector<MoeShape> shapes_under_test() {
+  std::vector<MoeShape> out;
+  for (auto name : preset_names())
+    for (int64_t ep : {1, 2, 4, 8})
+      for (int64_t tokens : {1, 77, 4096})
+        for (auto fmt : {WeightFormat::kBf16, WeightFormat::kFp8}) out.push_back(make_preset(name, ep, tokens, fmt));
+  return out;
+}
+
+TEST(Layout, RegionsDoNotOverlapAndAreAligned) {
+  for (const MoeShape& s : shapes_under_test()) {
+    WorkspaceLayout l(s);
+    for (Arena arena : {Arena::kSymmetric, Arena::kLocal}) {
+      std::vector<std::pair<size_t, size_t>> spans;
+      for (const RegionSpec& spec : workspace_table()) {
+        if (spec.arena != arena) continue;
+        const RegionPlacement& p = l[spec.id];
+        EXPECT_EQ(p.offset % spec.alignment, 0u) << spec.name << " " << describe(s);
+        EXPECT_LE(p.offset + p.bytes, l.arena_bytes(arena)) << spec.name;
+        if (p.bytes) spans.push_back({p.offset, p.offset + p.bytes});
+      }
+      std::sort(spans.begin(), spans.end());
+      for (size_t i = 1; i < spans.size(); i++) EXPECT_LE(spans[i - 1].second, spans[i].first) << describe(s);
+    }
+  }
+}
+
+TEST(Layout, ZeroPrefixCoversExactlyTheMustZeroRegions) {
+  for (const MoeShape& s : shapes_under_test()) {
+    WorkspaceLayout l(s);
+    size_t zero_end = 0;
+    for (const RegionSpec& spec : workspace_table()) {
+      const RegionPlacement& p = l[spec.id];
+      if (spec.zero_per_forward) {
+        EXPECT_EQ(spec.arena, Arena::kSymmetric) << spec.name;
+        zero_end = std::max(zero_end, p.offset + p.bytes);
+      } else if (spec.arena == Arena::kSymmetric && p.bytes) {
+        EXPECT_GE(p.offset, l.zero_prefix_bytes()) << spec.name << " lies inside the must-zero prefix";
+      }
+    }
+    EXPECT_EQ(l.zero_prefix_bytes(), zero_end);
+  }
+}
+
+TEST(Layout, SizesFollowTheFormulas) {
+  MoeShape s = make_preset("dsv4-flash", 4, 4096);
+  WorkspaceLayout l(s);
+  const size_t W = 4, T = 4096, K = 6, H = 4096, I = 2048, El = 64;
+  EXPECT_EQ(l[Region::kExpertRecvCount].bytes, El * 4);
+  EXPECT_EQ(l[Region::kSendPairCount].bytes, W * 4);
+  EXPECT_EQ(l[Region::kRecvPairs].bytes, W * T * K * 16);
+  EXPECT_EQ(l[Region::kTokenStaging].bytes, T * H * 2);
+  EXPECT_EQ(l[Region::kTokenStagingScale].bytes, 0u);
+  EXPECT_EQ(l[Region::kCombineRecv].bytes, T * K * H * 2);
+  EXPECT_EQ(l[Region::kTokenPool].bytes, W * T * K * H * 2);
+  EXPECT_EQ(l[Region::kPoolSource].bytes, W * T * K * 8);
+  EXPECT_EQ(l[Region::kFc1Out].bytes, W * T * K * I * 2);
+  EXPECT_EQ(l.pool_rows(), int64_t(W * T * K));
+
+  MoeShape f = make_preset("dsv4-flash", 4, 4096, WeightFormat::kFp8);
+  WorkspaceLayout lf(f);
+  EXPECT_EQ(lf[Region::kTokenPool].bytes, W * T * K * H);
+  EXPECT_EQ(lf[Region::kTokenPoolScale].bytes, W * T * K * H / 128 * 4);
+  EXPECT_EQ(lf[Region::kFc1OutScale].bytes, W * T * K * I / 128 * 4);
+}
+
+TEST(Layout, ZeroPrefixIsUnderOnePercentAtDsv4FlashEp4) {
+  WorkspaceLayout l(make_preset("dsv4-flash", 4, 4096));
+  EXPECT_LT(double(l.zero_prefix_bytes()), 0.01 * double(l.total_bytes()));
+  EXPECT_GT(l.zero_prefix_bytes(), 0u);
+}
+
+TEST(Layout, TablePrintsEveryRegion) {
+  WorkspaceLayout l(make_preset("tiny", 2, 64));
+  std::string t = l.to_string();
+  for (const RegionSpec& spec : workspace_table()) EXPECT_NE(t.find(spec.name), std::string::npos) << spec.name;
+  EXPECT_NE(t.find("must-zero prefix"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace megamoe

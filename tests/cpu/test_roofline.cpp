@@ -1,0 +1,46 @@
+// The roofline floor against numbers worked out by hand (NOTES.md §6).
+#include <gtest/gtest.h>
+
+#include "megamoe/error.h"
+#include "megamoe/roofline.h"
+
+namespace megamoe {
+namespace {
+
+TEST(Roofline, Dsv4FlashEp4WeightFloor) {
+  // 64 local experts * 3 * 2048 * 4096 params = 1.61e9: 3.22 GB in bf16 -> ~1.07 ms at 3.0 TB/s.
+  Roofline r = roofline(make_preset("dsv4-flash", 4, 4096), 64);
+  EXPECT_NEAR(r.weight_bytes, 64.0 * 3 * 2048 * 4096 * 2, 1.0);
+  EXPECT_NEAR(r.weight_us, 1073.7, 0.5);
+  EXPECT_STREQ(r.bound, "weights");
+  EXPECT_DOUBLE_EQ(r.floor_us, r.weight_us);
+
+  Roofline f = roofline(make_preset("dsv4-flash", 4, 4096, WeightFormat::kFp8), 64);
+  EXPECT_NEAR(f.weight_us, 537.0, 0.5);  // NOTES: ~0.54 ms
+}
+
+TEST(Roofline, ComputeBoundAtLargeT) {
+  // fp8 at 4096 tokens/rank: 2*4096*6*(4096*4096 + 2048*4096) FLOPs at 1346 TFLOP/s = ~0.92 ms.
+  Roofline r = roofline(make_preset("dsv4-flash", 4, 4096, WeightFormat::kFp8), 4096);
+  EXPECT_NEAR(r.flops, 2.0 * 4096 * 6 * (4096.0 * 4096 + 2048.0 * 4096), 1.0);
+  EXPECT_NEAR(r.compute_us, 919.0, 1.0);
+  EXPECT_STREQ(r.bound, "compute");
+}
+
+TEST(Roofline, NvlinkTermScalesWithRemoteFraction) {
+  MoeShape s = make_preset("dsv4-flash", 4, 4096);
+  Roofline r = roofline(s, 1024);
+  EXPECT_NEAR(r.nvlink_bytes, 1024.0 * 6 * 0.75 * (4096 * 2 + 4096 * 2), 1.0);
+  EXPECT_DOUBLE_EQ(roofline(make_preset("dsv4-flash", 1, 4096), 1024).nvlink_bytes, 0.0);
+}
+
+TEST(Roofline, RejectsBadArguments) {
+  MoeShape s = make_preset("tiny", 1, 16);
+  EXPECT_THROW(roofline(s, -1), InvalidArgument);
+  Ceilings c;
+  c.hbm_gbps = 0;
+  EXPECT_THROW(roofline(s, 1, c), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace megamoe
