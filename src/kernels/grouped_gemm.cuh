@@ -181,8 +181,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       cutlass::arch::ClusterTransactionBarrier::wait(&smem.full[stage], phase);
       warpgroup_fence_operand(accum);
       warpgroup_arrive();
-      gemm(tiled_mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), accum);
-      tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+      // One wgmma per 16-wide k slice; only the tile's very first slice overwrites the accumulators.
+      CUTE_UNROLL
+      for (int k = 0; k < size<2>(tCrA); k++) {
+        gemm(tiled_mma, tCrA(_, _, k, stage), tCrB(_, _, k, stage), accum);
+        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+      }
       warpgroup_commit_batch();
       // Keep one batch of wgmma in flight; the one before it has finished reading its stage.
       warpgroup_wait<1>();

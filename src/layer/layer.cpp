@@ -154,7 +154,7 @@ Layer::Layer(const MoeShape& shape, Communicator& comm, const LayerOptions& opti
   validate(shape);
   if (shape.weight_format != WeightFormat::kBf16)
     throw InvalidArgument("shape.weight_format = " + std::string(to_string(shape.weight_format)) +
-                          ": this Layer runs bf16 weights only");
+                          ": this Layer supports bf16 only (fp8 weights are not implemented yet)");
   impl_ = std::make_unique<Impl>(shape, comm, options);
 }
 
