@@ -19,6 +19,8 @@ struct LayerOptions {
   double barrier_timeout_s = 0;  // 0: the default
   // Synchronise and call check_errors() after every forward (also MEGAMOE_DEBUG=1).
   bool debug_checks = false;
+  // Record CUDA events between the stages of eager forwards (see Layer::last_stage_times).
+  bool stage_timing = false;
 };
 
 class Layer {
@@ -58,6 +60,13 @@ class Layer {
   // a device-side token count out of range, or a barrier timeout (which rank never arrived; after a
   // timeout the layer is unusable and must be destroyed). Bad-id and token-count errors are cleared.
   void check_errors();
+
+  // Stage-by-stage device time of the last eager forward, when LayerOptions::stage_timing is on
+  // (events between stages; not recorded while a graph is being captured).
+  struct StageTimes {
+    float dispatch_claim_ms, dispatch_barrier_ms, dispatch_pull_ms, fc1_ms, fc2_ms, combine_barrier_ms, combine_ms;
+  };
+  StageTimes last_stage_times() const;
 
   const MoeShape& shape() const;
   const WorkspaceLayout& layout() const;

@@ -19,8 +19,8 @@ struct Ceilings {
 
 struct Roofline {
   int64_t tokens_per_rank = 0;
-  double weight_bytes = 0;   // this rank's experts, read once
-  double flops = 0;          // 2*T*K*(H*2I + I*H): the useful FLOPs of one rank (balanced routing)
+  double weight_bytes = 0;   // this rank's experts that receive tokens (uniform routing), read once
+  double flops = 0;          // 2*T*K*(H*2I + I*H): the useful FLOPs of one rank (balanced load)
   double nvlink_bytes = 0;   // rows sent (= received) per rank: dispatch + combine, (W-1)/W of pairs
   double weight_us = 0, compute_us = 0, nvlink_us = 0;
   double floor_us = 0;       // max of the three

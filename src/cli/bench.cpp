@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "cli/args.h"
@@ -77,7 +78,9 @@ int bench_layer(Communicator& comm, const Args& a) {
   for (const std::string& preset : presets) {
     const int64_t max_tokens = std::max<int64_t>(1, *std::max_element(tokens.begin(), tokens.end()));
     const MoeShape shape = make_preset(preset, W, max_tokens, format);
-    Layer layer(shape, comm);
+    LayerOptions options;
+    options.stage_timing = a.has("stages");
+    Layer layer(shape, comm, options);
     load_random_weights(layer, shape, 1234 + uint64_t(rank) * 7777, s);
     if (rank == 0) {
       std::printf("\nmegamoe bench: %s, %d x %s, routing %s, %d timed graph replays per T (median of the slowest rank)\n",
@@ -140,11 +143,27 @@ int bench_layer(Communicator& comm, const Args& a) {
       const double slowest_median = comm.all_reduce_max(median(us));
       const double slowest_min = comm.all_reduce_max(*std::min_element(us.begin(), us.end()));
       for (auto& set : in) MEGAMOE_CUDA_CHECK(cudaGraphExecDestroy(set.graph));
+      std::string stage_line;
+      if (a.has("stages")) {  // one eager forward, timed stage by stage (slowest rank per stage)
+        comm.host_barrier();
+        layer.forward(in[0].x->ptr, in[0].ids->ptr, in[0].weights->ptr, in[0].y->ptr, T, s);
+        const Layer::StageTimes st = layer.last_stage_times();
+        const float* f = &st.dispatch_claim_ms;
+        double worst[7];
+        for (int i = 0; i < 7; i++) worst[i] = comm.all_reduce_max(1e3 * f[i]);
+        char buf[256];
+        std::snprintf(buf, sizeof buf,
+                      "%8s   eager, us per stage: claim %.1f | barrier %.1f | pull %.1f | fc1 %.1f | fc2 %.1f | "
+                      "barrier %.1f | combine %.1f\n",
+                      "", worst[0], worst[1], worst[2], worst[3], worst[4], worst[5], worst[6]);
+        stage_line = buf;
+      }
       const Roofline roof = roofline(shape, T);
       const double tflops = roof.flops / (slowest_median * 1e6);
       if (rank == 0) {
         std::printf("%8lld %12.1f %12.1f %10.1f %12.1f %10.2f\n", (long long)T, slowest_median, slowest_min, tflops,
                     roof.floor_us, slowest_median / roof.floor_us);
+        std::fputs(stage_line.c_str(), stdout);
         std::fflush(stdout);
         if (!json_path.empty()) {
           std::ofstream out(json_path, std::ios::app);
@@ -182,7 +201,7 @@ int bench_comm(Communicator& comm) {
 }  // namespace
 
 int bench_main(int argc, char** argv) {
-  Args a(argc, argv, 2, {"preset", "dtype", "tokens", "gpus", "routing", "iters", "json"}, {"comm"});
+  Args a(argc, argv, 2, {"preset", "dtype", "tokens", "gpus", "routing", "iters", "json"}, {"comm", "stages"});
   const bool in_job = rank_env_from_environment().has_value();
   int gpus = in_job ? 1 : visible_gpu_count();
   if (gpus == 0) {

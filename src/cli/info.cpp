@@ -24,7 +24,7 @@ int info_main(int argc, char** argv) {
 
   const WorkspaceLayout layout(shape);
   std::printf("shape: %s\n\nworkspace per rank:\n%s\n", describe(shape).c_str(), layout.to_string().c_str());
-  std::printf("roofline floor of one forward per rank (balanced routing; ceilings: HBM %.0f GB/s, %s %.0f TFLOP/s, "
+  std::printf("roofline floor of one forward per rank (uniform routing; ceilings: HBM %.0f GB/s, %s %.0f TFLOP/s, "
               "NVLink %.0f GB/s):\n%s",
               c.hbm_gbps, shape.weight_format == WeightFormat::kFp8 ? "fp8" : "bf16",
               shape.weight_format == WeightFormat::kFp8 ? c.fp8_tflops : c.bf16_tflops, c.nvlink_gbps,

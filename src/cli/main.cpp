@@ -18,7 +18,7 @@ const char* kUsage =
     "  megamoe info --preset dsv3|dsv4-flash|dsv4-pro|tiny --ep N --max-tokens M [--dtype bf16|fp8]\n"
     "               [--tokens T,...] [--hbm-gbps X] [--bf16-tflops X] [--fp8-tflops X] [--nvlink-gbps X]\n"
     "  megamoe bench [--preset P[,P...]] [--dtype bf16] [--tokens 1,64,512,...] [--gpus N]\n"
-    "                [--routing uniform|balanced|skewed|all-to-one|masked] [--iters N] [--json PATH]\n"
+    "                [--routing uniform|balanced|skewed|all-to-one|masked] [--iters N] [--json PATH] [--stages]\n"
     "  megamoe bench --comm [--gpus N]\n"
     "  megamoe selftest --skip-barrier-rank R [--timeout S] [--gpus N]\n";
 

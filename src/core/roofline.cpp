@@ -1,6 +1,7 @@
 #include "megamoe/roofline.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <sstream>
 
@@ -19,7 +20,11 @@ Roofline roofline(const MoeShape& shape, int64_t tokens_per_rank, const Ceilings
   Roofline r;
   r.tokens_per_rank = tokens_per_rank;
   // Weights: fp8 adds one fp32 scale per 128x128 block.
-  const double params = double(shape.experts_per_rank()) * (2 * I * H + H * I);
+  // Only experts that receive a token need their weights: with uniform routing (K distinct experts
+  // per token) an expert is hit by one of the W*T tokens with probability 1 - (1 - K/E)^(W*T).
+  const double E = double(shape.num_experts);
+  const double hit = 1.0 - std::pow(1.0 - K / E, W * T);
+  const double params = double(shape.experts_per_rank()) * hit * (2 * I * H + H * I);
   r.weight_bytes = fp8 ? params * (1.0 + 4.0 / (128.0 * 128.0)) : params * 2.0;
   r.flops = 2.0 * T * K * (H * 2 * I + I * H);
   // Rows that cross NVLink: (W-1)/W of the pairs go out (dispatch) and come back (combine, bf16).

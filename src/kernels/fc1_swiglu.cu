@@ -7,42 +7,42 @@
 namespace megamoe::kernels {
 namespace {
 
-using Fc1Config = GroupedGemmConfig<kFc1BlockN, 5>;
+using Fc1Config = GroupedGemmConfig<kFc1BlockN, 4>;
 
 struct SwigluEpilogue {
-  static constexpr int kOutCols = Fc1Config::kBlockN / 2;
-  static constexpr int kRowPitch = kOutCols + 8;  // +16 bytes per row: no bank conflicts, rows stay 16B aligned
   struct Params {
     __nv_bfloat16* out;  // fc1_out [pool_rows, I]
     int32_t out_cols;    // I
     float limit;         // 0: no clamp
   };
-  struct SharedStorage {
-    __nv_bfloat16 tile[Fc1Config::kBlockM * kRowPitch];
-  };
+  using SharedStorage = EpilogueChunk;
+  static constexpr int kChunks = Fc1Config::kBlockN / 2 / kEpilogueChunkCols;
 
   template <class Accum, class Coords>
   __device__ static void apply(const Params& p, SharedStorage& s, Accum& accum, const Coords& coords, const TileCoord& c,
                                int consumer_tid) {
-    consumer_sync();  // the previous tile's rows have been stored
 #pragma unroll
-    for (int i = 0; i < cute::size(accum); i += 2) {
-      const int row = cute::get<0>(coords(i)), col = cute::get<1>(coords(i));
-      float gate = accum(i), up = accum(i + 1);
-      if (p.limit > 0.0f) {
-        gate = fminf(gate, p.limit);
-        up = fminf(fmaxf(up, -p.limit), p.limit);
+    for (int chunk = 0; chunk < kChunks; chunk++) {
+      consumer_sync();  // the previous chunk's rows have been stored
+#pragma unroll
+      for (int i = 0; i < cute::size(accum); i += 2) {
+        const int row = cute::get<0>(coords(i)), out_col = cute::get<1>(coords(i)) / 2 - chunk * kEpilogueChunkCols;
+        if (out_col < 0 || out_col >= kEpilogueChunkCols) continue;
+        float gate = accum(i), up = accum(i + 1);
+        if (p.limit > 0.0f) {
+          gate = fminf(gate, p.limit);
+          up = fminf(fmaxf(up, -p.limit), p.limit);
+        }
+        s.tile[row * kEpilogueRowPitch + out_col] = __float2bfloat16_rn(gate / (1.0f + __expf(-gate)) * up);
       }
-      const float h = gate / (1.0f + __expf(-gate)) * up;
-      s.tile[row * kRowPitch + col / 2] = __float2bfloat16_rn(h);
-    }
-    consumer_sync();
-    constexpr int kRowVectors = kOutCols / 8;
-    for (int v = consumer_tid; v < Fc1Config::kBlockM * kRowVectors; v += Fc1Config::kConsumerThreads) {
-      const int row = v / kRowVectors, vec = v % kRowVectors;
-      if (row < c.rows_valid) {
-        __nv_bfloat16* dst = p.out + size_t(c.row_begin + row) * p.out_cols + c.n_block * kOutCols + vec * 8;
-        *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(&s.tile[row * kRowPitch + vec * 8]);
+      consumer_sync();
+      constexpr int kRowVectors = kEpilogueChunkCols / 8;
+      const int first_col = c.n_block * (Fc1Config::kBlockN / 2) + chunk * kEpilogueChunkCols;
+      for (int v = consumer_tid; v < Fc1Config::kBlockM * kRowVectors; v += Fc1Config::kConsumerThreads) {
+        const int row = v / kRowVectors, vec = v % kRowVectors;
+        if (row < c.rows_valid)
+          *reinterpret_cast<int4*>(p.out + size_t(c.row_begin + row) * p.out_cols + first_col + vec * 8) =
+              *reinterpret_cast<const int4*>(&s.tile[row * kEpilogueRowPitch + vec * 8]);
       }
     }
   }

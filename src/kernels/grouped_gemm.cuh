@@ -74,13 +74,11 @@ struct alignas(1024) GroupedGemmSharedStorage {
   alignas(128) typename Epilogue::SharedStorage epilogue;
   alignas(8) uint64_t full[Config::kStages];
   alignas(8) uint64_t empty[Config::kStages];
-  // followed in dynamic shared memory by the schedule: row offsets and tile offsets, [E+1] each
 };
 
 template <class Config, class Epilogue>
-constexpr size_t grouped_gemm_smem_bytes(int num_experts) {
-  return sizeof(GroupedGemmSharedStorage<Config, Epilogue>) + 2 * sizeof(int32_t) * size_t(num_experts + 1) +
-         1024;  // slack to align the dynamic base to 1 KiB
+constexpr size_t grouped_gemm_smem_bytes() {
+  return sizeof(GroupedGemmSharedStorage<Config, Epilogue>) + 1024;  // slack to align the dynamic base to 1 KiB
 }
 
 template <class Config, class Epilogue>
@@ -93,14 +91,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 
   extern __shared__ char smem_raw[];
   Storage& smem = *reinterpret_cast<Storage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  int32_t* row_offset = reinterpret_cast<int32_t*>(&smem + 1);
-  int32_t* tile_offset = row_offset + problem.num_experts + 1;
+  // The schedule stays in global memory (L1/L2-resident): a tile's decode reads ~log2(E) entries.
+  const int32_t* __restrict__ row_offset = problem.expert_row_offset;
+  const int32_t* __restrict__ tile_offset = problem.expert_tile_offset;
 
   const int E = problem.num_experts;
-  for (int i = threadIdx.x; i <= E; i += Config::kThreads) {
-    row_offset[i] = problem.expert_row_offset[i];
-    tile_offset[i] = problem.expert_tile_offset[i];
-  }
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; s++) {
       cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1);
@@ -112,7 +107,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 
   const int n_blocks = problem.n / BN;
   const int k_blocks = problem.k / BK;
-  const int num_tiles = tile_offset[E] * n_blocks;
+  const int num_tiles = __ldg(tile_offset + E) * n_blocks;
 
   // Tile index -> (expert, m block, n block). The largest e with tile_offset[e] <= t / n_blocks is
   // the expert (experts without rows have no tiles and are skipped by the search).
@@ -121,17 +116,18 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     int lo = 0, hi = E - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
-      if (tile_offset[mid] <= m_tile) lo = mid; else hi = mid - 1;
+      if (__ldg(tile_offset + mid) <= m_tile) lo = mid; else hi = mid - 1;
     }
     const int expert = lo;
-    const int expert_m_tiles = tile_offset[expert + 1] - tile_offset[expert];
-    const int local = tile - tile_offset[expert] * n_blocks;
+    const int first_tile = __ldg(tile_offset + expert);
+    const int expert_m_tiles = __ldg(tile_offset + expert + 1) - first_tile;
+    const int local = tile - first_tile * n_blocks;
     const int m_block = local % expert_m_tiles;
     TileCoord c;
     c.expert = expert;
     c.n_block = local / expert_m_tiles;
-    c.row_begin = row_offset[expert] + m_block * BM;
-    c.rows_valid = min(BM, row_offset[expert + 1] - c.row_begin);
+    c.row_begin = __ldg(row_offset + expert) + m_block * BM;
+    c.rows_valid = min(BM, __ldg(row_offset + expert + 1) - c.row_begin);
     return c;
   };
 
@@ -207,12 +203,26 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 // Named barrier among the 256 consumer threads (id 1; id 0 is __syncthreads).
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, 256;" ::: "memory"); }
 
+// Epilogues stage their output through shared memory 64 columns at a time: a 128 x 64 bf16 tile,
+// rows padded by 16 bytes (no bank conflicts, rows stay 16-byte aligned), then stored row by row
+// with 16-byte vectors.
+inline constexpr int kEpilogueChunkCols = 64;
+inline constexpr int kEpilogueRowPitch = kEpilogueChunkCols + 8;
+struct EpilogueChunk {
+  __nv_bfloat16 tile[kGemmBlockM * kEpilogueRowPitch];
+};
+
 template <class Config, class Epilogue>
 void launch_grouped_gemm(const CUtensorMap& tma_a, const CUtensorMap& tma_b, const GroupedProblem& problem,
                          const typename Epilogue::Params& params, int num_sms, cudaStream_t stream, const char* name) {
   auto kernel = grouped_gemm_kernel<Config, Epilogue>;
-  const size_t smem = grouped_gemm_smem_bytes<Config, Epilogue>(problem.num_experts);
-  MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  constexpr size_t smem = grouped_gemm_smem_bytes<Config, Epilogue>();
+  static_assert(smem <= 227 * 1024, "grouped GEMM shared memory exceeds the 227 KiB an H100 block may use");
+  static const bool configured = [&] {  // once per instantiation (and per process: one device per rank)
+    MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    return true;
+  }();
+  (void)configured;
   kernel<<<num_sms, Config::kThreads, smem, stream>>>(tma_a, tma_b, problem, params);
   ::megamoe::detail::check_launch(name);
 }

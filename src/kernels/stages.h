@@ -13,8 +13,9 @@ namespace megamoe::kernels {
 // Threads, tile sizes and shared memory of the grouped GEMMs, shared by host and device code.
 inline constexpr int kGemmBlockM = 128;
 inline constexpr int kGemmBlockK = 64;
-inline constexpr int kFc1BlockN = 128;  // interleaved gate/up rows: 64 SwiGLU outputs per tile
-inline constexpr int kFc2BlockN = 128;
+inline constexpr int kFc1BlockN = 256;  // interleaved gate/up rows: 128 SwiGLU outputs per tile
+// FC2's tile width: 256 columns when the hidden size allows it, else 128 (hidden is a multiple of 128).
+inline constexpr int fc2_block_n(int64_t hidden) { return hidden % 256 == 0 ? 256 : 128; }
 
 // 1. Copies this rank's tokens to its staging area, claims a slot for every (token, k) pair on the
 //    owner of expert topk_ids[t,k] (one atomic per CTA and expert), and lists the pair in the owner's

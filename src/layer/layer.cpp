@@ -86,11 +86,17 @@ struct Layer::Impl {
     MEGAMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&w1_interleaved), El * 2 * I * H * 2));
     MEGAMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&w2), El * H * I * 2));
     w1_map = kernels::make_bf16_tensor_map(w1_interleaved, El * 2 * I, H, kernels::kFc1BlockN);
-    w2_map = kernels::make_bf16_tensor_map(w2, El * H, I, kernels::kFc2BlockN);
+    w2_map = kernels::make_bf16_tensor_map(w2, El * H, I, uint32_t(kernels::fc2_block_n(s.hidden)));
     expert_loaded.assign(El, false);
+    stage_timing = o.stage_timing;
+    if (stage_timing) {
+      stage_events.resize(8);
+      for (auto& e : stage_events) MEGAMOE_CUDA_CHECK(cudaEventCreate(&e));
+    }
   }
   ~Impl() {
     cudaDeviceSynchronize();
+    for (auto& e : stage_events) cudaEventDestroy(e);
     cudaFree(w1_interleaved);
     cudaFree(w2);
   }
@@ -108,16 +114,31 @@ struct Layer::Impl {
   void enqueue(const void* x, const int32_t* ids, const float* weights, void* y, kernels::TokenCount tokens,
                int launch_tokens, cudaStream_t stream) {
     const kernels::LayerView& v = workspace.view();
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    MEGAMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    const bool timing = stage_timing && capture == cudaStreamCaptureStatusNone;
+    int mark = 0;
+    auto stage_done = [&] {
+      if (timing) MEGAMOE_CUDA_CHECK(cudaEventRecord(stage_events[size_t(mark++)], stream));
+    };
+    stage_done();
     kernels::launch_dispatch_claim(v, static_cast<const __nv_bfloat16*>(x), ids, tokens, launch_tokens, stream);
+    stage_done();
     launch_device_barrier(barrier, kDispatchBarrier, stream);
+    stage_done();
     kernels::launch_dispatch_pull(v, num_sms, stream);
+    stage_done();
     kernels::launch_fc1_swiglu(v, pool_map, w1_map, num_sms, stream);
+    stage_done();
     kernels::launch_fc2_scatter(v, fc1_out_map, w2_map, num_sms, stream);
     // The counters are reset after their last reader (FC2) and before the combine barrier: no peer
     // can start the next forward's claims on this rank until this rank has passed that barrier.
     workspace.reset_counters(stream);
+    stage_done();
     launch_device_barrier(barrier, kCombineBarrier, stream);
+    stage_done();
     kernels::launch_combine(v, ids, weights, static_cast<__nv_bfloat16*>(y), tokens, launch_tokens, stream);
+    stage_done();
   }
 
   void check_errors() {
@@ -148,6 +169,8 @@ struct Layer::Impl {
   __nv_bfloat16* w2 = nullptr;
   std::vector<bool> expert_loaded;
   bool weights_loaded = false;
+  bool stage_timing = false;
+  std::vector<cudaEvent_t> stage_events;  // 8 marks around the 7 stages
 };
 
 Layer::Layer(const MoeShape& shape, Communicator& comm, const LayerOptions& options) {
@@ -208,6 +231,16 @@ void Layer::forward(const void* x, const int32_t* topk_ids, const float* topk_we
 }
 
 void Layer::check_errors() { impl_->check_errors(); }
+
+Layer::StageTimes Layer::last_stage_times() const {
+  const Impl& m = *impl_;
+  if (!m.stage_timing) throw InvalidArgument("last_stage_times: the layer was created without LayerOptions::stage_timing");
+  MEGAMOE_CUDA_CHECK(cudaEventSynchronize(m.stage_events.back()));
+  float ms[7];
+  for (int i = 0; i < 7; i++)
+    MEGAMOE_CUDA_CHECK(cudaEventElapsedTime(&ms[i], m.stage_events[size_t(i)], m.stage_events[size_t(i) + 1]));
+  return StageTimes{ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], ms[6]};
+}
 const MoeShape& Layer::shape() const { return impl_->shape; }
 const WorkspaceLayout& Layer::layout() const { return impl_->workspace.layout(); }
 int Layer::rank() const { return impl_->comm.rank(); }

@@ -4,6 +4,7 @@
 #include <nccl_device.h>
 
 #include <cstring>
+#include <exception>
 
 #include "megamoe/communicator.h"
 #include "runtime/bootstrap.h"
@@ -34,6 +35,7 @@ class NcclSymmetricBuffer : public SymmetricBuffer {
  public:
   NcclSymmetricBuffer(ncclComm_t comm) : comm_(comm) {}
   ~NcclSymmetricBuffer() override {
+    if (std::uncaught_exceptions() > 0) return;  // unwinding after an error: deregistering may wait for peers
     if (window_) ncclCommWindowDeregister(comm_, window_);
     if (local) ncclMemFree(local);
   }
@@ -76,6 +78,12 @@ class NcclCommunicator : public Communicator {
   }
 
   ~NcclCommunicator() override {
+    if (std::uncaught_exceptions() > 0) {
+      // Unwinding after an error (a peer may never arrive): finalize would wait for the peers, so
+      // tear down without them.
+      if (comm_) ncclCommAbort(comm_);
+      return;
+    }
     if (stream_) cudaStreamSynchronize(stream_);
     if (dev_comm_created_) ncclDevCommDestroy(comm_, &dev_comm_);
     if (comm_) {

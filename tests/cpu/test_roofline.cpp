@@ -1,6 +1,8 @@
 // The roofline floor against numbers worked out by hand (NOTES.md §6).
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "megamoe/error.h"
 #include "megamoe/roofline.h"
 
@@ -8,15 +10,24 @@ namespace megamoe {
 namespace {
 
 TEST(Roofline, Dsv4FlashEp4WeightFloor) {
-  // 64 local experts * 3 * 2048 * 4096 params = 1.61e9: 3.22 GB in bf16 -> ~1.07 ms at 3.0 TB/s.
-  Roofline r = roofline(make_preset("dsv4-flash", 4, 4096), 64);
+  // 64 local experts * 3 * 2048 * 4096 params = 1.61e9: 3.22 GB in bf16 -> ~1.07 ms at 3.0 TB/s,
+  // once every expert receives tokens (1 - (1 - 6/256)^(4*1024) = 1 to double precision).
+  Roofline r = roofline(make_preset("dsv4-flash", 4, 4096), 1024);
   EXPECT_NEAR(r.weight_bytes, 64.0 * 3 * 2048 * 4096 * 2, 1.0);
   EXPECT_NEAR(r.weight_us, 1073.7, 0.5);
   EXPECT_STREQ(r.bound, "weights");
   EXPECT_DOUBLE_EQ(r.floor_us, r.weight_us);
 
-  Roofline f = roofline(make_preset("dsv4-flash", 4, 4096, WeightFormat::kFp8), 64);
+  Roofline f = roofline(make_preset("dsv4-flash", 4, 4096, WeightFormat::kFp8), 1024);
   EXPECT_NEAR(f.weight_us, 537.0, 0.5);  // NOTES: ~0.54 ms
+}
+
+TEST(Roofline, OnlyExpertsThatReceiveTokensCount) {
+  // One token per rank, 4 ranks, 6 of 256 experts each: an expert is hit with p = 1 - (250/256)^4.
+  MoeShape s = make_preset("dsv4-flash", 4, 4096);
+  const double p = 1.0 - std::pow(250.0 / 256.0, 4);
+  EXPECT_NEAR(roofline(s, 1).weight_bytes, p * 64.0 * 3 * 2048 * 4096 * 2, 1.0);
+  EXPECT_DOUBLE_EQ(roofline(s, 0).weight_bytes, 0.0);
 }
 
 TEST(Roofline, ComputeBoundAtLargeT) {

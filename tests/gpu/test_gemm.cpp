@@ -72,7 +72,7 @@ void run_case(const GemmCase& gc, uint64_t seed) {
   const CUtensorMap pool_map = kernels::make_bf16_tensor_map(d_pool.get(), uint64_t(pool_rows), uint64_t(H), 128);
   const CUtensorMap w1_map = kernels::make_bf16_tensor_map(d_w1i.get(), uint64_t(E) * 2 * I, uint64_t(H), kernels::kFc1BlockN);
   const CUtensorMap fc1_map = kernels::make_bf16_tensor_map(d_fc1.get(), uint64_t(pool_rows), uint64_t(I), 128);
-  const CUtensorMap w2_map = kernels::make_bf16_tensor_map(d_w2.get(), uint64_t(E) * H, uint64_t(I), kernels::kFc2BlockN);
+  const CUtensorMap w2_map = kernels::make_bf16_tensor_map(d_w2.get(), uint64_t(E) * H, uint64_t(I), uint32_t(kernels::fc2_block_n(H)));
   kernels::launch_fc1_swiglu(v, pool_map, w1_map, sms, nullptr);
   kernels::launch_fc2_scatter(v, fc1_map, w2_map, sms, nullptr);
   MEGAMOE_CUDA_CHECK(cudaDeviceSynchronize());
@@ -129,6 +129,11 @@ TEST(GroupedGemm, TileBoundaries) {
 TEST(GroupedGemm, SwigluClampAndLongK) {
   MEGAMOE_REQUIRE_GPU();
   run_case({1024, 512, {200, 0, 64, 257}, 0.3f}, shared_random_seed());
+}
+
+TEST(GroupedGemm, HiddenNotAMultipleOf256) {
+  MEGAMOE_REQUIRE_GPU();
+  run_case({384, 384, {5, 130, 0, 260}, 0.0f}, shared_random_seed());
 }
 
 TEST(GroupedGemm, ManyExperts) {
