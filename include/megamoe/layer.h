@@ -21,6 +21,9 @@ struct LayerOptions {
   bool debug_checks = false;
   // Record CUDA events between the stages of eager forwards (see Layer::last_stage_times).
   bool stage_timing = false;
+  // GEMM CTA pairing (src/kernels/stages.h): 0 picks per forward from the expected rows per expert;
+  // 1 or 2 forces single CTAs or CTA pairs that share weight tiles.
+  int gemm_cluster_m = 0;
 };
 
 class Layer {

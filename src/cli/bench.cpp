@@ -77,7 +77,11 @@ int bench_layer(Communicator& comm, const Args& a) {
 
   for (const std::string& preset : presets) {
     const int64_t max_tokens = std::max<int64_t>(1, *std::max_element(tokens.begin(), tokens.end()));
-    const MoeShape shape = make_preset(preset, W, max_tokens, format);
+    MoeShape shape = make_preset(preset, W, max_tokens, format);
+    if (a.has("experts")) {  // e.g. one GPU with the experts one rank of a larger EP group holds
+      shape.num_experts = a.integer("experts", 0, 1, kMaxExperts);
+      validate(shape);
+    }
     LayerOptions options;
     options.stage_timing = a.has("stages");
     Layer layer(shape, comm, options);
@@ -169,10 +173,10 @@ int bench_layer(Communicator& comm, const Args& a) {
           std::ofstream out(json_path, std::ios::app);
           char line[512];
           std::snprintf(line, sizeof line,
-                        "{\"impl\": \"megamoe\", \"preset\": \"%s\", \"ep\": %d, \"tokens\": %lld, \"latency_us\": %.2f, "
+                        "{\"impl\": \"megamoe\", \"preset\": \"%s\", \"experts\": %lld, \"ep\": %d, \"tokens\": %lld, \"latency_us\": %.2f, "
                         "\"min_us\": %.2f, \"tflops\": %.2f, \"floor_us\": %.2f, \"vs_floor\": %.3f, \"gpu\": \"%s\", "
                         "\"routing\": \"%s\"}\n",
-                        preset.c_str(), W, (long long)T, slowest_median, slowest_min, tflops, roof.floor_us,
+                        preset.c_str(), (long long)shape.num_experts, W, (long long)T, slowest_median, slowest_min, tflops, roof.floor_us,
                         slowest_median / roof.floor_us, prop.name, std::string(to_string(routing)).c_str());
           out << line;
         }
@@ -201,7 +205,8 @@ int bench_comm(Communicator& comm) {
 }  // namespace
 
 int bench_main(int argc, char** argv) {
-  Args a(argc, argv, 2, {"preset", "dtype", "tokens", "gpus", "routing", "iters", "json"}, {"comm", "stages"});
+  Args a(argc, argv, 2, {"preset", "dtype", "tokens", "gpus", "routing", "iters", "json", "experts"},
+         {"comm", "stages"});
   const bool in_job = rank_env_from_environment().has_value();
   int gpus = in_job ? 1 : visible_gpu_count();
   if (gpus == 0) {

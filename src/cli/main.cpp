@@ -19,6 +19,7 @@ const char* kUsage =
     "               [--tokens T,...] [--hbm-gbps X] [--bf16-tflops X] [--fp8-tflops X] [--nvlink-gbps X]\n"
     "  megamoe bench [--preset P[,P...]] [--dtype bf16] [--tokens 1,64,512,...] [--gpus N]\n"
     "                [--routing uniform|balanced|skewed|all-to-one|masked] [--iters N] [--json PATH] [--stages]\n"
+    "                [--experts E]   (override the preset's expert count, e.g. one GPU as one rank of EP 4)\n"
     "  megamoe bench --comm [--gpus N]\n"
     "  megamoe selftest --skip-barrier-rank R [--timeout S] [--gpus N]\n";
 

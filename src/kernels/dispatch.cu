@@ -148,7 +148,7 @@ __device__ void warp_exclusive_scan(const int32_t* in, int n, int32_t* out, int3
   }
 }
 
-__global__ void __launch_bounds__(kPullThreads) dispatch_pull_kernel(LayerView v) {
+__global__ void __launch_bounds__(kPullThreads) dispatch_pull_kernel(LayerView v, int schedule_unit_rows) {
   extern __shared__ int32_t pull_smem[];
   const int El = v.experts_per_rank, W = v.world_size;
   int32_t* expert_counts = pull_smem;             // [El]
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(kPullThreads) dispatch_pull_kernel(LayerView v
   for (int i = threadIdx.x; i < El; i += kPullThreads) expert_counts[i] = v.expert_recv_count[i];
   for (int i = threadIdx.x; i < W; i += kPullThreads) source_counts[i] = v.source_pair_count[i];
   __syncthreads();
-  if (warp == 0) warp_exclusive_scan(expert_counts, El, row_offset, tile_offset, kGemmBlockM);
+  if (warp == 0) warp_exclusive_scan(expert_counts, El, row_offset, tile_offset, schedule_unit_rows);
   if (warp == 1) warp_exclusive_scan(source_counts, W, source_offset, nullptr, 1);
   __syncthreads();
   if (blockIdx.x == 0)
@@ -213,9 +213,9 @@ void launch_dispatch_claim(const LayerView& v, const __nv_bfloat16* x, const int
   detail::check_launch("dispatch_claim_kernel");
 }
 
-void launch_dispatch_pull(const LayerView& v, int num_sms, cudaStream_t stream) {
+void launch_dispatch_pull(const LayerView& v, int num_sms, int cluster_m, cudaStream_t stream) {
   const size_t smem = sizeof(int32_t) * (3 * size_t(v.experts_per_rank) + 2 + 2 * size_t(v.world_size) + 1);
-  dispatch_pull_kernel<<<2 * num_sms, kPullThreads, smem, stream>>>(v);
+  dispatch_pull_kernel<<<2 * num_sms, kPullThreads, smem, stream>>>(v, schedule_rows(cluster_m));
   detail::check_launch("dispatch_pull_kernel");
 }
 

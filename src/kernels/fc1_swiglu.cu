@@ -7,16 +7,16 @@
 namespace megamoe::kernels {
 namespace {
 
-using Fc1Config = GroupedGemmConfig<kFc1BlockN, 4>;
-
+template <int kClusterM>
 struct SwigluEpilogue {
+  using Config = GroupedGemmConfig<kFc1BlockN, 4, kClusterM>;
   struct Params {
     __nv_bfloat16* out;  // fc1_out [pool_rows, I]
     int32_t out_cols;    // I
     float limit;         // 0: no clamp
   };
   using SharedStorage = EpilogueChunk;
-  static constexpr int kChunks = Fc1Config::kBlockN / 2 / kEpilogueChunkCols;
+  static constexpr int kChunks = Config::kBlockN / 2 / kEpilogueChunkCols;
 
   template <class Accum, class Coords>
   __device__ static void apply(const Params& p, SharedStorage& s, Accum& accum, const Coords& coords, const TileCoord& c,
@@ -37,8 +37,8 @@ struct SwigluEpilogue {
       }
       consumer_sync();
       constexpr int kRowVectors = kEpilogueChunkCols / 8;
-      const int first_col = c.n_block * (Fc1Config::kBlockN / 2) + chunk * kEpilogueChunkCols;
-      for (int v = consumer_tid; v < Fc1Config::kBlockM * kRowVectors; v += Fc1Config::kConsumerThreads) {
+      const int first_col = c.n_block * (Config::kBlockN / 2) + chunk * kEpilogueChunkCols;
+      for (int v = consumer_tid; v < Config::kBlockM * kRowVectors; v += Config::kConsumerThreads) {
         const int row = v / kRowVectors, vec = v % kRowVectors;
         if (row < c.rows_valid)
           *reinterpret_cast<int4*>(p.out + size_t(c.row_begin + row) * p.out_cols + first_col + vec * 8) =
@@ -48,14 +48,21 @@ struct SwigluEpilogue {
   }
 };
 
+template <int kClusterM>
+void launch(const LayerView& v, const CUtensorMap& pool_map, const WeightMaps& w1, int num_sms, cudaStream_t stream) {
+  using Epilogue = SwigluEpilogue<kClusterM>;
+  GroupedProblem problem{2 * v.intermediate, v.hidden, v.experts_per_rank, v.expert_row_offset, v.expert_tile_offset};
+  typename Epilogue::Params params{v.fc1_out, v.intermediate, v.swiglu_limit};
+  launch_grouped_gemm<typename Epilogue::Config, Epilogue>(pool_map, w1.for_cluster[kClusterM], problem, params,
+                                                           num_sms, stream, "fc1_swiglu grouped_gemm_kernel");
+}
+
 }  // namespace
 
-void launch_fc1_swiglu(const LayerView& v, const CUtensorMap& pool_map, const CUtensorMap& w1_map, int num_sms,
-                       cudaStream_t stream) {
-  GroupedProblem problem{2 * v.intermediate, v.hidden, v.experts_per_rank, v.expert_row_offset, v.expert_tile_offset};
-  SwigluEpilogue::Params params{v.fc1_out, v.intermediate, v.swiglu_limit};
-  launch_grouped_gemm<Fc1Config, SwigluEpilogue>(pool_map, w1_map, problem, params, num_sms, stream,
-                                                 "fc1_swiglu grouped_gemm_kernel");
+void launch_fc1_swiglu(const LayerView& v, const CUtensorMap& pool_map, const WeightMaps& w1, int cluster_m,
+                       int num_sms, cudaStream_t stream) {
+  if (cluster_m == 2) launch<2>(v, pool_map, w1, num_sms, stream);
+  else launch<1>(v, pool_map, w1, num_sms, stream);
 }
 
 }  // namespace megamoe::kernels

@@ -6,9 +6,9 @@
 namespace megamoe::kernels {
 namespace {
 
-template <int kBlockN>
+template <int kBlockN, int kClusterM>
 struct ScatterEpilogue {
-  using Config = GroupedGemmConfig<kBlockN, kBlockN == 256 ? 4 : 6>;
+  using Config = GroupedGemmConfig<kBlockN, kBlockN == 256 ? 4 : 6, kClusterM>;
   struct Params {
     const int2* pool_source;        // {source rank, t*K+k} per pool row
     PeerPointers symmetric;         // every rank's symmetric arena
@@ -52,22 +52,27 @@ struct ScatterEpilogue {
   }
 };
 
-template <int kBlockN>
-void launch(const LayerView& v, const CUtensorMap& fc1_out_map, const CUtensorMap& w2_map, int num_sms,
-            cudaStream_t stream) {
-  using Epilogue = ScatterEpilogue<kBlockN>;
+template <int kBlockN, int kClusterM>
+void launch(const LayerView& v, const CUtensorMap& fc1_out_map, const WeightMaps& w2, int num_sms, cudaStream_t stream) {
+  using Epilogue = ScatterEpilogue<kBlockN, kClusterM>;
   GroupedProblem problem{v.hidden, v.intermediate, v.experts_per_rank, v.expert_row_offset, v.expert_tile_offset};
   typename Epilogue::Params params{v.pool_source, v.symmetric, v.combine_recv_offset, v.hidden};
-  launch_grouped_gemm<typename Epilogue::Config, Epilogue>(fc1_out_map, w2_map, problem, params, num_sms, stream,
-                                                           "fc2_scatter grouped_gemm_kernel");
+  launch_grouped_gemm<typename Epilogue::Config, Epilogue>(fc1_out_map, w2.for_cluster[kClusterM], problem, params,
+                                                           num_sms, stream, "fc2_scatter grouped_gemm_kernel");
 }
 
 }  // namespace
 
-void launch_fc2_scatter(const LayerView& v, const CUtensorMap& fc1_out_map, const CUtensorMap& w2_map, int num_sms,
-                        cudaStream_t stream) {
-  if (fc2_block_n(v.hidden) == 256) launch<256>(v, fc1_out_map, w2_map, num_sms, stream);
-  else launch<128>(v, fc1_out_map, w2_map, num_sms, stream);
+void launch_fc2_scatter(const LayerView& v, const CUtensorMap& fc1_out_map, const WeightMaps& w2, int cluster_m,
+                        int num_sms, cudaStream_t stream) {
+  const bool wide = fc2_block_n(v.hidden) == 256;
+  if (cluster_m == 2) {
+    if (wide) launch<256, 2>(v, fc1_out_map, w2, num_sms, stream);
+    else launch<128, 2>(v, fc1_out_map, w2, num_sms, stream);
+  } else {
+    if (wide) launch<256, 1>(v, fc1_out_map, w2, num_sms, stream);
+    else launch<128, 1>(v, fc1_out_map, w2, num_sms, stream);
+  }
 }
 
 }  // namespace megamoe::kernels

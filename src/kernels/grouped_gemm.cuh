@@ -4,14 +4,17 @@
 // matrix. Both operands are K-major, so one TMA descriptor each covers every expert: a tile just
 // starts at another row.
 //
-// One persistent CTA per SM, 384 threads, warp-specialised:
-//   warpgroup 0 (producer): one thread streams 128xBK A and BNxBK B tiles into a ring of shared-
-//     memory stages with TMA (128B swizzle), signalling each stage's "full" mbarrier;
+// One persistent CTA per SM, 384 threads, warp-specialised, in clusters of kClusterM CTAs (see
+// gemm_cluster_m in stages.h for when 2 pays):
+//   warpgroup 0 (producer): one thread streams the CTA's 128xBK A tile and its share of the BNxBK
+//     weight tile into a ring of shared-memory stages with TMA (128B swizzle); the weight share is
+//     multicast to every CTA of the cluster, which all work on the same expert and N block (the
+//     cluster's unit is kClusterM * 128 rows), so weights cross L2 once per cluster;
 //   warpgroups 1-2 (consumers): each owns 64 of the tile's 128 rows, issues wgmma (SS, fp32
-//     accumulators) per stage and releases it on the stage's "empty" mbarrier, then runs the
-//     Epilogue on its accumulators while the producer already loads the next tile.
-// Tiles are ordered expert-major, then by N block, then by M block, so the CTAs working at the same
-// time share a weight tile through L2 when an expert has several row tiles.
+//     accumulators) per stage and releases it on the "empty" mbarrier of every CTA of the cluster,
+//     then runs the Epilogue on its accumulators while the producer already loads the next tile.
+// Units are ordered expert-major, then by N block, then by M, so clusters working at the same time
+// share a weight tile through L2 when an expert has several row units.
 #pragma once
 #include <cuda.h>
 
@@ -26,12 +29,13 @@
 
 namespace megamoe::kernels {
 
-template <int kBlockN_, int kStages_>
+template <int kBlockN_, int kStages_, int kClusterM_>
 struct GroupedGemmConfig {
   static constexpr int kBlockM = kGemmBlockM;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kBlockK = kGemmBlockK;
   static constexpr int kStages = kStages_;
+  static constexpr int kClusterM = kClusterM_;
   static constexpr int kThreads = 384;
   static constexpr int kConsumerThreads = 256;
   using Element = cute::bfloat16_t;
@@ -63,7 +67,7 @@ struct GroupedProblem {
 struct TileCoord {
   int expert;
   int row_begin;   // first A row of the tile
-  int rows_valid;  // rows of the tile that belong to the expert (<= kBlockM)
+  int rows_valid;  // rows of the tile that belong to the expert (<= kBlockM; <= 0: none)
   int n_block;
 };
 
@@ -88,45 +92,56 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   using namespace cute;
   using Storage = GroupedGemmSharedStorage<Config, Epilogue>;
   constexpr int BM = Config::kBlockM, BN = Config::kBlockN, BK = Config::kBlockK, kStages = Config::kStages;
+  constexpr int kCluster = Config::kClusterM;
+  constexpr uint32_t kBytesA = BM * BK * sizeof(typename Config::Element);
+  constexpr uint32_t kBytesB = BN * BK * sizeof(typename Config::Element);
 
   extern __shared__ char smem_raw[];
   Storage& smem = *reinterpret_cast<Storage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   // The schedule stays in global memory (L1/L2-resident): a tile's decode reads ~log2(E) entries.
   const int32_t* __restrict__ row_offset = problem.expert_row_offset;
   const int32_t* __restrict__ tile_offset = problem.expert_tile_offset;
+  const int cluster_rank = kCluster > 1 ? int(block_rank_in_cluster()) : 0;
+  const int cluster_id = int(blockIdx.x) / kCluster, num_clusters = int(gridDim.x) / kCluster;
 
   const int E = problem.num_experts;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; s++) {
       cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1);
-      cutlass::arch::ClusterBarrier::init(&smem.empty[s], 2);  // one arrival per consumer warpgroup
+      // A stage is free again once both consumer warpgroups of every CTA in the cluster are done with
+      // it: each CTA's weight half lands in all of them.
+      cutlass::arch::ClusterBarrier::init(&smem.empty[s], 2 * kCluster);
     }
     cutlass::arch::fence_barrier_init();
   }
-  __syncthreads();
+  if constexpr (kCluster > 1) {
+    cluster_arrive_relaxed();  // barriers initialised before any peer multicasts or arrives on them
+    cluster_wait();
+  } else {
+    __syncthreads();
+  }
 
   const int n_blocks = problem.n / BN;
   const int k_blocks = problem.k / BK;
-  const int num_tiles = __ldg(tile_offset + E) * n_blocks;
+  const int num_units = __ldg(tile_offset + E) * n_blocks;  // units: kCluster * BM rows x BN columns
 
-  // Tile index -> (expert, m block, n block). The largest e with tile_offset[e] <= t / n_blocks is
-  // the expert (experts without rows have no tiles and are skipped by the search).
-  auto decode = [&](int tile) {
-    const int m_tile = tile / n_blocks;
+  // Unit index -> this CTA's tile. The largest e with tile_offset[e] <= u / n_blocks is the expert
+  // (experts without rows have no units and are skipped by the search).
+  auto decode = [&](int unit) {
+    const int m_unit = unit / n_blocks;
     int lo = 0, hi = E - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
-      if (__ldg(tile_offset + mid) <= m_tile) lo = mid; else hi = mid - 1;
+      if (__ldg(tile_offset + mid) <= m_unit) lo = mid; else hi = mid - 1;
     }
     const int expert = lo;
-    const int first_tile = __ldg(tile_offset + expert);
-    const int expert_m_tiles = __ldg(tile_offset + expert + 1) - first_tile;
-    const int local = tile - first_tile * n_blocks;
-    const int m_block = local % expert_m_tiles;
+    const int first_unit = __ldg(tile_offset + expert);
+    const int expert_m_units = __ldg(tile_offset + expert + 1) - first_unit;
+    const int local = unit - first_unit * n_blocks;
     TileCoord c;
     c.expert = expert;
-    c.n_block = local / expert_m_tiles;
-    c.row_begin = __ldg(row_offset + expert) + m_block * BM;
+    c.n_block = local / expert_m_units;
+    c.row_begin = __ldg(row_offset + expert) + ((local % expert_m_units) * kCluster + cluster_rank) * BM;
     c.rows_valid = min(BM, __ldg(row_offset + expert + 1) - c.row_begin);
     return c;
   };
@@ -137,67 +152,92 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     if (threadIdx.x == 0) {
       int stage = 0;
       uint32_t phase = 1;  // a fresh "empty" barrier counts as already released once
-      for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-        const TileCoord c = decode(tile);
-        const int b_row = c.expert * problem.n + c.n_block * BN;
+      for (int unit = cluster_id; unit < num_units; unit += num_clusters) {
+        const TileCoord c = decode(unit);
+        // This CTA's share of the weight tile: rows [cluster_rank * BN / kCluster, ...) of it.
+        const int b_row = c.expert * problem.n + c.n_block * BN + cluster_rank * (BN / kCluster);
         for (int kb = 0; kb < k_blocks; kb++) {
           cutlass::arch::ClusterBarrier::wait(&smem.empty[stage], phase);
-          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full[stage], Config::kStageBytes);
+          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full[stage], kBytesA + kBytesB);
           SM90_TMA_LOAD_2D::copy(&tma_a, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_LAST),
                                  smem.a + stage * BM * BK, kb * BK, c.row_begin);
-          SM90_TMA_LOAD_2D::copy(&tma_b, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_FIRST),
-                                 smem.b + stage * BN * BK, kb * BK, b_row);
+          typename Config::Element* b_dst = smem.b + stage * BN * BK + cluster_rank * (BN / kCluster) * BK;
+          if constexpr (kCluster > 1) {
+            SM90_TMA_LOAD_MULTICAST_2D::copy(&tma_b, &smem.full[stage], uint16_t((1 << kCluster) - 1),
+                                             uint64_t(TMA::CacheHintSm90::EVICT_FIRST), b_dst, kb * BK, b_row);
+          } else {
+            SM90_TMA_LOAD_2D::copy(&tma_b, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_FIRST), b_dst,
+                                   kb * BK, b_row);
+          }
           if (++stage == kStages) { stage = 0; phase ^= 1; }
         }
       }
     }
-    return;
-  }
-
-  cutlass::arch::warpgroup_reg_alloc<232>();
-  const int consumer_tid = threadIdx.x - 128;
-  typename Config::TiledMma tiled_mma;
-  auto thread_mma = tiled_mma.get_thread_slice(consumer_tid);
-  Tensor sA = make_tensor(make_smem_ptr(smem.a), typename Config::SmemLayoutA{});  // (BM, BK, stages)
-  Tensor sB = make_tensor(make_smem_ptr(smem.b), typename Config::SmemLayoutB{});  // (BN, BK, stages)
-  Tensor tCsA = thread_mma.partition_A(sA);
-  Tensor tCsB = thread_mma.partition_B(sB);
-  Tensor tCrA = thread_mma.make_fragment_A(tCsA);  // wgmma smem descriptors
-  Tensor tCrB = thread_mma.make_fragment_B(tCsB);
-  Tensor accum = partition_fragment_C(tiled_mma, Shape<Int<BM>, Int<BN>>{});
-  Tensor tile_coords = thread_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
-
-  int stage = 0;
-  uint32_t phase = 0;
-  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
-    const TileCoord c = decode(tile);
-    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
-    int previous_stage = -1;
-    for (int kb = 0; kb < k_blocks; kb++) {
-      cutlass::arch::ClusterTransactionBarrier::wait(&smem.full[stage], phase);
-      warpgroup_fence_operand(accum);
-      warpgroup_arrive();
-      // One wgmma per 16-wide k slice; only the tile's very first slice overwrites the accumulators.
-      CUTE_UNROLL
-      for (int k = 0; k < size<2>(tCrA); k++) {
-        gemm(tiled_mma, tCrA(_, _, k, stage), tCrB(_, _, k, stage), accum);
-        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<232>();
+    const int consumer_tid = threadIdx.x - 128;
+    const bool releases = consumer_tid % 128 == 0;  // one arrival per consumer warpgroup
+    auto release = [&](int s) {
+      if constexpr (kCluster > 1) {
+        for (int peer = 0; peer < kCluster; peer++) cutlass::arch::ClusterBarrier::arrive(&smem.empty[s], peer, releases);
+      } else {
+        if (releases) cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);
       }
-      warpgroup_commit_batch();
-      // Keep one batch of wgmma in flight; the one before it has finished reading its stage.
-      warpgroup_wait<1>();
+    };
+    typename Config::TiledMma tiled_mma;
+    auto thread_mma = tiled_mma.get_thread_slice(consumer_tid);
+    Tensor sA = make_tensor(make_smem_ptr(smem.a), typename Config::SmemLayoutA{});  // (BM, BK, stages)
+    Tensor sB = make_tensor(make_smem_ptr(smem.b), typename Config::SmemLayoutB{});  // (BN, BK, stages)
+    Tensor tCsA = thread_mma.partition_A(sA);
+    Tensor tCsB = thread_mma.partition_B(sB);
+    Tensor tCrA = thread_mma.make_fragment_A(tCsA);  // wgmma smem descriptors
+    Tensor tCrB = thread_mma.make_fragment_B(tCsB);
+    Tensor accum = partition_fragment_C(tiled_mma, Shape<Int<BM>, Int<BN>>{});
+    Tensor tile_coords = thread_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int unit = cluster_id; unit < num_units; unit += num_clusters) {
+      const TileCoord c = decode(unit);
+      // A tile past its expert's rows (the pair's second tile when the expert has one 128-row tile
+      // in this unit) still takes part in the pipeline, but skips the math and the epilogue.
+      const bool has_rows = c.rows_valid > 0;
+      tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+      int previous_stage = -1;
+      for (int kb = 0; kb < k_blocks; kb++) {
+        cutlass::arch::ClusterTransactionBarrier::wait(&smem.full[stage], phase);
+        if (has_rows) {
+          warpgroup_fence_operand(accum);
+          warpgroup_arrive();
+          // One wgmma per 16-wide k slice; only the tile's very first slice overwrites the accumulators.
+          CUTE_UNROLL
+          for (int k = 0; k < size<2>(tCrA); k++) {
+            gemm(tiled_mma, tCrA(_, _, k, stage), tCrB(_, _, k, stage), accum);
+            tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+          }
+          warpgroup_commit_batch();
+          // Keep one batch of wgmma in flight; the one before it has finished reading its stage.
+          warpgroup_wait<1>();
+          warpgroup_fence_operand(accum);
+        }
+        if (previous_stage >= 0) release(previous_stage);
+        previous_stage = stage;
+        if (++stage == kStages) { stage = 0; phase ^= 1; }
+      }
+      warpgroup_wait<0>();
       warpgroup_fence_operand(accum);
-      if (previous_stage >= 0 && consumer_tid % 128 == 0) cutlass::arch::ClusterBarrier::arrive(&smem.empty[previous_stage]);
-      previous_stage = stage;
-      if (++stage == kStages) { stage = 0; phase ^= 1; }
+      if (previous_stage >= 0) release(previous_stage);
+      if (has_rows) Epilogue::apply(epilogue_params, smem.epilogue, accum, tile_coords, c, consumer_tid);
     }
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(accum);
-    if (previous_stage >= 0 && consumer_tid % 128 == 0) cutlass::arch::ClusterBarrier::arrive(&smem.empty[previous_stage]);
-    Epilogue::apply(epilogue_params, smem.epilogue, accum, tile_coords, c, consumer_tid);
+    // Epilogues may store to peers; the barrier that follows the kernel publishes them system-wide.
+    __threadfence_system();
   }
-  // Epilogues may store to peers; the barrier that follows the kernel publishes them system-wide.
-  __threadfence_system();
+  // No CTA may leave while its cluster peer can still multicast into its shared memory or arrive on
+  // its barriers.
+  if constexpr (kCluster > 1) {
+    cluster_arrive_relaxed();
+    cluster_wait();
+  }
 }
 
 // Named barrier among the 256 consumer threads (id 1; id 0 is __syncthreads).
@@ -220,10 +260,24 @@ void launch_grouped_gemm(const CUtensorMap& tma_a, const CUtensorMap& tma_b, con
   static_assert(smem <= 227 * 1024, "grouped GEMM shared memory exceeds the 227 KiB an H100 block may use");
   static const bool configured = [&] {  // once per instantiation (and per process: one device per rank)
     MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    if constexpr (Config::kClusterM > 1)
+      MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 0));
     return true;
   }();
   (void)configured;
-  kernel<<<num_sms, Config::kThreads, smem, stream>>>(tma_a, tma_b, problem, params);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(num_sms / Config::kClusterM * Config::kClusterM));
+  config.blockDim = dim3(Config::kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = Config::kClusterM;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  MEGAMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, tma_a, tma_b, problem, params));
   ::megamoe::detail::check_launch(name);
 }
 

@@ -44,7 +44,7 @@ struct LayerView {
   __nv_bfloat16* token_pool;    // [pool_rows, H]
   int2* pool_source;            // [pool_rows]
   int32_t* expert_row_offset;   // [E_local+1]
-  int32_t* expert_tile_offset;  // [E_local+1]
+  int32_t* expert_tile_offset;  // [E_local+1], in GEMM schedule units (schedule_rows)
   __nv_bfloat16* fc1_out;       // [pool_rows, I]
   DeviceStatus* status;
 

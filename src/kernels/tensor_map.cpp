@@ -41,4 +41,10 @@ CUtensorMap make_bf16_tensor_map(const void* base, uint64_t rows, uint64_t cols,
   return map;
 }
 
+WeightMaps make_weight_maps(const void* base, uint64_t rows, uint64_t cols, int block_n) {
+  WeightMaps maps{};
+  for (int cluster_m : {1, 2}) maps.for_cluster[cluster_m] = make_bf16_tensor_map(base, rows, cols, weight_box_rows(block_n, cluster_m));
+  return maps;
+}
+
 }  // namespace megamoe::kernels

@@ -85,10 +85,11 @@ struct Layer::Impl {
     const size_t El = size_t(s.experts_per_rank()), H = size_t(s.hidden), I = size_t(s.intermediate);
     MEGAMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&w1_interleaved), El * 2 * I * H * 2));
     MEGAMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&w2), El * H * I * 2));
-    w1_map = kernels::make_bf16_tensor_map(w1_interleaved, El * 2 * I, H, kernels::kFc1BlockN);
-    w2_map = kernels::make_bf16_tensor_map(w2, El * H, I, uint32_t(kernels::fc2_block_n(s.hidden)));
+    w1_maps = kernels::make_weight_maps(w1_interleaved, El * 2 * I, H, kernels::kFc1BlockN);
+    w2_maps = kernels::make_weight_maps(w2, El * H, I, kernels::fc2_block_n(s.hidden));
     expert_loaded.assign(El, false);
     stage_timing = o.stage_timing;
+    forced_cluster_m = o.gemm_cluster_m;
     if (stage_timing) {
       stage_events.resize(8);
       for (auto& e : stage_events) MEGAMOE_CUDA_CHECK(cudaEventCreate(&e));
@@ -126,11 +127,15 @@ struct Layer::Impl {
     stage_done();
     launch_device_barrier(barrier, kDispatchBarrier, stream);
     stage_done();
-    kernels::launch_dispatch_pull(v, num_sms, stream);
+    // Pair CTAs in the GEMMs when experts can be expected to get more than one 128-row tile
+    // (uniform routing; with a device-side count, the capacity is what is known).
+    const double expected_rows = double(launch_tokens) * v.top_k * v.world_size / v.num_experts;
+    const int cluster_m = forced_cluster_m ? forced_cluster_m : kernels::gemm_cluster_m(expected_rows);
+    kernels::launch_dispatch_pull(v, num_sms, cluster_m, stream);
     stage_done();
-    kernels::launch_fc1_swiglu(v, pool_map, w1_map, num_sms, stream);
+    kernels::launch_fc1_swiglu(v, pool_map, w1_maps, cluster_m, num_sms, stream);
     stage_done();
-    kernels::launch_fc2_scatter(v, fc1_out_map, w2_map, num_sms, stream);
+    kernels::launch_fc2_scatter(v, fc1_out_map, w2_maps, cluster_m, num_sms, stream);
     // The counters are reset after their last reader (FC2) and before the combine barrier: no peer
     // can start the next forward's claims on this rank until this rank has passed that barrier.
     workspace.reset_counters(stream);
@@ -164,17 +169,21 @@ struct Layer::Impl {
   Workspace workspace;
   int device = 0, num_sms = 0;
   DeviceBarrierView barrier{};
-  CUtensorMap pool_map{}, fc1_out_map{}, w1_map{}, w2_map{};
+  CUtensorMap pool_map{}, fc1_out_map{};
+  kernels::WeightMaps w1_maps{}, w2_maps{};
   __nv_bfloat16* w1_interleaved = nullptr;
   __nv_bfloat16* w2 = nullptr;
   std::vector<bool> expert_loaded;
   bool weights_loaded = false;
   bool stage_timing = false;
+  int forced_cluster_m = 0;
   std::vector<cudaEvent_t> stage_events;  // 8 marks around the 7 stages
 };
 
 Layer::Layer(const MoeShape& shape, Communicator& comm, const LayerOptions& options) {
   validate(shape);
+  if (options.gemm_cluster_m < 0 || options.gemm_cluster_m > 2)
+    throw InvalidArgument("options.gemm_cluster_m = " + std::to_string(options.gemm_cluster_m) + ": must be 0 (auto), 1 or 2");
   if (shape.weight_format != WeightFormat::kBf16)
     throw InvalidArgument("shape.weight_format = " + std::string(to_string(shape.weight_format)) +
                           ": this Layer supports bf16 only (fp8 weights are not implemented yet)");

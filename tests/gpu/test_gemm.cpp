@@ -1,5 +1,6 @@
 // The grouped GEMMs on their own (one GPU per rank, no communication): FC1 + SwiGLU and FC2 against a
-// CPU loop, for expert row counts that hit every tile boundary (0, 1, 127, 128, 129, 300 rows).
+// CPU loop, for expert row counts that hit every tile boundary (0, 1, 127, 128, 129, 300 rows), with
+// single CTAs and with CTA pairs sharing weight tiles.
 #include <cmath>
 
 #include "gpu/gpu_test.h"
@@ -16,15 +17,16 @@ struct GemmCase {
   float swiglu_limit;
 };
 
-void run_case(const GemmCase& gc, uint64_t seed) {
+void run_case(const GemmCase& gc, int cluster_m, uint64_t seed) {
   const int H = gc.hidden, I = gc.intermediate, E = int(gc.rows_per_expert.size());
+  const int unit_rows = kernels::schedule_rows(cluster_m);
   std::vector<int32_t> row_offset(size_t(E) + 1, 0), tile_offset(size_t(E) + 1, 0);
   for (int e = 0; e < E; e++) {
     row_offset[size_t(e) + 1] = row_offset[size_t(e)] + gc.rows_per_expert[size_t(e)];
-    tile_offset[size_t(e) + 1] = tile_offset[size_t(e)] + (gc.rows_per_expert[size_t(e)] + 127) / 128;
+    tile_offset[size_t(e) + 1] = tile_offset[size_t(e)] + (gc.rows_per_expert[size_t(e)] + unit_rows - 1) / unit_rows;
   }
   const int rows = row_offset[size_t(E)];
-  const int pool_rows = rows + 64;  // spare rows: tiles read past the last expert
+  const int pool_rows = rows + 64;  // spare rows: tiles read past the last expert (and past the pool: TMA fills 0)
 
   SeededRandom rng(seed);
   auto random_bf16 = [&](size_t n, float scale) {
@@ -70,11 +72,11 @@ void run_case(const GemmCase& gc, uint64_t seed) {
   kernels::launch_interleave_gate_up(reinterpret_cast<const __nv_bfloat16*>(d_w1.get()),
                                      reinterpret_cast<__nv_bfloat16*>(d_w1i.get()), E, I, H, nullptr);
   const CUtensorMap pool_map = kernels::make_bf16_tensor_map(d_pool.get(), uint64_t(pool_rows), uint64_t(H), 128);
-  const CUtensorMap w1_map = kernels::make_bf16_tensor_map(d_w1i.get(), uint64_t(E) * 2 * I, uint64_t(H), kernels::kFc1BlockN);
+  const kernels::WeightMaps w1_maps = kernels::make_weight_maps(d_w1i.get(), uint64_t(E) * 2 * I, uint64_t(H), kernels::kFc1BlockN);
   const CUtensorMap fc1_map = kernels::make_bf16_tensor_map(d_fc1.get(), uint64_t(pool_rows), uint64_t(I), 128);
-  const CUtensorMap w2_map = kernels::make_bf16_tensor_map(d_w2.get(), uint64_t(E) * H, uint64_t(I), uint32_t(kernels::fc2_block_n(H)));
-  kernels::launch_fc1_swiglu(v, pool_map, w1_map, sms, nullptr);
-  kernels::launch_fc2_scatter(v, fc1_map, w2_map, sms, nullptr);
+  const kernels::WeightMaps w2_maps = kernels::make_weight_maps(d_w2.get(), uint64_t(E) * H, uint64_t(I), kernels::fc2_block_n(H));
+  kernels::launch_fc1_swiglu(v, pool_map, w1_maps, cluster_m, sms, nullptr);
+  kernels::launch_fc2_scatter(v, fc1_map, w2_maps, cluster_m, sms, nullptr);
   MEGAMOE_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<bf16_t> fc1 = d_fc1.download(), out = d_out.download();
   cudaFree(status);
@@ -114,8 +116,8 @@ void run_case(const GemmCase& gc, uint64_t seed) {
       }
     }
   const double fc1_rel = std::sqrt(h_err / std::max(h_norm, 1e-30)), fc2_rel = std::sqrt(o_err / std::max(o_norm, 1e-30));
-  std::printf("H=%d I=%d experts=%d rows=%d limit=%g: FC1+SwiGLU rel err %.2e, FC2 rel err %.2e\n", H, I, E, rows,
-              gc.swiglu_limit, fc1_rel, fc2_rel);
+  std::printf("H=%d I=%d experts=%d rows=%d limit=%g cluster=%d: FC1+SwiGLU rel err %.2e, FC2 rel err %.2e\n", H, I,
+              E, rows, gc.swiglu_limit, cluster_m, fc1_rel, fc2_rel);
   EXPECT_FALSE(nan_found) << "an output row the GEMM should have written still holds the poison";
   EXPECT_LT(fc1_rel, 1e-2);
   EXPECT_LT(fc2_rel, 1e-2);
@@ -123,24 +125,24 @@ void run_case(const GemmCase& gc, uint64_t seed) {
 
 TEST(GroupedGemm, TileBoundaries) {
   MEGAMOE_REQUIRE_GPU();
-  run_case({256, 128, {0, 1, 127, 128, 129, 300, 0}, 0.0f}, shared_random_seed());
+  for (int cluster_m : {1, 2}) run_case({256, 128, {0, 1, 127, 128, 129, 300, 0}, 0.0f}, cluster_m, shared_random_seed());
 }
 
 TEST(GroupedGemm, SwigluClampAndLongK) {
   MEGAMOE_REQUIRE_GPU();
-  run_case({1024, 512, {200, 0, 64, 257}, 0.3f}, shared_random_seed());
+  for (int cluster_m : {1, 2}) run_case({1024, 512, {200, 0, 64, 257}, 0.3f}, cluster_m, shared_random_seed());
 }
 
 TEST(GroupedGemm, HiddenNotAMultipleOf256) {
   MEGAMOE_REQUIRE_GPU();
-  run_case({384, 384, {5, 130, 0, 260}, 0.0f}, shared_random_seed());
+  for (int cluster_m : {1, 2}) run_case({384, 384, {5, 130, 0, 260}, 0.0f}, cluster_m, shared_random_seed());
 }
 
 TEST(GroupedGemm, ManyExperts) {
   MEGAMOE_REQUIRE_GPU();
   std::vector<int> rows(96);
   for (size_t e = 0; e < rows.size(); e++) rows[e] = int((e * 37) % 23);
-  run_case({512, 256, rows, 0.0f}, shared_random_seed());
+  for (int cluster_m : {1, 2}) run_case({512, 256, rows, 0.0f}, cluster_m, shared_random_seed());
 }
 
 }  // namespace

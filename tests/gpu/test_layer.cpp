@@ -35,8 +35,8 @@ struct Inputs {
 
 class LayerHarness {
  public:
-  LayerHarness(const MoeShape& shape, uint64_t seed)
-      : shape_(shape), weights_(make_random_weights(shape, seed)), layer_(shape, comm()) {
+  LayerHarness(const MoeShape& shape, uint64_t seed, const LayerOptions& options = {})
+      : shape_(shape), weights_(make_random_weights(shape, seed)), layer_(shape, comm(), options) {
     const size_t El = size_t(shape.experts_per_rank()), H = size_t(shape.hidden), I = size_t(shape.intermediate);
     const size_t first = size_t(comm().rank()) * El;
     DeviceBuffer<bf16_t> w1(std::vector<bf16_t>(weights_.w1.begin() + long(first * 2 * I * H),
@@ -113,22 +113,28 @@ int64_t tokens_for_rank(uint64_t seed, int64_t max_tokens) {
   return 1 + rng.uniform_index(max_tokens);
 }
 
+// Each routing pattern twice, with the GEMM pairing the layer picks and with CTA pairs forced.
 void every_routing(const MoeShape& shape, const char* name) {
-  const uint64_t seed = shared_random_seed();
-  LayerHarness h(shape, seed);
-  double worst = 0;
-  for (RoutingKind kind : all_routing_kinds())
-    for (uint64_t c = 0; c < 2; c++) {
-      const uint64_t case_seed = seed + 17 * c + uint64_t(kind) * 101;
-      Inputs in = h.make_inputs(kind, tokens_for_rank(case_seed, shape.max_tokens_per_rank), case_seed);
-      h.forward(in);
-      const double err =
-          h.expect_matches_reference(in, std::string(name) + " routing " + std::string(to_string(kind)));
-      std::printf("%s %-9s T=%4lld rel err %.2e\n", name, std::string(to_string(kind)).c_str(),
-                  (long long)in.host.num_tokens, err);
-      worst = std::max(worst, err);
-    }
-  std::printf("%s: worst rel err over all routings %.2e (seed %llu)\n", name, worst, (unsigned long long)seed);
+  for (int cluster_m : {0, 2}) {
+    const uint64_t seed = shared_random_seed();
+    LayerOptions options;
+    options.gemm_cluster_m = cluster_m;
+    LayerHarness h(shape, seed, options);
+    double worst = 0;
+    for (RoutingKind kind : all_routing_kinds())
+      for (uint64_t c = 0; c < 2; c++) {
+        const uint64_t case_seed = seed + 17 * c + uint64_t(kind) * 101;
+        Inputs in = h.make_inputs(kind, tokens_for_rank(case_seed, shape.max_tokens_per_rank), case_seed);
+        h.forward(in);
+        const double err =
+            h.expect_matches_reference(in, std::string(name) + " routing " + std::string(to_string(kind)));
+        std::printf("%s %-9s T=%4lld rel err %.2e\n", name, std::string(to_string(kind)).c_str(),
+                    (long long)in.host.num_tokens, err);
+        worst = std::max(worst, err);
+      }
+    std::printf("%s, gemm_cluster_m %d: worst rel err over all routings %.2e (seed %llu)\n", name, cluster_m, worst,
+                (unsigned long long)seed);
+  }
 }
 
 TEST(Layer, TinyEveryRouting) {
@@ -174,7 +180,8 @@ TEST(Layer, DeterministicAndGraphReplayBitIdentical) {
     MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(s));
     h.layer().check_errors();
     const std::vector<bf16_t> replayed = h.output(in);
-    EXPECT_EQ(0, std::memcmp(eager.data(), replayed.data(), eager.size() * 2)) << "replay " << replay << " differs from eager";
+    EXPECT_EQ(0, std::memcmp(eager.data(), replayed.data(), eager.size() * 2))
+        << "replay " << replay << " differs from eager";
   }
   // New inputs in the same buffers, same graph.
   Inputs fresh = h.make_inputs(RoutingKind::kSkewed, in.host.num_tokens, seed + 1);
@@ -273,22 +280,29 @@ TEST(Layer, BadArgumentsAreRejectedBeforeLaunch) {
   Inputs in = h.make_inputs(RoutingKind::kUniform, 32, seed);
   Layer& l = h.layer();
   using ::testing::HasSubstr;
-  EXPECT_THAT(invalid_argument_message([&] { l.forward(in.x.get(), in.ids.get(), in.weights.get(), in.y.get(), 65, nullptr); }),
-              HasSubstr("num_tokens = 65: must be in [0, max_tokens_per_rank = 64]"));
-  EXPECT_THAT(invalid_argument_message([&] { l.forward(in.x.get(), in.ids.get(), in.weights.get(), in.y.get(), -1, nullptr); }),
-              HasSubstr("num_tokens = -1"));
-  EXPECT_THAT(invalid_argument_message([&] { l.forward(nullptr, in.ids.get(), in.weights.get(), in.y.get(), 32, nullptr); }),
-              HasSubstr("x: null pointer"));
-  EXPECT_THAT(invalid_argument_message([&] { l.forward(in.x.get(), nullptr, in.weights.get(), in.y.get(), 32, nullptr); }),
-              HasSubstr("topk_ids: null pointer"));
+  EXPECT_THAT(
+      invalid_argument_message([&] { l.forward(in.x.get(), in.ids.get(), in.weights.get(), in.y.get(), 65, nullptr); }),
+      HasSubstr("num_tokens = 65: must be in [0, max_tokens_per_rank = 64]"));
+  EXPECT_THAT(
+      invalid_argument_message([&] { l.forward(in.x.get(), in.ids.get(), in.weights.get(), in.y.get(), -1, nullptr); }),
+      HasSubstr("num_tokens = -1"));
+  EXPECT_THAT(
+      invalid_argument_message([&] { l.forward(nullptr, in.ids.get(), in.weights.get(), in.y.get(), 32, nullptr); }),
+      HasSubstr("x: null pointer"));
+  EXPECT_THAT(
+      invalid_argument_message([&] { l.forward(in.x.get(), nullptr, in.weights.get(), in.y.get(), 32, nullptr); }),
+      HasSubstr("topk_ids: null pointer"));
   DeviceBuffer<bf16_t> small_y(10 * 256);
-  EXPECT_THAT(invalid_argument_message([&] { l.forward(in.x.get(), in.ids.get(), in.weights.get(), small_y.get(), 32, nullptr); }),
+  EXPECT_THAT(invalid_argument_message(
+                  [&] { l.forward(in.x.get(), in.ids.get(), in.weights.get(), small_y.get(), 32, nullptr); }),
               HasSubstr("y: its allocation holds 5120 bytes"));
   std::vector<bf16_t> host_x(64 * 256);
-  EXPECT_THAT(invalid_argument_message([&] { l.forward(host_x.data(), in.ids.get(), in.weights.get(), in.y.get(), 32, nullptr); }),
+  EXPECT_THAT(invalid_argument_message(
+                  [&] { l.forward(host_x.data(), in.ids.get(), in.weights.get(), in.y.get(), 32, nullptr); }),
               HasSubstr("x: must point to device memory"));
   EXPECT_THAT(invalid_argument_message([&] {
-                l.forward(reinterpret_cast<char*>(in.x.get()) + 2, in.ids.get(), in.weights.get(), in.y.get(), 8, nullptr);
+                l.forward(reinterpret_cast<char*>(in.x.get()) + 2, in.ids.get(), in.weights.get(), in.y.get(), 8,
+                          nullptr);
               }),
               HasSubstr("x: must be 16-byte aligned"));
   MoeShape wrong_ep = shape;
@@ -325,7 +339,8 @@ TEST(Layer, BadExpertIdIsReportedAndTheLayerKeepsWorking) {
     message = e.what();
   }
   if (comm().rank() == 0) {
-    EXPECT_THAT(message, ::testing::HasSubstr("rank 0: topk_ids[3, 1] = " + std::to_string(bad_id) + " is not an expert id"));
+    EXPECT_THAT(message,
+                ::testing::HasSubstr("rank 0: topk_ids[3, 1] = " + std::to_string(bad_id) + " is not an expert id"));
   } else {
     EXPECT_EQ(message, "");
   }
