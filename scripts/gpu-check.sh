@@ -51,10 +51,10 @@ for s in $steps; do
         step selftest 60 bash -c "! $BIN/megamoe selftest --gpus $GPUS --skip-barrier-rank $((GPUS - 1)) --timeout 2 && grep -q 'waiting for rank $((GPUS - 1))' '$OUT/selftest.log'"
       fi ;;
     comm) step comm 120 "$BIN/megamoe" bench --comm --gpus "$GPUS" ;;
-    bench) step bench 600 "$BIN/megamoe" bench --gpus "$GPUS" --preset "$PRESETS" --tokens "$TOKENS" --iters "$ITERS" --json "$OUT/bench.jsonl" ;;
+    bench) step bench 400 "$BIN/megamoe" bench --gpus "$GPUS" --preset "$PRESETS" --tokens "$TOKENS" --iters "$ITERS" --stages --json "$OUT/bench.jsonl" ;;
     naive)
       for p in ${PRESETS//,/ }; do
-        step "naive-$p" 400 torchrun --standalone --nproc_per_node "$GPUS" bench/naive_ep.py --preset "$p" --tokens "$TOKENS" --json "$OUT/bench.jsonl"
+        step "naive-$p" 200 python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" bench/naive_ep.py --preset "$p" --tokens "$TOKENS" --json "$OUT/bench.jsonl"
       done ;;
     compare) step compare 30 python3 bench/compare.py "$OUT/bench.jsonl" ;;
     *) echo "unknown step $s"; exit 2 ;;
