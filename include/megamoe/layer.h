@@ -67,7 +67,7 @@ class Layer {
   // Stage-by-stage device time of the last eager forward, when LayerOptions::stage_timing is on
   // (events between stages; not recorded while a graph is being captured).
   struct StageTimes {
-    float dispatch_claim_ms, dispatch_barrier_ms, dispatch_pull_ms, fc1_ms, fc2_ms, combine_barrier_ms, combine_ms;
+    float dispatch_claim_ms, dispatch_barrier_ms, dispatch_schedule_ms, fc1_ms, fc2_ms, combine_barrier_ms, combine_ms;
   };
   StageTimes last_stage_times() const;
 

@@ -23,6 +23,7 @@ enum class Region : int {
   kExpertRecvCount,    // int32 [E_local]: (token,k) rows claimed per local expert by all sources
   kSendPairCount,      // int32 [W]: this rank's cursor into each destination's pair list
   kDispatchDoneCtas,   // int32 [1]: dispatch CTAs finished (the last one publishes the pair counts)
+  kExpertArrivedRows,  // int32 [E_local]: pool rows copied in per local expert (FC1 waits on these)
   // --- symmetric, bulk or persistent
   kBarrierFlags,       // uint64 [W]: epoch each peer last reached in the device barrier (never reset)
   kSourcePairCount,    // int32 [W]: pairs each source rank listed in kRecvPairs this forward
@@ -96,7 +97,7 @@ struct DeviceStatus {
   int32_t timed_out_barrier;   // kBarrierTimeout: BarrierId
   int32_t waited_for_rank;     // kBarrierTimeout: the first peer that had not arrived
   int32_t aborted;             // set on a timeout: later barrier waits return at once
-  int32_t reserved0;
+  int32_t waited_for_expert;   // kRowArrivalTimeout: the local expert whose rows never all arrived
   uint64_t barrier_epoch;      // device barrier: barriers this rank has completed (never reset)
   uint64_t reserved[4];
 };
@@ -106,6 +107,7 @@ enum DeviceErrorCode : int32_t {
   kBadExpertId = 1,       // a topk id outside [-1, E); the pair was dropped, the rest is correct
   kBadTokenCount = 2,     // a device-side token count outside [0, max_tokens_per_rank]; treated as 0
   kBarrierTimeout = 4,    // a peer did not arrive in time; outputs are garbage, the layer is dead
+  kRowArrivalTimeout = 8, // FC1 waited too long for an expert's rows; outputs are garbage, the layer is dead
 };
 
 enum BarrierId : int32_t { kDispatchBarrier = 0, kCombineBarrier = 1, kTestBarrier = 2, kBenchBarrier = 3 };

@@ -157,7 +157,7 @@ int bench_layer(Communicator& comm, const Args& a) {
         for (int i = 0; i < 7; i++) worst[i] = comm.all_reduce_max(1e3 * f[i]);
         char buf[256];
         std::snprintf(buf, sizeof buf,
-                      "%8s   eager, us per stage: claim %.1f | barrier %.1f | pull %.1f | fc1 %.1f | fc2 %.1f | "
+                      "%8s   eager, us per stage: claim %.1f | barrier %.1f | schedule %.1f | fc1+pull %.1f | fc2 %.1f | "
                       "barrier %.1f | combine %.1f\n",
                       "", worst[0], worst[1], worst[2], worst[3], worst[4], worst[5], worst[6]);
         stage_line = buf;

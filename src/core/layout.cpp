@@ -17,6 +17,7 @@ constexpr std::array<RegionSpec, kNumRegions> kTable = {{
     {Region::kExpertRecvCount, "expert_recv_count", Arena::kSymmetric, "int32", "E/W", kCounterAlign, true},
     {Region::kSendPairCount, "send_pair_count", Arena::kSymmetric, "int32", "W", kCounterAlign, true},
     {Region::kDispatchDoneCtas, "dispatch_done_ctas", Arena::kSymmetric, "int32", "1", kCounterAlign, true},
+    {Region::kExpertArrivedRows, "expert_arrived_rows", Arena::kSymmetric, "int32", "E/W", kCounterAlign, true},
     {Region::kBarrierFlags, "barrier_flags", Arena::kSymmetric, "uint64", "W", 128, false},
     {Region::kSourcePairCount, "source_pair_count", Arena::kSymmetric, "int32", "W", 128, false},
     {Region::kRecvPairs, "recv_pairs", Arena::kSymmetric, "int4", "W*Tmax*K", kBulkAlign, false},
@@ -46,6 +47,7 @@ void size_region(const MoeShape& s, Region r, size_t& element_bytes, size_t& cou
     case Region::kExpertRecvCount: element_bytes = 4; count = El; return;
     case Region::kSendPairCount: element_bytes = 4; count = W; return;
     case Region::kDispatchDoneCtas: element_bytes = 4; count = 1; return;
+    case Region::kExpertArrivedRows: element_bytes = 4; count = El; return;
     case Region::kBarrierFlags: element_bytes = 8; count = W; return;
     case Region::kSourcePairCount: element_bytes = 4; count = W; return;
     case Region::kRecvPairs: element_bytes = 16; count = W * T * K; return;

@@ -7,9 +7,10 @@
 //     do not depend on it, since every row is computed on its own);
 //   - writes a record {e_local, slot, t*K+k} for each pair into the owner's recv_pairs list for this
 //     source; the last CTA to finish publishes the list lengths in the owners' source_pair_count.
-// dispatch_pull (on the expert owner, after the barrier)
+// dispatch_schedule (on the expert owner, after the barrier)
 //   - lays the local experts out contiguously in the token pool (prefix sum of the counts; also the
-//     GEMMs' tile schedule) and copies every listed row from its source's staging area over NVLink.
+//     GEMMs' tile schedule) and records each pool row's source; FC1's producer warps then copy the
+//     rows from the sources' staging areas over NVLink while FC1's tensor cores already run.
 #include "kernels/device_utils.cuh"
 #include "kernels/stages.h"
 #include "runtime/cuda_check.h"
@@ -20,9 +21,7 @@ namespace {
 constexpr int kClaimThreads = 256;
 constexpr int kClaimTokensPerCta = 64;
 constexpr int kClaimPairsPerThread = kClaimTokensPerCta * int(kMaxTopK) / kClaimThreads;
-constexpr int kPullThreads = 512;
-constexpr int kPullWarps = kPullThreads / 32;
-constexpr int kPullVectorsInFlight = 8;  // 16-byte loads per lane issued before their stores
+constexpr int kScheduleThreads = 512;
 
 __device__ __forceinline__ int32_t* peer_int32(const LayerView& v, int peer, uint64_t offset) {
   return reinterpret_cast<int32_t*>(v.symmetric.base[peer] + offset);
@@ -148,58 +147,43 @@ __device__ void warp_exclusive_scan(const int32_t* in, int n, int32_t* out, int3
   }
 }
 
-__global__ void __launch_bounds__(kPullThreads) dispatch_pull_kernel(LayerView v, int schedule_unit_rows) {
-  extern __shared__ int32_t pull_smem[];
+// After the dispatch barrier: lay the local experts out in the pool (prefix sum of the counts, also
+// the GEMMs' schedule) and record for every pool row where its token comes from. The rows themselves
+// are copied in by FC1's producer warps (fc1_swiglu.cu), in pool order, while FC1 already runs.
+__global__ void __launch_bounds__(kScheduleThreads) dispatch_schedule_kernel(LayerView v, int schedule_unit_rows) {
+  extern __shared__ int32_t schedule_smem[];
   const int El = v.experts_per_rank, W = v.world_size;
-  int32_t* expert_counts = pull_smem;             // [El]
+  int32_t* expert_counts = schedule_smem;         // [El]
   int32_t* row_offset = expert_counts + El;       // [El+1]
   int32_t* tile_offset = row_offset + El + 1;     // [El+1]
   int32_t* source_counts = tile_offset + El + 1;  // [W]
   int32_t* source_offset = source_counts + W;     // [W+1]
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
 
-  for (int i = threadIdx.x; i < El; i += kPullThreads) expert_counts[i] = v.expert_recv_count[i];
-  for (int i = threadIdx.x; i < W; i += kPullThreads) source_counts[i] = v.source_pair_count[i];
+  for (int i = threadIdx.x; i < El; i += kScheduleThreads) expert_counts[i] = v.expert_recv_count[i];
+  for (int i = threadIdx.x; i < W; i += kScheduleThreads) source_counts[i] = v.source_pair_count[i];
   __syncthreads();
   if (warp == 0) warp_exclusive_scan(expert_counts, El, row_offset, tile_offset, schedule_unit_rows);
   if (warp == 1) warp_exclusive_scan(source_counts, W, source_offset, nullptr, 1);
   __syncthreads();
   if (blockIdx.x == 0)
-    for (int i = threadIdx.x; i <= El; i += kPullThreads) {
+    for (int i = threadIdx.x; i <= El; i += kScheduleThreads) {
       v.expert_row_offset[i] = row_offset[i];
       v.expert_tile_offset[i] = tile_offset[i];
     }
 
   const int total_pairs = source_offset[W];
-  const int row_vectors = v.hidden / 8;
   const size_t list_capacity = size_t(v.max_tokens) * v.top_k;
-  for (int p = blockIdx.x * kPullWarps + warp; p < total_pairs; p += gridDim.x * kPullWarps) {
+  for (int p = blockIdx.x * kScheduleThreads + threadIdx.x; p < total_pairs; p += gridDim.x * kScheduleThreads) {
     int src = 0;
     while (src + 1 < W && source_offset[src + 1] <= p) src++;
     const int4 rec = v.recv_pairs[size_t(src) * list_capacity + (p - source_offset[src])];
     const int expert = rec.x, slot = rec.y, pair = rec.z;
-    const int token = pair / v.top_k;
     // Records come from our own claim kernels; the checks only keep a corrupted one from writing
     // outside the pool.
-    if (expert < 0 || expert >= El || slot < 0 || slot >= expert_counts[expert] || token >= v.max_tokens) continue;
-    const int row = row_offset[expert] + slot;
-    const int4* from =
-        reinterpret_cast<const int4*>(v.symmetric.base[src] + v.token_staging_offset) + size_t(token) * row_vectors;
-    int4* to = reinterpret_cast<int4*>(v.token_pool) + size_t(row) * row_vectors;
-    for (int c0 = 0; c0 < row_vectors; c0 += 32 * kPullVectorsInFlight) {
-      int4 buf[kPullVectorsInFlight];
-#pragma unroll
-      for (int u = 0; u < kPullVectorsInFlight; u++) {
-        const int c = c0 + u * 32 + lane;
-        if (c < row_vectors) buf[u] = from[c];
-      }
-#pragma unroll
-      for (int u = 0; u < kPullVectorsInFlight; u++) {
-        const int c = c0 + u * 32 + lane;
-        if (c < row_vectors) to[c] = buf[u];
-      }
-    }
-    if (lane == 0) v.pool_source[row] = make_int2(src, pair);
+    if (expert < 0 || expert >= El || slot < 0 || slot >= expert_counts[expert] || pair / v.top_k >= v.max_tokens)
+      continue;
+    v.pool_source[row_offset[expert] + slot] = make_int2(src, pair);
   }
 }
 
@@ -213,10 +197,10 @@ void launch_dispatch_claim(const LayerView& v, const __nv_bfloat16* x, const int
   detail::check_launch("dispatch_claim_kernel");
 }
 
-void launch_dispatch_pull(const LayerView& v, int num_sms, int cluster_m, cudaStream_t stream) {
+void launch_dispatch_schedule(const LayerView& v, int num_sms, int cluster_m, cudaStream_t stream) {
   const size_t smem = sizeof(int32_t) * (3 * size_t(v.experts_per_rank) + 2 + 2 * size_t(v.world_size) + 1);
-  dispatch_pull_kernel<<<2 * num_sms, kPullThreads, smem, stream>>>(v, schedule_rows(cluster_m));
-  detail::check_launch("dispatch_pull_kernel");
+  dispatch_schedule_kernel<<<num_sms, kScheduleThreads, smem, stream>>>(v, schedule_rows(cluster_m));
+  detail::check_launch("dispatch_schedule_kernel");
 }
 
 }  // namespace megamoe::kernels

@@ -6,7 +6,8 @@
 //
 // One persistent CTA per SM, 384 threads, warp-specialised, in clusters of kClusterM CTAs (see
 // gemm_cluster_m in stages.h for when 2 pays):
-//   warpgroup 0 (producer): one thread streams the CTA's 128xBK A tile and its share of the BNxBK
+//   warpgroup 0 (producer): warps 1-3 run the Feed (FC1: copy the pool rows in over NVLink);
+//     one thread of warp 0 streams the CTA's 128xBK A tile and its share of the BNxBK
 //     weight tile into a ring of shared-memory stages with TMA (128B swizzle); the weight share is
 //     multicast to every CTA of the cluster, which all work on the same expert and N block (the
 //     cluster's unit is kClusterM * 128 rows), so weights cross L2 once per cluster;
@@ -54,7 +55,7 @@ struct GroupedGemmConfig {
   static_assert(kBlockN == 128 || kBlockN == 256);
 };
 
-// Where each local expert's rows and tiles start (written by dispatch_pull).
+// Where each local expert's rows and tiles start (written by dispatch_schedule).
 struct GroupedProblem {
   int32_t n;                         // B rows per expert (output columns)
   int32_t k;                         // reduction length (multiple of kBlockK)
@@ -62,6 +63,16 @@ struct GroupedProblem {
   const int32_t* expert_row_offset;  // [num_experts + 1]
   const int32_t* expert_tile_offset; // [num_experts + 1], in kBlockM-row tiles
 };
+
+// What feeds the A operand besides TMA. NoFeed: A is already in memory (FC2). A Feed runs on warps
+// 1-3 of the producer warpgroup (copy_rows(params, worker, workers)) and makes the TMA thread wait
+// until an expert's rows are in (wait_rows(params, expert)); see fc1_swiglu.cu.
+struct NoFeed {
+  struct Params {};
+  __device__ static void copy_rows(const Params&, int, int) {}
+  __device__ static void wait_rows(const Params&, int) {}
+};
+inline constexpr int kFeedWarpsPerCta = 3;
 
 // One output tile as the epilogue sees it.
 struct TileCoord {
@@ -85,10 +96,11 @@ constexpr size_t grouped_gemm_smem_bytes() {
   return sizeof(GroupedGemmSharedStorage<Config, Epilogue>) + 1024;  // slack to align the dynamic base to 1 KiB
 }
 
-template <class Config, class Epilogue>
+template <class Config, class Epilogue, class Feed>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
-                        GroupedProblem problem, typename Epilogue::Params epilogue_params) {
+                        GroupedProblem problem, typename Epilogue::Params epilogue_params,
+                        typename Feed::Params feed) {
   using namespace cute;
   using Storage = GroupedGemmSharedStorage<Config, Epilogue>;
   constexpr int BM = Config::kBlockM, BN = Config::kBlockN, BK = Config::kBlockK, kStages = Config::kStages;
@@ -148,12 +160,17 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
-    cutlass::arch::warpgroup_reg_dealloc<40>();
-    if (threadIdx.x == 0) {
+    // 56 + 2 x 224 registers per thread-slot: the 64K register file (the feed warps need more than 40).
+    cutlass::arch::warpgroup_reg_dealloc<56>();
+    if (threadIdx.x >= 32) {
+      Feed::copy_rows(feed, int(blockIdx.x) * kFeedWarpsPerCta + int(threadIdx.x) / 32 - 1,
+                      int(gridDim.x) * kFeedWarpsPerCta);
+    } else if (threadIdx.x == 0) {
       int stage = 0;
       uint32_t phase = 1;  // a fresh "empty" barrier counts as already released once
       for (int unit = cluster_id; unit < num_units; unit += num_clusters) {
         const TileCoord c = decode(unit);
+        Feed::wait_rows(feed, c.expert);
         // This CTA's share of the weight tile: rows [cluster_rank * BN / kCluster, ...) of it.
         const int b_row = c.expert * problem.n + c.n_block * BN + cluster_rank * (BN / kCluster);
         for (int kb = 0; kb < k_blocks; kb++) {
@@ -174,7 +191,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       }
     }
   } else {
-    cutlass::arch::warpgroup_reg_alloc<232>();
+    cutlass::arch::warpgroup_reg_alloc<224>();
     const int consumer_tid = threadIdx.x - 128;
     const bool releases = consumer_tid % 128 == 0;  // one arrival per consumer warpgroup
     auto release = [&](int s) {
@@ -252,10 +269,11 @@ struct EpilogueChunk {
   __nv_bfloat16 tile[kGemmBlockM * kEpilogueRowPitch];
 };
 
-template <class Config, class Epilogue>
+template <class Config, class Epilogue, class Feed = NoFeed>
 void launch_grouped_gemm(const CUtensorMap& tma_a, const CUtensorMap& tma_b, const GroupedProblem& problem,
-                         const typename Epilogue::Params& params, int num_sms, cudaStream_t stream, const char* name) {
-  auto kernel = grouped_gemm_kernel<Config, Epilogue>;
+                         const typename Epilogue::Params& params, int num_sms, cudaStream_t stream, const char* name,
+                         const typename Feed::Params& feed = {}) {
+  auto kernel = grouped_gemm_kernel<Config, Epilogue, Feed>;
   constexpr size_t smem = grouped_gemm_smem_bytes<Config, Epilogue>();
   static_assert(smem <= 227 * 1024, "grouped GEMM shared memory exceeds the 227 KiB an H100 block may use");
   static const bool configured = [&] {  // once per instantiation (and per process: one device per rank)
@@ -277,7 +295,7 @@ void launch_grouped_gemm(const CUtensorMap& tma_a, const CUtensorMap& tma_b, con
   cluster.val.clusterDim.z = 1;
   config.attrs = &cluster;
   config.numAttrs = 1;
-  MEGAMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, tma_a, tma_b, problem, params));
+  MEGAMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, tma_a, tma_b, problem, params, feed));
   ::megamoe::detail::check_launch(name);
 }
 

@@ -31,11 +31,13 @@ struct LayerView {
   int32_t max_tokens;       // max_tokens_per_rank
   int32_t pool_rows;        // world_size * max_tokens * top_k
   float swiglu_limit;       // 0: no clamp
+  uint64_t wait_timeout_ns; // bound of every spin-wait (the layer's barrier timeout)
 
   // this rank's symmetric regions (local addresses)
   int32_t* expert_recv_count;   // [E_local]
   int32_t* send_pair_count;     // [W]
   int32_t* dispatch_done_ctas;  // [1]
+  int32_t* expert_arrived_rows; // [E_local]
   int32_t* source_pair_count;   // [W]
   int4* recv_pairs;             // [W, max_tokens*K]
   __nv_bfloat16* token_staging; // [max_tokens, H]

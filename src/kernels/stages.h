@@ -1,6 +1,6 @@
 // Host entry points of the layer's stages, in forward order:
-//   x -> dispatch_claim -> [dispatch barrier] -> dispatch_pull -> fc1_swiglu -> fc2_scatter
-//     -> [combine barrier] -> combine -> y
+//   x -> dispatch_claim -> [dispatch barrier] -> dispatch_schedule -> fc1_swiglu (pulls the rows)
+//     -> fc2_scatter -> [combine barrier] -> combine -> y
 // Each enqueues its kernel on `stream`, checks the launch, and never synchronises.
 #pragma once
 #include <cuda.h>
@@ -19,7 +19,7 @@ inline constexpr int kGemmBlockK = 64;
 //      weight tile and multicasting it to both: half the weight traffic through L2, which pays once
 //      experts have more than 128 rows (measured: +9-15% at 192-256 rows per expert), but leaves
 //      the partner idle below that (-9% at 48 rows, where weight streaming from HBM is the bound).
-// The GEMM schedule's unit is cluster_m * 128 rows of one expert (dispatch_pull counts these units).
+// The GEMM schedule's unit is cluster_m * 128 rows of one expert (dispatch_schedule counts these units).
 inline constexpr int gemm_cluster_m(double expected_rows_per_expert) { return expected_rows_per_expert > kGemmBlockM ? 2 : 1; }
 inline constexpr int schedule_rows(int cluster_m) { return kGemmBlockM * cluster_m; }
 inline constexpr int kFc1BlockN = 256;  // interleaved gate/up rows: 128 SwiGLU outputs per tile
@@ -41,11 +41,13 @@ void launch_dispatch_claim(const LayerView& v, const __nv_bfloat16* x, const int
                            int launch_tokens, cudaStream_t stream);
 
 // 2. After the dispatch barrier: the expert owner lays its experts out in the pool (prefix of the
-//    counts), and pulls every listed token row from its source's staging area over NVLink.
-void launch_dispatch_pull(const LayerView& v, int num_sms, int cluster_m, cudaStream_t stream);
+//    counts, the GEMM schedule) and records the source of every pool row.
+void launch_dispatch_schedule(const LayerView& v, int num_sms, int cluster_m, cudaStream_t stream);
 
 // 3. FC1 grouped GEMM over each local expert's pool rows with interleaved gate/up weights and the
-//    SwiGLU (optional clamp) in the epilogue -> fc1_out (bf16).
+//    SwiGLU (optional clamp) in the epilogue -> fc1_out (bf16). Three warps of each CTA's producer
+//    warpgroup copy the pool rows in from the sources' staging areas (NVLink) in pool order, counting
+//    them per expert; a tile's loads wait until its expert's rows are all in.
 void launch_fc1_swiglu(const LayerView& v, const CUtensorMap& pool_map, const WeightMaps& w1, int cluster_m,
                        int num_sms, cudaStream_t stream);
 

@@ -78,7 +78,9 @@ struct Layer::Impl {
     MEGAMOE_CUDA_CHECK(cudaGetDevice(&device));
     MEGAMOE_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
     barrier = workspace.barrier_view(timeout_s);
-    const kernels::LayerView& v = workspace.view();
+    view = workspace.view();
+    view.wait_timeout_ns = uint64_t(timeout_s * 1e9);
+    const kernels::LayerView& v = view;
     pool_map = kernels::make_bf16_tensor_map(v.token_pool, uint64_t(v.pool_rows), uint64_t(v.hidden), kernels::kGemmBlockM);
     fc1_out_map =
         kernels::make_bf16_tensor_map(v.fc1_out, uint64_t(v.pool_rows), uint64_t(v.intermediate), kernels::kGemmBlockM);
@@ -114,7 +116,7 @@ struct Layer::Impl {
 
   void enqueue(const void* x, const int32_t* ids, const float* weights, void* y, kernels::TokenCount tokens,
                int launch_tokens, cudaStream_t stream) {
-    const kernels::LayerView& v = workspace.view();
+    const kernels::LayerView& v = view;
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     MEGAMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
     const bool timing = stage_timing && capture == cudaStreamCaptureStatusNone;
@@ -131,7 +133,7 @@ struct Layer::Impl {
     // (uniform routing; with a device-side count, the capacity is what is known).
     const double expected_rows = double(launch_tokens) * v.top_k * v.world_size / v.num_experts;
     const int cluster_m = forced_cluster_m ? forced_cluster_m : kernels::gemm_cluster_m(expected_rows);
-    kernels::launch_dispatch_pull(v, num_sms, cluster_m, stream);
+    kernels::launch_dispatch_schedule(v, num_sms, cluster_m, stream);
     stage_done();
     kernels::launch_fc1_swiglu(v, pool_map, w1_maps, cluster_m, num_sms, stream);
     stage_done();
@@ -167,6 +169,7 @@ struct Layer::Impl {
   double timeout_s;
   bool debug;
   Workspace workspace;
+  kernels::LayerView view{};  // the workspace's view plus the layer's wait bound
   int device = 0, num_sms = 0;
   DeviceBarrierView barrier{};
   CUtensorMap pool_map{}, fc1_out_map{};

@@ -31,6 +31,7 @@ Workspace::Workspace(const MoeShape& shape, Communicator& comm)
   v.expert_recv_count = reinterpret_cast<int32_t*>(at(Region::kExpertRecvCount));
   v.send_pair_count = reinterpret_cast<int32_t*>(at(Region::kSendPairCount));
   v.dispatch_done_ctas = reinterpret_cast<int32_t*>(at(Region::kDispatchDoneCtas));
+  v.expert_arrived_rows = reinterpret_cast<int32_t*>(at(Region::kExpertArrivedRows));
   v.source_pair_count = reinterpret_cast<int32_t*>(at(Region::kSourcePairCount));
   v.recv_pairs = reinterpret_cast<int4*>(at(Region::kRecvPairs));
   v.token_staging = reinterpret_cast<__nv_bfloat16*>(at(Region::kTokenStaging));

@@ -60,6 +60,12 @@ std::string describe_device_status(const DeviceStatus& s, int rank, double timeo
     add("topk_ids[" + std::to_string(pair / k) + ", " + std::to_string(pair % k) + "] = " + std::to_string(id) +
         " is not an expert id (must be -1 or in [0, num_experts)); that slot was dropped");
   }
+  if (s.error_flags & kRowArrivalTimeout) {
+    char t[32];
+    std::snprintf(t, sizeof t, "%g", timeout_s);
+    add("FC1 timed out after " + std::string(t) + " s waiting for the rows of local expert " +
+        std::to_string(s.waited_for_expert) + " to be copied in");
+  }
   if (s.error_flags & kBadTokenCount)
     add("num_tokens read from device memory = " + std::to_string(s.bad_token_count) +
         ": must be in [0, max_tokens_per_rank]; the forward ran with 0 tokens");

@@ -38,8 +38,13 @@ void run_case(const GemmCase& gc, int cluster_m, uint64_t seed) {
   std::vector<bf16_t> w1 = random_bf16(size_t(E) * 2 * I * H, 1.0f / std::sqrt(float(H)));
   std::vector<bf16_t> w2 = random_bf16(size_t(E) * H * I, 1.0f / std::sqrt(float(I)));
 
-  DeviceBuffer<bf16_t> d_pool(pool), d_w1(w1), d_w1i(w1.size()), d_w2(w2);
-  DeviceBuffer<bf16_t> d_fc1(size_t(pool_rows) * I), d_out(size_t(pool_rows) * H);
+  // One rank: the "symmetric arena" holds the token staging area (row r = token r) and, after it,
+  // combine_recv (slot r). FC1 copies the rows into the pool itself, so the pool starts poisoned.
+  const size_t staging_elems = size_t(pool_rows) * H;
+  DeviceBuffer<bf16_t> d_symmetric(2 * staging_elems), d_pool(staging_elems), d_w1(w1), d_w1i(w1.size()), d_w2(w2);
+  DeviceBuffer<bf16_t> d_fc1(size_t(pool_rows) * I);
+  MEGAMOE_CUDA_CHECK(cudaMemcpy(d_symmetric.get(), pool.data(), staging_elems * 2, cudaMemcpyHostToDevice));
+  DeviceBuffer<int32_t> d_arrived(std::vector<int32_t>(size_t(E), 0));
   DeviceBuffer<int32_t> d_row_offset(row_offset), d_tile_offset(tile_offset);
   std::vector<int2> source(static_cast<size_t>(pool_rows));
   for (int r = 0; r < pool_rows; r++) source[size_t(r)] = make_int2(0, r);  // one rank: row r goes to slot r
@@ -48,7 +53,8 @@ void run_case(const GemmCase& gc, int cluster_m, uint64_t seed) {
   MEGAMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&status), sizeof(DeviceStatus)));
   MEGAMOE_CUDA_CHECK(cudaMemset(status, 0, sizeof(DeviceStatus)));
   d_fc1.poison();
-  d_out.poison();
+  d_pool.poison();
+  MEGAMOE_CUDA_CHECK(cudaMemset(d_symmetric.get() + staging_elems, 0xFF, staging_elems * 2));
 
   kernels::LayerView v{};
   v.hidden = H;
@@ -56,6 +62,9 @@ void run_case(const GemmCase& gc, int cluster_m, uint64_t seed) {
   v.experts_per_rank = E;
   v.num_experts = E;
   v.world_size = 1;
+  v.top_k = 1;  // pair r = token r
+  v.wait_timeout_ns = 10'000'000'000ull;
+  v.expert_arrived_rows = d_arrived.get();
   v.pool_rows = pool_rows;
   v.swiglu_limit = gc.swiglu_limit;
   v.token_pool = reinterpret_cast<__nv_bfloat16*>(d_pool.get());
@@ -64,8 +73,9 @@ void run_case(const GemmCase& gc, int cluster_m, uint64_t seed) {
   v.expert_row_offset = d_row_offset.get();
   v.expert_tile_offset = d_tile_offset.get();
   v.status = status;
-  v.symmetric.base[0] = reinterpret_cast<char*>(d_out.get());  // combine_recv at offset 0
-  v.combine_recv_offset = 0;
+  v.symmetric.base[0] = reinterpret_cast<char*>(d_symmetric.get());
+  v.token_staging_offset = 0;
+  v.combine_recv_offset = staging_elems * 2;
 
   int sms = 0;
   MEGAMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, comm().device()));
@@ -78,7 +88,12 @@ void run_case(const GemmCase& gc, int cluster_m, uint64_t seed) {
   kernels::launch_fc1_swiglu(v, pool_map, w1_maps, cluster_m, sms, nullptr);
   kernels::launch_fc2_scatter(v, fc1_map, w2_maps, cluster_m, sms, nullptr);
   MEGAMOE_CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<bf16_t> fc1 = d_fc1.download(), out = d_out.download();
+  std::vector<bf16_t> fc1 = d_fc1.download(), sym = d_symmetric.download();
+  std::vector<bf16_t> out(sym.begin() + long(staging_elems), sym.end());
+  DeviceStatus st{};
+  MEGAMOE_CUDA_CHECK(cudaMemcpy(&st, status, sizeof st, cudaMemcpyDeviceToHost));
+  EXPECT_EQ(st.error_flags, 0) << "device status reports an error";
+  EXPECT_EQ(d_arrived.download(), gc.rows_per_expert) << "rows FC1 counted in per expert";
   cudaFree(status);
 
   // CPU: h = swiglu(x W1^T) (fp64, then bf16 as the GPU stores it); out = h W2^T from the GPU's h,
