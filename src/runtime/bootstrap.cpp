@@ -70,20 +70,23 @@ void transfer(const RankEnv& env, int fd, char* data, size_t n, bool sending, Cl
 }  // namespace
 
 int pick_free_port() {
-  Socket s(::socket(AF_INET, SOCK_STREAM, 0));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  socklen_t len = sizeof addr;
-  if (s.fd() < 0 || ::bind(s.fd(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-      ::getsockname(s.fd(), reinterpret_cast<sockaddr*>(&addr), &len) != 0)
-    throw RuntimeError(std::string("cannot find a free TCP port on 127.0.0.1: ") + std::strerror(errno));
-  return ntohs(addr.sin_port);
+  constexpr int kFirst = 20000, kCount = 12000;  // below Linux's default ephemeral range (32768-60999)
+  const int start = int((uint64_t(::getpid()) * 7919u + uint64_t(std::chrono::steady_clock::now().time_since_epoch().count())) % kCount);
+  for (int i = 0; i < kCount; i++) {
+    const int port = kFirst + (start + i) % kCount;
+    Socket s(::socket(AF_INET, SOCK_STREAM, 0));
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_ANY);
+    addr.sin_port = htons(uint16_t(port));
+    if (s.fd() >= 0 && ::bind(s.fd(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) return port;
+  }
+  throw RuntimeError(std::string("cannot find a free TCP port in [20000, 32000): ") + std::strerror(errno));
 }
 
-std::string tcp_broadcast_from_rank0(const RankEnv& env, const std::string& payload, double timeout_s) {
-  if (env.world_size == 1) return payload;
+std::string tcp_broadcast_from_rank0(const RankEnv& env, const std::function<std::string()>& make_payload,
+                                     double timeout_s) {
+  if (env.world_size == 1) return make_payload();
   const auto deadline = Clock::now() + std::chrono::milliseconds(int64_t(timeout_s * 1000));
   sockaddr_in addr = resolve(env);
   if (env.rank == 0) {
@@ -95,6 +98,7 @@ std::string tcp_broadcast_from_rank0(const RankEnv& env, const std::string& payl
     if (::bind(listener.fd(), reinterpret_cast<sockaddr*>(&any), sizeof any) != 0 || ::listen(listener.fd(), 64) != 0)
       throw RuntimeError(where(env) + ": cannot listen: " + std::strerror(errno) +
                          " (set MEGAMOE_BOOTSTRAP_PORT to a free port)");
+    const std::string payload = make_payload();
     const uint32_t size = htonl(uint32_t(payload.size()));
     for (int accepted = 1; accepted < env.world_size;) {
       int left_ms = int(std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count());

@@ -58,8 +58,10 @@ class NcclCommunicator : public Communicator {
     check_nccl_version(who);
 
     ncclUniqueId id{};
-    if (rank_ == 0) MEGAMOE_NCCL_CHECK(ncclGetUniqueId(&id));
-    std::string bytes = detail::tcp_broadcast_from_rank0(env, std::string(reinterpret_cast<char*>(&id), sizeof id));
+    std::string bytes = detail::tcp_broadcast_from_rank0(env, [&] {
+      MEGAMOE_NCCL_CHECK(ncclGetUniqueId(&id));  // only rank 0 calls this
+      return std::string(reinterpret_cast<char*>(&id), sizeof id);
+    });
     if (bytes.size() != sizeof id) throw RuntimeError(who + "bootstrap returned a malformed NCCL unique id");
     std::memcpy(&id, bytes.data(), sizeof id);
     MEGAMOE_NCCL_CHECK(ncclCommInitRank(&comm_, world_, id, rank_));

@@ -96,7 +96,7 @@ TEST(RunRanks, AllRanksSucceed) {
   CleanEnv* clean = in_spawned_child() ? nullptr : new CleanEnv;
   int code = spawn_this_test("RunRanks.AllRanksSucceed", 3, [](const RankEnv& env) {
     // The NCCL id travels over TCP from rank 0 to every rank.
-    std::string got = detail::tcp_broadcast_from_rank0(env, env.rank == 0 ? "unique-id-bytes" : "", 30.0);
+    std::string got = detail::tcp_broadcast_from_rank0(env, [] { return std::string("unique-id-bytes"); }, 30.0);
     std::printf("rank %d of %d received '%s'\n", env.rank, env.world_size, got.c_str());
     return got == "unique-id-bytes" && env.world_size == 3 && env.spawned_by_us ? 0 : 5;
   });

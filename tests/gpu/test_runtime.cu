@@ -165,13 +165,19 @@ TEST(Runtime, CreateAndDestroyFiftyTimesLeaksNoDeviceMemory) {
     b.launch(kTestBarrier, nullptr);
     b.check();
   };
+  // A rank's window memory returns to its GPU only when every peer has released its mapping of it,
+  // so each reading is taken after all ranks have finished the same cycles.
+  auto free_after_all_ranks = [&] {
+    MEGAMOE_CUDA_CHECK(cudaDeviceSynchronize());
+    comm().host_barrier();
+    size_t free = 0, total = 0;
+    MEGAMOE_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+    return free;
+  };
   cycle();  // first-use allocations (NCCL and CUDA caches) are not leaks
-  MEGAMOE_CUDA_CHECK(cudaDeviceSynchronize());
-  size_t free_before = 0, free_after = 0, total = 0;
-  MEGAMOE_CUDA_CHECK(cudaMemGetInfo(&free_before, &total));
+  const size_t free_before = free_after_all_ranks();
   for (int i = 0; i < 50; i++) cycle();
-  MEGAMOE_CUDA_CHECK(cudaDeviceSynchronize());
-  MEGAMOE_CUDA_CHECK(cudaMemGetInfo(&free_after, &total));
+  const size_t free_after = free_after_all_ranks();
   const double leaked_mib = (double(free_before) - double(free_after)) / (1 << 20);
   const double workspace_mib = double(WorkspaceLayout(shape).total_bytes()) / (1 << 20);
   std::printf("50 create/destroy cycles (workspace %.1f MiB each): device memory free before %.1f MiB, after %.1f MiB\n",
