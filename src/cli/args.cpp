@@ -1,9 +1,11 @@
 #include "cli/args.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <sstream>
 
 #include "megamoe/error.h"
+#include "megamoe/runtime.h"
 
 namespace megamoe::cli {
 
@@ -69,6 +71,16 @@ std::vector<int64_t> Args::integer_list(const std::string& name, const std::vect
   std::vector<int64_t> out;
   for (const std::string& item : str_list(name, {})) out.push_back(parse_integer(name, item, lo, hi));
   return out;
+}
+
+int gpus_for_command(const Args& a, const char* command) {
+  if (rank_env_from_environment().has_value()) return 1;
+  const int visible = visible_gpu_count();
+  if (visible == 0) {
+    std::printf("megamoe %s: no CUDA GPU is visible on this machine; it needs at least one.\n", command);
+    return 0;
+  }
+  return int(a.integer("gpus", visible, 1, visible));
 }
 
 }  // namespace megamoe::cli

@@ -25,6 +25,10 @@ class Args {
   std::map<std::string, std::string> values_;
 };
 
+// GPUs a multi-rank command should use: 1 inside a torchrun/mpirun job, else every visible GPU or
+// --gpus N. Prints one line and returns 0 when no GPU is visible (the command then exits with 2).
+int gpus_for_command(const Args& a, const char* command);
+
 // Subcommands; each returns the process exit code.
 int info_main(int argc, char** argv);
 int bench_main(int argc, char** argv);

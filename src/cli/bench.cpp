@@ -207,13 +207,8 @@ int bench_comm(Communicator& comm) {
 int bench_main(int argc, char** argv) {
   Args a(argc, argv, 2, {"preset", "dtype", "tokens", "gpus", "routing", "iters", "json", "experts"},
          {"comm", "stages"});
-  const bool in_job = rank_env_from_environment().has_value();
-  int gpus = in_job ? 1 : visible_gpu_count();
-  if (gpus == 0) {
-    std::printf("megamoe bench: no CUDA GPU is visible on this machine; the benchmark needs at least one.\n");
-    return 2;
-  }
-  if (!in_job) gpus = int(a.integer("gpus", gpus, 1, gpus));
+  const int gpus = gpus_for_command(a, "bench");
+  if (gpus == 0) return 2;
   // Parse everything once before spawning ranks, so a bad flag fails here and not in every child.
   if (!a.has("comm")) {
     for (const auto& p : a.str_list("preset", {"dsv4-flash"})) make_preset(p, 1, 1);

@@ -12,13 +12,8 @@ namespace megamoe::cli {
 
 int selftest_main(int argc, char** argv) {
   Args a(argc, argv, 2, {"skip-barrier-rank", "timeout", "gpus"}, {});
-  const bool in_job = rank_env_from_environment().has_value();
-  int gpus = in_job ? 1 : visible_gpu_count();
-  if (gpus == 0) {
-    std::printf("megamoe selftest: no CUDA GPU is visible on this machine.\n");
-    return 2;
-  }
-  if (!in_job) gpus = int(a.integer("gpus", gpus, 1, gpus));
+  const int gpus = gpus_for_command(a, "selftest");
+  if (gpus == 0) return 2;
   const int64_t skip = a.integer("skip-barrier-rank", -1, -1, kMaxEpSize - 1);
   const double timeout_s = a.number("timeout", 2.0);
   return run_ranks(argc, argv, gpus, [&](const RankEnv& env) {

@@ -124,12 +124,7 @@ class NcclCommunicator : public Communicator {
   void host_barrier() override { all_reduce_max(0.0); }
 
   uint64_t broadcast(uint64_t value, int root) override {
-    auto* d = static_cast<uint64_t*>(scratch_);
-    MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(d, &value, sizeof value, cudaMemcpyHostToDevice, stream_));
-    MEGAMOE_NCCL_CHECK(ncclBroadcast(d, d, 1, ncclUint64, root, comm_, stream_));
-    MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(&value, d, sizeof value, cudaMemcpyDeviceToHost, stream_));
-    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    return value;
+    return scalar_collective(value, [&](uint64_t* d) { return ncclBroadcast(d, d, 1, ncclUint64, root, comm_, stream_); });
   }
 
   double all_reduce_max(double value) override { return all_reduce(value, ncclMax); }
@@ -137,10 +132,17 @@ class NcclCommunicator : public Communicator {
 
  private:
   double all_reduce(double value, ncclRedOp_t op) {
+    return scalar_collective(value, [&](double* d) { return ncclAllReduce(d, d, 1, ncclDouble, op, comm_, stream_); });
+  }
+
+  // One value through an NCCL collective on the communicator's own stream, after all device work so
+  // far (the host collectives also serve as points where every rank's GPU is idle).
+  template <class T, class Collective>
+  T scalar_collective(T value, Collective&& collective) {
     MEGAMOE_CUDA_CHECK(cudaDeviceSynchronize());
-    auto* d = static_cast<double*>(scratch_);
+    T* d = static_cast<T*>(scratch_);
     MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(d, &value, sizeof value, cudaMemcpyHostToDevice, stream_));
-    MEGAMOE_NCCL_CHECK(ncclAllReduce(d, d, 1, ncclDouble, op, comm_, stream_));
+    MEGAMOE_NCCL_CHECK(collective(d));
     MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(&value, d, sizeof value, cudaMemcpyDeviceToHost, stream_));
     MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
     return value;

@@ -105,6 +105,45 @@ class LayerHarness {
   Layer layer_;
 };
 
+// One forward captured in a CUDA graph on its own stream; replay() poisons y, replays, synchronises
+// and checks the device status.
+class CapturedForward {
+ public:
+  template <class Enqueue>
+  CapturedForward(Layer& layer, Enqueue&& enqueue) : layer_(layer) {
+    MEGAMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    cudaGraph_t graph;
+    MEGAMOE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    enqueue(stream_);
+    MEGAMOE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    MEGAMOE_CUDA_CHECK(cudaGraphInstantiate(&exec_, graph, 0));
+    MEGAMOE_CUDA_CHECK(cudaGraphDestroy(graph));
+  }
+  ~CapturedForward() {
+    cudaGraphExecDestroy(exec_);
+    cudaStreamDestroy(stream_);
+  }
+  void replay(Inputs& in) {
+    in.y.poison();
+    MEGAMOE_CUDA_CHECK(cudaGraphLaunch(exec_, stream_));
+    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    layer_.check_errors();
+  }
+
+ private:
+  Layer& layer_;
+  cudaStream_t stream_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+};
+
+// Puts `next`'s host inputs into `in`'s device buffers (a captured graph keeps reading those).
+void replace_inputs(Inputs& in, const Inputs& next) {
+  in.host = next.host;
+  in.x.upload(in.host.x);
+  in.ids.upload(in.host.routing.ids);
+  in.weights.upload(in.host.routing.weights);
+}
+
 // A token count in [1, max] for this rank, except one rank (chosen by the seed, or none) that gets 0.
 int64_t tokens_for_rank(uint64_t seed, int64_t max_tokens) {
   const int W = comm().world_size();
@@ -166,37 +205,19 @@ TEST(Layer, DeterministicAndGraphReplayBitIdentical) {
   const std::vector<bf16_t> again = h.output(in);
   EXPECT_EQ(0, std::memcmp(eager.data(), again.data(), eager.size() * 2)) << "two eager forwards differ";
 
-  cudaStream_t s;
-  MEGAMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  MEGAMOE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  h.layer().forward(in.x.get(), in.ids.get(), in.weights.get(), in.y.get(), in.host.num_tokens, s);
-  MEGAMOE_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
-  MEGAMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  CapturedForward graph(h.layer(), [&](cudaStream_t s) {
+    h.layer().forward(in.x.get(), in.ids.get(), in.weights.get(), in.y.get(), in.host.num_tokens, s);
+  });
   for (int replay = 0; replay < 3; replay++) {
-    in.y.poison();
-    MEGAMOE_CUDA_CHECK(cudaGraphLaunch(exec, s));
-    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(s));
-    h.layer().check_errors();
+    graph.replay(in);
     const std::vector<bf16_t> replayed = h.output(in);
     EXPECT_EQ(0, std::memcmp(eager.data(), replayed.data(), eager.size() * 2))
         << "replay " << replay << " differs from eager";
   }
   // New inputs in the same buffers, same graph.
-  Inputs fresh = h.make_inputs(RoutingKind::kSkewed, in.host.num_tokens, seed + 1);
-  in.host = fresh.host;
-  in.x.upload(in.host.x);
-  in.ids.upload(in.host.routing.ids);
-  in.weights.upload(in.host.routing.weights);
-  in.y.poison();
-  MEGAMOE_CUDA_CHECK(cudaGraphLaunch(exec, s));
-  MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(s));
-  h.layer().check_errors();
+  replace_inputs(in, h.make_inputs(RoutingKind::kSkewed, in.host.num_tokens, seed + 1));
+  graph.replay(in);
   h.expect_matches_reference(in, "graph replay with new inputs");
-  MEGAMOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  MEGAMOE_CUDA_CHECK(cudaGraphDestroy(graph));
-  MEGAMOE_CUDA_CHECK(cudaStreamDestroy(s));
 }
 
 TEST(Layer, OneGraphServesEveryBatchSize) {
@@ -206,27 +227,16 @@ TEST(Layer, OneGraphServesEveryBatchSize) {
   LayerHarness h(make_preset("tiny", comm().world_size(), max_tokens), seed);
   Inputs in = h.make_inputs(RoutingKind::kUniform, max_tokens, seed);
   DeviceBuffer<int32_t> count(1);
-  cudaStream_t s;
-  MEGAMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  MEGAMOE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  h.layer().forward(in.x.get(), in.ids.get(), in.weights.get(), in.y.get(), count.get(), s);
-  MEGAMOE_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
-  MEGAMOE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  CapturedForward graph(h.layer(), [&](cudaStream_t s) {
+    h.layer().forward(in.x.get(), in.ids.get(), in.weights.get(), in.y.get(), count.get(), s);
+  });
   for (int step = 0; step < 8; step++) {
     const uint64_t step_seed = seed + 31 * uint64_t(step);
     const int64_t tokens = step == 0 ? max_tokens : step == 1 ? 0 : tokens_for_rank(step_seed, max_tokens);
-    Inputs next = h.make_inputs(all_routing_kinds()[size_t(step) % all_routing_kinds().size()], tokens, step_seed);
-    in.host = next.host;
-    in.x.upload(in.host.x);
-    in.ids.upload(in.host.routing.ids);
-    in.weights.upload(in.host.routing.weights);
+    replace_inputs(in,
+                   h.make_inputs(all_routing_kinds()[size_t(step) % all_routing_kinds().size()], tokens, step_seed));
     count.upload({int32_t(tokens)});
-    in.y.poison();
-    MEGAMOE_CUDA_CHECK(cudaGraphLaunch(exec, s));
-    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(s));
-    h.layer().check_errors();
+    graph.replay(in);
     const double err = h.expect_matches_reference(in, "device token count, step " + std::to_string(step));
     const std::vector<bf16_t> from_graph = h.output(in);
     h.forward(in);  // eager, host token count
@@ -234,9 +244,6 @@ TEST(Layer, OneGraphServesEveryBatchSize) {
     EXPECT_EQ(0, std::memcmp(eager.data(), from_graph.data(), eager.size() * 2)) << "step " << step;
     std::printf("one graph, T=%lld: rel err %.2e, bit-identical to eager\n", (long long)tokens, err);
   }
-  MEGAMOE_CUDA_CHECK(cudaGraphExecDestroy(exec));
-  MEGAMOE_CUDA_CHECK(cudaGraphDestroy(graph));
-  MEGAMOE_CUDA_CHECK(cudaStreamDestroy(s));
 }
 
 TEST(Layer, TwoHundredForwardsWithChangingTokensAndRouting) {
