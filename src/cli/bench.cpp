@@ -84,6 +84,7 @@ int bench_layer(Communicator& comm, const Args& a) {
     }
     LayerOptions options;
     options.stage_timing = a.has("stages");
+    options.gemm_cluster_m = int(a.integer("gemm-cluster-m", 0, 0, 2));
     Layer layer(shape, comm, options);
     load_random_weights(layer, shape, 1234 + uint64_t(rank) * 7777, s);
     if (rank == 0) {
@@ -205,7 +206,7 @@ int bench_comm(Communicator& comm) {
 }  // namespace
 
 int bench_main(int argc, char** argv) {
-  Args a(argc, argv, 2, {"preset", "dtype", "tokens", "gpus", "routing", "iters", "json", "experts"},
+  Args a(argc, argv, 2, {"preset", "dtype", "tokens", "gpus", "routing", "iters", "json", "experts", "gemm-cluster-m"},
          {"comm", "stages"});
   const int gpus = gpus_for_command(a, "bench");
   if (gpus == 0) return 2;

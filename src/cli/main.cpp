@@ -20,6 +20,7 @@ const char* kUsage =
     "  megamoe bench [--preset P[,P...]] [--dtype bf16] [--tokens 1,64,512,...] [--gpus N]\n"
     "                [--routing uniform|balanced|skewed|all-to-one|masked] [--iters N] [--json PATH] [--stages]\n"
     "                [--experts E]   (override the preset's expert count, e.g. one GPU as one rank of EP 4)\n"
+    "                [--gemm-cluster-m 0|1|2]   (GEMM CTA pairing: 0 = per forward, see src/kernels/stages.h)\n"
     "  megamoe bench --comm [--gpus N]\n"
     "  megamoe selftest --skip-barrier-rank R [--timeout S] [--gpus N]\n";
 

@@ -6,6 +6,9 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "kernels/layer_view.h"
 
 namespace megamoe::kernels {
@@ -16,11 +19,17 @@ inline constexpr int kGemmBlockK = 64;
 // CTAs per cluster along M (cluster_m), chosen per forward:
 //   1: every CTA computes its own 128-row tile and loads its own weight tile;
 //   2: a pair computes two 128-row tiles of the same expert and N block, each loading half of the
-//      weight tile and multicasting it to both: half the weight traffic through L2, which pays once
-//      experts have more than 128 rows (measured: +9-15% at 192-256 rows per expert), but leaves
-//      the partner idle below that (-9% at 48 rows, where weight streaming from HBM is the bound).
+//      weight tile and multicasting it to both: half the weight traffic through L2.
+// Pairs lose 4-9% while every expert fits in one 128-row tile (the partner idles and fewer weight
+// bytes are in flight) and win 25-35% as soon as many experts need a second tile (4 x H100, EP 4:
+// dsv3 at 128 expected rows per expert 3566 -> 2661 us, dsv4-pro 7591 -> 5639 us; docs/PERFORMANCE.md).
+// With uniform routing an expert's row count is about Poisson(expected), so pair when expected rows
+// plus two standard deviations reach a second tile.
+inline int gemm_cluster_m(double expected_rows_per_expert) {
+  const double high = expected_rows_per_expert + 2.0 * std::sqrt(std::max(expected_rows_per_expert, 0.0));
+  return high > kGemmBlockM ? 2 : 1;
+}
 // The GEMM schedule's unit is cluster_m * 128 rows of one expert (dispatch_schedule counts these units).
-inline constexpr int gemm_cluster_m(double expected_rows_per_expert) { return expected_rows_per_expert > kGemmBlockM ? 2 : 1; }
 inline constexpr int schedule_rows(int cluster_m) { return kGemmBlockM * cluster_m; }
 inline constexpr int kFc1BlockN = 256;  // interleaved gate/up rows: 128 SwiGLU outputs per tile
 // FC2's tile width: 256 columns when the hidden size allows it, else 128 (hidden is a multiple of 128).
