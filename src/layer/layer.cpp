@@ -129,8 +129,8 @@ struct Layer::Impl {
     stage_done();
     launch_device_barrier(barrier, kDispatchBarrier, stream);
     stage_done();
-    // Pair CTAs in the GEMMs when experts can be expected to get more than one 128-row tile
-    // (uniform routing; with a device-side count, the capacity is what is known).
+    // GEMM CTA pairing from the rows per expert expected under uniform routing (gemm_cluster_m in
+    // stages.h); with a device-side count, the capacity is what is known.
     const double expected_rows = double(launch_tokens) * v.top_k * v.world_size / v.num_experts;
     const int cluster_m = forced_cluster_m ? forced_cluster_m : kernels::gemm_cluster_m(expected_rows);
     kernels::launch_dispatch_schedule(v, num_sms, cluster_m, stream);

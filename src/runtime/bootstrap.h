@@ -15,8 +15,8 @@ namespace megamoe::detail {
 std::string tcp_broadcast_from_rank0(const RankEnv& env, const std::function<std::string()>& make_payload,
                                      double timeout_s = 120.0);
 
-// A TCP port that was free on 127.0.0.1 a moment ago, below the kernel's ephemeral range (so other
-// programs' outgoing and ephemeral sockets do not take it before the ranks use it).
+// A TCP port in [20000, 32000) that was free a moment ago: below the kernel's ephemeral range, so
+// other programs' outgoing and ephemeral sockets (NCCL's own included) do not take it first.
 int pick_free_port();
 
 }  // namespace megamoe::detail

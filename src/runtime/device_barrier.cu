@@ -47,12 +47,11 @@ void launch_device_barrier_loop(const DeviceBarrierView& view, int barrier_id, i
 std::string describe_device_status(const DeviceStatus& s, int rank, double timeout_s, int64_t top_k) {
   std::string out;
   auto add = [&](const std::string& m) { out += (out.empty() ? "" : "; ") + ("rank " + std::to_string(rank) + ": " + m); };
-  if (s.error_flags & kBarrierTimeout) {
-    char t[32];
-    std::snprintf(t, sizeof t, "%g", timeout_s);
-    add(std::string(barrier_name(s.timed_out_barrier)) + " barrier timed out after " + t + " s waiting for rank " +
-        std::to_string(s.waited_for_rank));
-  }
+  char timeout[32];
+  std::snprintf(timeout, sizeof timeout, "%g", timeout_s);
+  if (s.error_flags & kBarrierTimeout)
+    add(std::string(barrier_name(s.timed_out_barrier)) + " barrier timed out after " + timeout +
+        " s waiting for rank " + std::to_string(s.waited_for_rank));
   if (s.error_flags & kBadExpertId) {
     const uint32_t pair = 0xFFFFFFFFu - uint32_t(s.bad_expert_record >> 32);
     const int32_t id = int32_t(uint32_t(s.bad_expert_record & 0xFFFFFFFFu));
@@ -60,12 +59,9 @@ std::string describe_device_status(const DeviceStatus& s, int rank, double timeo
     add("topk_ids[" + std::to_string(pair / k) + ", " + std::to_string(pair % k) + "] = " + std::to_string(id) +
         " is not an expert id (must be -1 or in [0, num_experts)); that slot was dropped");
   }
-  if (s.error_flags & kRowArrivalTimeout) {
-    char t[32];
-    std::snprintf(t, sizeof t, "%g", timeout_s);
-    add("FC1 timed out after " + std::string(t) + " s waiting for the rows of local expert " +
+  if (s.error_flags & kRowArrivalTimeout)
+    add("FC1 timed out after " + std::string(timeout) + " s waiting for the rows of local expert " +
         std::to_string(s.waited_for_expert) + " to be copied in");
-  }
   if (s.error_flags & kBadTokenCount)
     add("num_tokens read from device memory = " + std::to_string(s.bad_token_count) +
         ": must be in [0, max_tokens_per_rank]; the forward ran with 0 tokens");
