@@ -1,22 +1,42 @@
 // The distributed engine behind the layer, as a small interface: a symmetric heap (the same
 // allocation on every rank, each peer's copy addressable from kernels), and a few host collectives.
-// The NVLink backend uses NCCL 2.28 windows and LSA pointers; a network (GIN) backend for several
-// nodes would implement the same interface, and the kernels, which only see PeerPointers, stay as
-// they are.
+//
+// Two implementations:
+// - NCCL (the distributed engine): NCCL 2.28 windows and LSA pointers over NVLink, one process per GPU.
+// - Loopback (a test and debug transport): W ranks in one process on one GPU, each driven by its own
+//   host thread; every rank's symmetric region is a slice of one device allocation. It uses no NCCL,
+//   so it also runs under compute-sanitizer.
+// Kernels reach peers through PeerPointers::map. A network (GIN) backend for several nodes needs a
+// device-side transport as well, not only this host interface (docs/DESIGN.md).
 #pragma once
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "megamoe/runtime.h"
 #include "megamoe/shape.h"
+
+#if defined(__CUDACC__)
+#define MEGAMOE_HOST_DEVICE __host__ __device__
+#else
+#define MEGAMOE_HOST_DEVICE
+#endif
 
 namespace megamoe {
 
 // Base address of one symmetric allocation on every rank, as a kernel parameter (by value).
 struct PeerPointers {
   char* base[kMaxEpSize];
+  int32_t rank = 0;  // whose view this is: base[rank] is the local copy
+
+  // The address on `peer` of the object at `local` in this rank's copy.
+  template <class T>
+  MEGAMOE_HOST_DEVICE T* map(T* local, int peer) const {
+    const auto offset = reinterpret_cast<const char*>(local) - base[rank];
+    return reinterpret_cast<T*>(base[peer] + offset);
+  }
 };
 
 // One symmetric allocation; the backend frees it (collectively) in its destructor. Destroy every
@@ -35,11 +55,14 @@ class Communicator {
   virtual int rank() const = 0;
   virtual int world_size() const = 0;
   virtual int device() const = 0;
+  // "nccl" or "loopback".
+  virtual const char* transport() const = 0;
 
   // Collective: every rank calls with the same size, in the same order. Memory is zeroed.
   virtual std::unique_ptr<SymmetricBuffer> allocate_symmetric(size_t bytes) = 0;
 
-  // Host collectives for tests and the benchmark (they synchronise the device).
+  // Host collectives for tests and the benchmark. Each first waits for the device work this rank's
+  // host thread has enqueued (not the whole device: loopback ranks share one GPU).
   virtual void host_barrier() = 0;
   virtual uint64_t broadcast(uint64_t value, int root) = 0;
   virtual double all_reduce_max(double value) = 0;
@@ -51,5 +74,17 @@ class Communicator {
 // Multicast is never requested. Selects env.local_rank as the CUDA device. Throws RuntimeError when
 // the loaded NCCL differs from the headers we were built with, or a peer is not reachable by LSA.
 std::unique_ptr<Communicator> create_nccl_communicator(const RankEnv& env);
+
+// The same, for callers that move the NCCL unique id over their own channel (a torch.distributed
+// group, MPI): rank 0 calls nccl_unique_id(), every rank passes those bytes in.
+std::string nccl_unique_id();
+std::unique_ptr<Communicator> create_nccl_communicator(int rank, int world_size, int device,
+                                                       const std::string& unique_id);
+
+// Loopback: world_size (1-8) ranks on one GPU in this process. Returns one communicator per rank;
+// communicator r must be used by one host thread only (rank r's), and every collective is called by
+// all of them. Throws InvalidArgument for a world size outside [1, 8].
+std::vector<std::unique_ptr<Communicator>> create_loopback_communicators(int world_size, int device);
+inline constexpr int kMaxLoopbackRanks = 8;
 
 }  // namespace megamoe
