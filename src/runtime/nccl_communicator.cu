@@ -99,6 +99,7 @@ class NcclCommunicator : public Communicator {
   int rank() const override { return rank_; }
   int world_size() const override { return world_; }
   int device() const override { return device_; }
+  const char* transport() const override { return "nccl"; }
 
   std::unique_ptr<SymmetricBuffer> allocate_symmetric(size_t bytes) override {
     if (bytes == 0) throw InvalidArgument("allocate_symmetric: bytes = 0: must be > 0");
