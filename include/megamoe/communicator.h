@@ -28,13 +28,13 @@ namespace megamoe {
 
 // Base address of one symmetric allocation on every rank, as a kernel parameter (by value).
 struct PeerPointers {
-  char* base[kMaxEpSize];
-  int32_t rank = 0;  // whose view this is: base[rank] is the local copy
+  char* base[kMaxEpSize];  // base[r]: rank r's copy, as this rank's kernels address it
+  char* local = nullptr;   // this rank's copy as it was allocated (local pointers are offsets from it)
 
-  // The address on `peer` of the object at `local` in this rank's copy.
+  // The address on rank `peer` of the object at `local_object` in this rank's copy.
   template <class T>
-  MEGAMOE_HOST_DEVICE T* map(T* local, int peer) const {
-    const auto offset = reinterpret_cast<const char*>(local) - base[rank];
+  MEGAMOE_HOST_DEVICE T* map(T* local_object, int peer) const {
+    const auto offset = reinterpret_cast<const char*>(local_object) - local;
     return reinterpret_cast<T*>(base[peer] + offset);
   }
 };
@@ -61,8 +61,9 @@ class Communicator {
   // Collective: every rank calls with the same size, in the same order. Memory is zeroed.
   virtual std::unique_ptr<SymmetricBuffer> allocate_symmetric(size_t bytes) = 0;
 
-  // Host collectives for tests and the benchmark. Each first waits for the device work this rank's
-  // host thread has enqueued (not the whole device: loopback ranks share one GPU).
+  // Host collectives for tests and the benchmark. NCCL: they synchronise this rank's device first.
+  // Loopback: they only meet the other ranks' host threads (the ranks share one GPU, so waiting for
+  // the device could wait for a peer that has not enqueued its part yet); synchronise streams first.
   virtual void host_barrier() = 0;
   virtual uint64_t broadcast(uint64_t value, int root) = 0;
   virtual double all_reduce_max(double value) = 0;

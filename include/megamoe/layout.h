@@ -18,28 +18,51 @@ namespace megamoe {
 
 enum class Arena { kSymmetric, kLocal };
 
+// The table itself, as one list that generates the Region ids, the printed table (layout.cpp) and the
+// typed views kernels use (WorkspaceRegions, src/core/workspace_regions.h). In placement order within
+// each arena; counters that must read zero at the start of every forward lead the symmetric arena.
+//   X(id, field, arena, C type, element type [bf16 layer|fp8 layer], element count, alignment, zero per forward)
+#define MEGAMOE_WORKSPACE_REGIONS(X)                                                                                     \
+  /* symmetric, must be zero at the start of each forward (the prefix) */                                                \
+  X(kExpertRecvCount, expert_recv_count, kSymmetric, int32_t, "int32", "E/W", 16, true)                                 \
+  X(kSendPairCount, send_pair_count, kSymmetric, int32_t, "int32", "W", 16, true)                                       \
+  X(kDispatchDoneCtas, dispatch_done_ctas, kSymmetric, int32_t, "int32", "1", 16, true)                                 \
+  X(kExpertArrivedRows, expert_arrived_rows, kSymmetric, int32_t, "int32", "E/W", 16, true)                             \
+  /* symmetric, bulk or persistent */                                                                                    \
+  X(kBarrierFlags, barrier_flags, kSymmetric, uint64_t, "uint64", "W", 128, false)                                      \
+  X(kSourcePairCount, source_pair_count, kSymmetric, int32_t, "int32", "W", 128, false)                                 \
+  X(kRecvPairs, recv_pairs, kSymmetric, ::megamoe::RecvPair, "RecvPair", "W*Tmax*K", 1024, false)                       \
+  X(kTokenStaging, token_staging, kSymmetric, uint8_t, "bf16|e4m3", "Tmax*H", 1024, false)                              \
+  X(kTokenStagingScale, token_staging_scale, kSymmetric, float, "-|fp32", "Tmax*H/128 (fp8)", 1024, false)              \
+  X(kCombineRecv, combine_recv, kSymmetric, uint8_t, "bf16", "Tmax*K*H", 1024, false)                                   \
+  /* local */                                                                                                            \
+  X(kTokenPool, token_pool, kLocal, uint8_t, "bf16|e4m3", "W*Tmax*K*H", 1024, false)                                    \
+  X(kTokenPoolScale, token_pool_scale, kLocal, float, "-|fp32", "H/128*P (fp8)", 1024, false)                    \
+  X(kPoolSource, pool_source, kLocal, ::megamoe::PoolSource, "PoolSource", "W*Tmax*K", 1024, false)                     \
+  X(kExpertRowOffset, expert_row_offset, kLocal, int32_t, "int32", "E/W+1", 128, false)                                 \
+  X(kExpertTileOffset, expert_tile_offset, kLocal, int32_t, "int32", "E/W+1", 128, false)                               \
+  X(kFc1Out, fc1_out, kLocal, uint8_t, "bf16|e4m3", "W*Tmax*K*I", 1024, false)                                          \
+  X(kFc1OutScale, fc1_out_scale, kLocal, float, "-|fp32", "I/128*P (fp8)", 1024, false)                          \
+  X(kDeviceStatus, device_status, kLocal, ::megamoe::DeviceStatus, "DeviceStatus", "1", 128, false)
+
+// What a claim records on the expert owner for one received (token, k) pair.
+struct RecvPair {
+  int32_t local_expert;  // the owner's expert index
+  int32_t slot;          // the pair's row among that expert's rows (claimed with one atomic)
+  int32_t source_pair;   // t*K + k on the source rank
+  int32_t unused;        // keeps the record 16 bytes: one vector store
+};
+
+// Where one row of the token pool comes from.
+struct PoolSource {
+  int32_t rank;         // the source rank
+  int32_t source_pair;  // t*K + k on that rank
+};
+
 enum class Region : int {
-  // --- symmetric, must be zero at the start of each forward (the prefix)
-  kExpertRecvCount,    // int32 [E_local]: (token,k) rows claimed per local expert by all sources
-  kSendPairCount,      // int32 [W]: this rank's cursor into each destination's pair list
-  kDispatchDoneCtas,   // int32 [1]: dispatch CTAs finished (the last one publishes the pair counts)
-  kExpertArrivedRows,  // int32 [E_local]: pool rows copied in per local expert (FC1 waits on these)
-  // --- symmetric, bulk or persistent
-  kBarrierFlags,       // uint64 [W]: epoch each peer last reached in the device barrier (never reset)
-  kSourcePairCount,    // int32 [W]: pairs each source rank listed in kRecvPairs this forward
-  kRecvPairs,          // int4 [W, Tmax*K]: {local expert, slot, source pair, 0} per received pair
-  kTokenStaging,       // bf16|e4m3 [Tmax, H]: this rank's tokens, pulled by the expert owners
-  kTokenStagingScale,  // fp32 [Tmax, H/128]: fp8 only, 1x128 block scales of kTokenStaging
-  kCombineRecv,        // bf16 [Tmax*K, H]: expert outputs returned to this (source) rank, slot t*K+k
-  // --- local
-  kTokenPool,          // bf16|e4m3 [W*Tmax*K, H]: received rows, grouped by local expert
-  kTokenPoolScale,     // fp32 [W*Tmax*K, H/128]: fp8 only
-  kPoolSource,         // int2 [W*Tmax*K]: {source rank, source pair t*K+k} of each pool row
-  kExpertRowOffset,    // int32 [E_local+1]: first pool row of each local expert (prefix of the counts)
-  kExpertTileOffset,   // int32 [E_local+1]: first 128-row tile of each local expert (GEMM schedule)
-  kFc1Out,             // bf16|e4m3 [W*Tmax*K, I]: SwiGLU output, FC2's input
-  kFc1OutScale,        // fp32 [W*Tmax*K, I/128]: fp8 only
-  kDeviceStatus,       // DeviceStatus: sticky error record and barrier epoch (zeroed once)
+#define MEGAMOE_REGION_ID(id, ...) id,
+  MEGAMOE_WORKSPACE_REGIONS(MEGAMOE_REGION_ID)
+#undef MEGAMOE_REGION_ID
   kCount
 };
 inline constexpr int kNumRegions = static_cast<int>(Region::kCount);
@@ -76,6 +99,10 @@ class WorkspaceLayout {
   size_t zero_prefix_bytes() const { return zero_prefix_bytes_; }
   // Rows the token pool can hold: every (token, k) pair of every rank (the all-to-one-rank worst case).
   int64_t pool_rows() const { return pool_rows_; }
+  // P: the row pitch of the pool's and fc1_out's fp8 scale matrices, stored one 128-column block
+  // after another ([blocks, P], the GEMM loads a tile's scales of one block with one TMA box):
+  // pool_rows rounded up to 128.
+  int64_t scale_pitch() const { return (pool_rows_ + 127) / 128 * 128; }
 
   // The table with byte sizes, as `megamoe info` prints it.
   std::string to_string() const;

@@ -27,8 +27,10 @@ struct ReferenceOptions {
   // Round the SwiGLU output to bf16 before FC2 and each expert's FC2 row to bf16 before the
   // weighted sum, as the GPU layer does. Off: everything in fp64 until y.
   bool round_like_gpu = true;
-  // Quantise activations (1x128 blocks) and weights (128x128 blocks) to e4m3 with fp32 scales,
-  // as DeepSeek's fp8 format does, before each GEMM. Implies the weight format's rounding.
+  // The fp8 layer (DeepSeek's format, one convention everywhere): activations quantised per token
+  // and 128 columns and weights per 128 x 128 block to e4m3, scale = amax / 448 in fp32 (1 for an
+  // all-zero block), q = e4m3 round-to-nearest-even of value / scale; the SwiGLU output is taken to
+  // fp32 (not bf16) and quantised the same way before FC2.
   bool emulate_fp8 = false;
   int num_threads = 0;  // 0: hardware concurrency
 };

@@ -35,6 +35,11 @@ int run_ranks(int argc, char** argv, int num_gpus, const std::function<int(const
 // Number of visible CUDA devices (0 when there is no driver or no device).
 int visible_gpu_count();
 
+// Sets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 for this
+// process and the children it starts: megamoe never uses NVLink multicast, and neither may anything
+// it shares a process with. Called by every NCCL communicator constructor and by our programs' main.
+void disable_nvlink_multicast();
+
 // "[rank r] " prefix for this process's own log lines when the parent does not add one.
 std::string log_prefix(const RankEnv& env);
 

@@ -14,12 +14,12 @@
 #include <vector>
 
 #include "cli/args.h"
-#include "kernels/random_fill.h"
+#include "bench/cuda/comm_bench.h"
+#include "bench/cuda/random_fill.h"
 #include "megamoe/bf16.h"
 #include "megamoe/layer.h"
 #include "megamoe/roofline.h"
 #include "megamoe/routing.h"
-#include "runtime/comm_bench.h"
 #include "runtime/cuda_check.h"
 
 namespace megamoe::cli {
@@ -53,8 +53,8 @@ void load_random_weights(Layer& layer, const MoeShape& shape, uint64_t seed, cud
   DeviceArray<bf16_t> w1(size_t(chunk) * 2 * I * H), w2(size_t(chunk) * H * I);
   for (int64_t first = 0; first < El; first += chunk) {
     const int64_t n = std::min(chunk, El - first);
-    kernels::fill_random_bf16(w1.ptr, size_t(n) * 2 * I * H, seed + uint64_t(first) * 2, 1.0f / std::sqrt(float(H)), s);
-    kernels::fill_random_bf16(w2.ptr, size_t(n) * H * I, seed + uint64_t(first) * 2 + 1, 1.0f / std::sqrt(float(I)), s);
+    bench::fill_random_bf16(w1.ptr, size_t(n) * 2 * I * H, seed + uint64_t(first) * 2, 1.0f / std::sqrt(float(H)), s);
+    bench::fill_random_bf16(w2.ptr, size_t(n) * H * I, seed + uint64_t(first) * 2 + 1, 1.0f / std::sqrt(float(I)), s);
     layer.load_expert_weights(first, n, w1.ptr, w2.ptr, s);
     MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(s));
   }
@@ -104,7 +104,7 @@ int bench_layer(Communicator& comm, const Args& a) {
         set.ids = std::make_unique<DeviceArray<int32_t>>(size_t(T) * K);
         set.weights = std::make_unique<DeviceArray<float>>(size_t(T) * K);
         const uint64_t seed = 99991 * uint64_t(i + 1) + uint64_t(rank) * 131 + uint64_t(T);
-        kernels::fill_random_bf16(set.x->ptr, size_t(T) * H, seed, 1.0f, s);
+        bench::fill_random_bf16(set.x->ptr, size_t(T) * H, seed, 1.0f, s);
         const Routing r = make_routing(routing, T, shape.num_experts, shape.top_k, seed);
         if (T > 0) {
           MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(set.ids->ptr, r.ids.data(), r.ids.size() * 4, cudaMemcpyHostToDevice, s));
@@ -189,13 +189,13 @@ int bench_layer(Communicator& comm, const Args& a) {
 }
 
 int bench_comm(Communicator& comm) {
-  const CommBenchResult r = run_comm_bench(comm);
+  const bench::CommBenchResult r = bench::run_comm_bench(comm);
   if (comm.rank() == 0) {
     std::printf("megamoe bench --comm: %d ranks\n", comm.world_size());
     if (comm.world_size() >= 2) {
       std::printf("  NVLink write via LSA pointers (SM stores), rank 0 -> rank 1: %7.1f GB/s\n", r.one_way_gbps);
       std::printf("  NVLink write, all ranks to all peers at once, per GPU out: %7.1f GB/s (slowest rank)\n", r.all_to_all_gbps);
-      std::printf("  copy-engine peer copy GPU0 -> GPU1 (NOTES.md §6, for comparison): 385.0 GB/s\n");
+      std::printf("  copy-engine peer copy (cudaMemcpyAsync), rank 0 -> rank 1:        %7.1f GB/s\n", r.copy_engine_gbps);
     }
     std::printf("  device barrier across %d ranks: %.2f us (slowest rank, mean of 1000 in one kernel)\n",
                 comm.world_size(), r.barrier_us);

@@ -6,7 +6,7 @@
 #include <thread>
 
 #include "cli/args.h"
-#include "runtime/device_barrier.h"
+#include "comm/barrier.h"
 
 namespace megamoe::cli {
 
@@ -18,14 +18,14 @@ int selftest_main(int argc, char** argv) {
   const double timeout_s = a.number("timeout", 2.0);
   return run_ranks(argc, argv, gpus, [&](const RankEnv& env) {
     auto comm = create_nccl_communicator(env);
-    StandaloneDeviceBarrier barrier(*comm, timeout_s);
+    comm::StandaloneDeviceBarrier barrier(*comm, timeout_s);
     if (env.rank == skip) {
       // Stay alive (and out of the barrier) until the others have given up and the parent stops us.
       std::this_thread::sleep_for(std::chrono::duration<double>(timeout_s + 30));
       return 0;
     }
     barrier.launch(kTestBarrier, nullptr);
-    barrier.check();  // throws "rank r: test barrier timed out after ... waiting for rank R"
+    barrier.check(nullptr);  // throws "rank r: test barrier timed out after ... waiting for rank R"
     std::printf("%sall %d ranks passed the device barrier\n", log_prefix(env).c_str(), env.world_size);
     return 0;
   });

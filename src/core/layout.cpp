@@ -5,33 +5,19 @@
 #include <sstream>
 
 #include "megamoe/error.h"
+#include "workspace_regions.h"
 
 namespace megamoe {
 namespace {
 
-constexpr size_t kCounterAlign = 16;
 constexpr size_t kBulkAlign = 1024;  // TMA sources and 128B-swizzled tiles want 1 KiB-aligned bases
 
-// Table order is placement order. Counters first: they are the must-zero prefix.
+// Table order is placement order (MEGAMOE_WORKSPACE_REGIONS in layout.h).
 constexpr std::array<RegionSpec, kNumRegions> kTable = {{
-    {Region::kExpertRecvCount, "expert_recv_count", Arena::kSymmetric, "int32", "E/W", kCounterAlign, true},
-    {Region::kSendPairCount, "send_pair_count", Arena::kSymmetric, "int32", "W", kCounterAlign, true},
-    {Region::kDispatchDoneCtas, "dispatch_done_ctas", Arena::kSymmetric, "int32", "1", kCounterAlign, true},
-    {Region::kExpertArrivedRows, "expert_arrived_rows", Arena::kSymmetric, "int32", "E/W", kCounterAlign, true},
-    {Region::kBarrierFlags, "barrier_flags", Arena::kSymmetric, "uint64", "W", 128, false},
-    {Region::kSourcePairCount, "source_pair_count", Arena::kSymmetric, "int32", "W", 128, false},
-    {Region::kRecvPairs, "recv_pairs", Arena::kSymmetric, "int4", "W*Tmax*K", kBulkAlign, false},
-    {Region::kTokenStaging, "token_staging", Arena::kSymmetric, "bf16|e4m3", "Tmax*H", kBulkAlign, false},
-    {Region::kTokenStagingScale, "token_staging_scale", Arena::kSymmetric, "-|fp32", "Tmax*H/128 (fp8)", kBulkAlign, false},
-    {Region::kCombineRecv, "combine_recv", Arena::kSymmetric, "bf16", "Tmax*K*H", kBulkAlign, false},
-    {Region::kTokenPool, "token_pool", Arena::kLocal, "bf16|e4m3", "W*Tmax*K*H", kBulkAlign, false},
-    {Region::kTokenPoolScale, "token_pool_scale", Arena::kLocal, "-|fp32", "W*Tmax*K*H/128 (fp8)", kBulkAlign, false},
-    {Region::kPoolSource, "pool_source", Arena::kLocal, "int2", "W*Tmax*K", kBulkAlign, false},
-    {Region::kExpertRowOffset, "expert_row_offset", Arena::kLocal, "int32", "E/W+1", 128, false},
-    {Region::kExpertTileOffset, "expert_tile_offset", Arena::kLocal, "int32", "E/W+1", 128, false},
-    {Region::kFc1Out, "fc1_out", Arena::kLocal, "bf16|e4m3", "W*Tmax*K*I", kBulkAlign, false},
-    {Region::kFc1OutScale, "fc1_out_scale", Arena::kLocal, "-|fp32", "W*Tmax*K*I/128 (fp8)", kBulkAlign, false},
-    {Region::kDeviceStatus, "device_status", Arena::kLocal, "DeviceStatus", "1", 128, false},
+#define MEGAMOE_REGION_SPEC(id, field, arena, ctype, type, count, align, zero) \
+  {Region::id, #field, Arena::arena, type, count, align, zero},
+    MEGAMOE_WORKSPACE_REGIONS(MEGAMOE_REGION_SPEC)
+#undef MEGAMOE_REGION_SPEC
 }};
 
 size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
@@ -42,6 +28,7 @@ void size_region(const MoeShape& s, Region r, size_t& element_bytes, size_t& cou
   const size_t W = size_t(s.ep_size), T = size_t(s.max_tokens_per_rank), K = size_t(s.top_k);
   const size_t H = size_t(s.hidden), I = size_t(s.intermediate), El = size_t(s.experts_per_rank());
   const size_t pool = W * T * K;
+  const size_t pitch = (pool + 127) / 128 * 128;  // WorkspaceLayout::scale_pitch
   const size_t activation_bytes = fp8 ? 1 : 2;
   switch (r) {
     case Region::kExpertRecvCount: element_bytes = 4; count = El; return;
@@ -50,17 +37,17 @@ void size_region(const MoeShape& s, Region r, size_t& element_bytes, size_t& cou
     case Region::kExpertArrivedRows: element_bytes = 4; count = El; return;
     case Region::kBarrierFlags: element_bytes = 8; count = W; return;
     case Region::kSourcePairCount: element_bytes = 4; count = W; return;
-    case Region::kRecvPairs: element_bytes = 16; count = W * T * K; return;
+    case Region::kRecvPairs: element_bytes = sizeof(RecvPair); count = W * T * K; return;
     case Region::kTokenStaging: element_bytes = activation_bytes; count = T * H; return;
     case Region::kTokenStagingScale: element_bytes = 4; count = fp8 ? T * H / 128 : 0; return;
     case Region::kCombineRecv: element_bytes = 2; count = T * K * H; return;
     case Region::kTokenPool: element_bytes = activation_bytes; count = pool * H; return;
-    case Region::kTokenPoolScale: element_bytes = 4; count = fp8 ? pool * H / 128 : 0; return;
-    case Region::kPoolSource: element_bytes = 8; count = pool; return;
+    case Region::kTokenPoolScale: element_bytes = 4; count = fp8 ? H / 128 * pitch : 0; return;
+    case Region::kPoolSource: element_bytes = sizeof(PoolSource); count = pool; return;
     case Region::kExpertRowOffset: element_bytes = 4; count = El + 1; return;
     case Region::kExpertTileOffset: element_bytes = 4; count = El + 1; return;
     case Region::kFc1Out: element_bytes = activation_bytes; count = pool * I; return;
-    case Region::kFc1OutScale: element_bytes = 4; count = fp8 ? pool * I / 128 : 0; return;
+    case Region::kFc1OutScale: element_bytes = 4; count = fp8 ? I / 128 * pitch : 0; return;
     case Region::kDeviceStatus: element_bytes = sizeof(DeviceStatus); count = 1; return;
     case Region::kCount: break;
   }
@@ -138,6 +125,19 @@ std::string WorkspaceLayout::to_string() const {
                 100.0 * double(zero_prefix_bytes_) / double(total_bytes()));
   os << line;
   return os.str();
+}
+
+WorkspaceRegions locate_regions(const WorkspaceLayout& layout, void* symmetric_base, void* local_base) {
+  WorkspaceRegions r{};
+  auto at = [&](Region id, Arena arena) -> void* {
+    const RegionPlacement& p = layout[id];
+    if (p.bytes == 0) return nullptr;
+    return static_cast<char*>(arena == Arena::kSymmetric ? symmetric_base : local_base) + p.offset;
+  };
+#define MEGAMOE_REGION_LOCATE(id, field, arena, ctype, ...) r.field = static_cast<ctype*>(at(Region::id, Arena::arena));
+  MEGAMOE_WORKSPACE_REGIONS(MEGAMOE_REGION_LOCATE)
+#undef MEGAMOE_REGION_LOCATE
+  return r;
 }
 
 }  // namespace megamoe

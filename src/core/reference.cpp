@@ -150,7 +150,9 @@ void compute_pair_chunk(const MoeShape& shape, const ConvertedExpert& expert, st
         u = std::clamp(u, -limit, limit);
       }
       double value = g / (1.0 + std::exp(-g)) * u;
-      if (options.round_like_gpu) value = round_to_bf16(static_cast<float>(value));
+      // The bf16 layer stores h as bf16; the fp8 layer quantises it straight from fp32 (below).
+      if (options.round_like_gpu && !options.emulate_fp8) value = round_to_bf16(static_cast<float>(value));
+      else if (options.emulate_fp8) value = static_cast<float>(value);
       h[j * kLanes + l] = value;
     }
   }

@@ -1,14 +1,19 @@
-// Layer: argument checks, weights, and the forward's launch sequence (see kernels/stages.h).
+// Layer: argument checks, weights, and the forward's launch sequence (moe/stages.h).
 #include "megamoe/layer.h"
 
 #include <cuda.h>
 
 #include <algorithm>
+#include <array>
+#include <climits>
+#include <cmath>
 #include <cstdlib>
 #include <vector>
 
-#include "kernels/stages.h"
+#include "comm/barrier.h"
+#include "gemm/config.h"
 #include "layer/workspace.h"
+#include "moe/stages.h"
 #include "runtime/cuda_check.h"
 
 namespace megamoe {
@@ -19,7 +24,7 @@ double default_timeout_s(double requested) {
   if (const char* v = std::getenv("MEGAMOE_BARRIER_TIMEOUT_S")) {
     char* end = nullptr;
     double t = std::strtod(v, &end);
-    if (*v == '\0' || *end != '\0' || !(t > 0))
+    if (*v == '\0' || *end != '\0' || !(t > 0) || !std::isfinite(t))
       throw InvalidArgument(std::string("MEGAMOE_BARRIER_TIMEOUT_S = '") + v + "': must be a number of seconds > 0");
     return t;
   }
@@ -32,16 +37,6 @@ bool env_debug() {
 }
 
 using GetAddressRange = CUresult (*)(CUdeviceptr*, size_t*, CUdeviceptr);
-
-GetAddressRange get_address_range() {
-  static GetAddressRange fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    MEGAMOE_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &p, 12000, cudaEnableDefault, &found));
-    return found == cudaDriverEntryPointSuccess ? reinterpret_cast<GetAddressRange>(p) : nullptr;
-  }();
-  return fn;
-}
 
 // A device buffer argument: not null, aligned, memory of this GPU, and large enough.
 void check_device_buffer(const char* name, const void* ptr, size_t bytes, size_t alignment, int device,
@@ -57,7 +52,8 @@ void check_device_buffer(const char* name, const void* ptr, size_t bytes, size_t
   if ((attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) ||
       (attr.type == cudaMemoryTypeDevice && attr.device != device))
     throw InvalidArgument(std::string(name) + ": must point to device memory of GPU " + std::to_string(device));
-  if (GetAddressRange range = get_address_range()) {
+  static const auto range = reinterpret_cast<GetAddressRange>(detail::driver_function("cuMemGetAddressRange"));
+  if (range) {
     CUdeviceptr base = 0;
     size_t size = 0;
     if (range(&base, &size, reinterpret_cast<CUdeviceptr>(ptr)) == CUDA_SUCCESS) {
@@ -69,26 +65,73 @@ void check_device_buffer(const char* name, const void* ptr, size_t bytes, size_t
   }
 }
 
+// The host's reading of a layer's DeviceStatus: "" when clean, else one message per error.
+std::string describe_device_status(const DeviceStatus& s, int rank, double timeout_s, int64_t top_k) {
+  std::string out = comm::describe_barrier_timeout(s, rank, timeout_s);
+  auto add = [&](const std::string& m) { out += (out.empty() ? "" : "; ") + ("rank " + std::to_string(rank) + ": " + m); };
+  if (s.error_flags & kBadExpertId) {
+    const uint32_t pair = 0xFFFFFFFFu - uint32_t(s.bad_expert_record >> 32);
+    const int32_t id = int32_t(uint32_t(s.bad_expert_record & 0xFFFFFFFFu));
+    const int64_t k = top_k > 0 ? top_k : 1;
+    add("topk_ids[" + std::to_string(pair / k) + ", " + std::to_string(pair % k) + "] = " + std::to_string(id) +
+        " is not an expert id (must be -1 or in [0, num_experts)); that slot was dropped");
+  }
+  if (s.error_flags & kRowArrivalTimeout)
+    add("FC1 timed out after " + comm::format_seconds(timeout_s) + " s waiting for the rows of local expert " +
+        std::to_string(s.waited_for_expert) + " to be copied in");
+  if (s.error_flags & kBadTokenCount)
+    add("num_tokens read from device memory = " + std::to_string(s.bad_token_count) +
+        ": must be in [0, max_tokens_per_rank]; the forward ran with 0 tokens");
+  return out;
+}
+
+template <class T>
+struct DeviceArray {  // an owned device allocation of the layer
+  T* ptr = nullptr;
+  explicit DeviceArray(size_t count) {
+    if (count) MEGAMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr), count * sizeof(T)));
+  }
+  ~DeviceArray() {
+    if (ptr) cudaFree(ptr);
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+};
+
 }  // namespace
 
 struct Layer::Impl {
   Impl(const MoeShape& s, Communicator& c, const LayerOptions& o)
       : shape(s), comm(c), timeout_s(default_timeout_s(o.barrier_timeout_s)), debug(o.debug_checks || env_debug()),
-        workspace(s, c) {
+        fp8(s.weight_format == WeightFormat::kFp8), workspace(s, c),
+        w1(size_t(s.experts_per_rank()) * 2 * s.intermediate * s.hidden * element_bytes()),
+        w2(size_t(s.experts_per_rank()) * s.hidden * s.intermediate * element_bytes()),
+        w1_scale(fp8 ? size_t(s.experts_per_rank()) * (2 * s.intermediate / 128) * (s.hidden / 128) : 0),
+        w2_scale(fp8 ? size_t(s.experts_per_rank()) * (s.hidden / 128) * (s.intermediate / 128) : 0) {
     MEGAMOE_CUDA_CHECK(cudaGetDevice(&device));
-    MEGAMOE_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+    int device_sms = 0;
+    MEGAMOE_CUDA_CHECK(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, device));
+    if (o.num_sms < 0 || o.num_sms > device_sms)
+      throw InvalidArgument("options.num_sms = " + std::to_string(o.num_sms) + ": must be in [0 (all), " +
+                            std::to_string(device_sms) + "] (the SMs of GPU " + std::to_string(device) + ")");
+    num_sms = o.num_sms ? o.num_sms : device_sms;
     barrier = workspace.barrier_view(timeout_s);
     view = workspace.view();
     view.wait_timeout_ns = uint64_t(timeout_s * 1e9);
-    const kernels::LayerView& v = view;
-    pool_map = kernels::make_bf16_tensor_map(v.token_pool, uint64_t(v.pool_rows), uint64_t(v.hidden), kernels::kGemmBlockM);
-    fc1_out_map =
-        kernels::make_bf16_tensor_map(v.fc1_out, uint64_t(v.pool_rows), uint64_t(v.intermediate), kernels::kGemmBlockM);
-    const size_t El = size_t(s.experts_per_rank()), H = size_t(s.hidden), I = size_t(s.intermediate);
-    MEGAMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&w1_interleaved), El * 2 * I * H * 2));
-    MEGAMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&w2), El * H * I * 2));
-    w1_maps = kernels::make_weight_maps(w1_interleaved, El * 2 * I, H, kernels::kFc1BlockN);
-    w2_maps = kernels::make_weight_maps(w2, El * H, I, kernels::fc2_block_n(s.hidden));
+
+    const moe::LayerView& v = view;
+    const CUtensorMapDataType type = fp8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    const uint64_t El = uint64_t(s.experts_per_rank()), H = uint64_t(s.hidden), I = uint64_t(s.intermediate);
+    gemms.pool = gemm::make_operand_map(v.ws.token_pool, type, uint64_t(v.pool_rows), H, gemm::kBoxRowsA);
+    gemms.fc1_out = gemm::make_operand_map(v.ws.fc1_out, type, uint64_t(v.pool_rows), I, gemm::kBoxRowsA);
+    if (fp8) {
+      gemms.pool_scale = gemm::make_scale_map(v.ws.token_pool_scale, uint64_t(v.scale_pitch), H / 128, gemm::kBoxRowsA);
+      gemms.fc1_out_scale = gemm::make_scale_map(v.ws.fc1_out_scale, uint64_t(v.scale_pitch), I / 128, gemm::kBoxRowsA);
+    }
+    gemms.w1 = gemm::make_weight_maps(w1.ptr, type, El * 2 * I, H, gemm::kFc1BlockN);
+    gemms.w2 = gemm::make_weight_maps(w2.ptr, type, El * H, I, gemm::fc2_block_n(s.hidden));
+    gemms.w1_scale = w1_scale.ptr;
+    gemms.w2_scale = w2_scale.ptr;
     expert_loaded.assign(El, false);
     stage_timing = o.stage_timing;
     forced_cluster_m = o.gemm_cluster_m;
@@ -96,71 +139,201 @@ struct Layer::Impl {
       stage_events.resize(8);
       for (auto& e : stage_events) MEGAMOE_CUDA_CHECK(cudaEventCreate(&e));
     }
+    MEGAMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&status_stream, cudaStreamNonBlocking));
+    // Every kernel of a forward is loaded now, not at its first launch (runtime/cuda_check.h).
+    moe::preload_kernels(fp8);
+    comm::preload_barrier_kernels();
+    comm.host_barrier();  // every rank is fully set up before any rank's first forward can wait for it
   }
   ~Impl() {
     cudaDeviceSynchronize();
     for (auto& e : stage_events) cudaEventDestroy(e);
-    cudaFree(w1_interleaved);
-    cudaFree(w2);
+    if (status_stream) cudaStreamDestroy(status_stream);
   }
 
-  void check_forward_args(const void* x, const int32_t* ids, const float* weights, void* y, int64_t tokens) const {
-    if (!weights_loaded) throw InvalidArgument("forward: not every local expert has weights yet (call load_weights, or load_expert_weights for each)");
+  size_t element_bytes() const { return fp8 ? 1 : 2; }
+
+  void check_loaded() const {
+    if (!weights_loaded)
+      throw InvalidArgument("forward: not every local expert has weights yet (call load_weights, or load_expert_weights for each)");
+  }
+
+  void check_forward_args(const ForwardArgs& a, int64_t tokens) const {
+    check_loaded();
     const size_t T = size_t(tokens), H = size_t(shape.hidden), K = size_t(shape.top_k);
     const std::string t = std::to_string(tokens);
-    check_device_buffer("x", x, T * H * 2, 16, device, "x [" + t + ", hidden] bf16");
-    check_device_buffer("topk_ids", ids, T * K * 4, 4, device, "topk_ids [" + t + ", top_k] int32");
-    check_device_buffer("topk_weights", weights, T * K * 4, 4, device, "topk_weights [" + t + ", top_k] fp32");
-    check_device_buffer("y", y, T * H * 2, 16, device, "y [" + t + ", hidden] bf16");
+    if (a.x_scale) {
+      if (!fp8)
+        throw InvalidArgument("x_scale: given, but this layer's weight_format is bf16; quantised tokens need an fp8 layer");
+      check_device_buffer("x", a.x, T * H, 16, device, "x [" + t + ", hidden] e4m3");
+      check_device_buffer("x_scale", a.x_scale, T * (H / 128) * 4, 4, device, "x_scale [" + t + ", hidden/128] fp32");
+    } else {
+      check_device_buffer("x", a.x, T * H * 2, 16, device, "x [" + t + ", hidden] bf16");
+    }
+    const bool ids64 = a.topk_ids_type == IndexType::kInt64;
+    check_device_buffer("topk_ids", a.topk_ids, T * K * (ids64 ? 8 : 4), ids64 ? 8 : 4, device,
+                        "topk_ids [" + t + ", top_k] " + (ids64 ? "int64" : "int32"));
+    check_device_buffer("topk_weights", a.topk_weights, T * K * 4, 4, device, "topk_weights [" + t + ", top_k] fp32");
+    check_device_buffer("y", a.y, T * H * 2, 16, device, "y [" + t + ", hidden] bf16");
+    if (!std::isfinite(a.output_scale))
+      throw InvalidArgument("output_scale = " + std::to_string(a.output_scale) + ": must be finite");
   }
 
-  void enqueue(const void* x, const int32_t* ids, const float* weights, void* y, kernels::TokenCount tokens,
-               int launch_tokens, cudaStream_t stream) {
-    const kernels::LayerView& v = view;
+  void enqueue(const moe::ForwardInputs& in, cudaStream_t stream) {
+    const moe::LayerView& v = view;
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     MEGAMOE_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    const bool timing = stage_timing && capture == cudaStreamCaptureStatusNone;
+    const bool eager = capture == cudaStreamCaptureStatusNone;
+    if (eager) {
+      last_stream = stream;
+      last_stream_set = true;
+    }
+    const bool timing = stage_timing && eager;
     int mark = 0;
     auto stage_done = [&] {
       if (timing) MEGAMOE_CUDA_CHECK(cudaEventRecord(stage_events[size_t(mark++)], stream));
     };
     stage_done();
-    kernels::launch_dispatch_claim(v, static_cast<const __nv_bfloat16*>(x), ids, tokens, launch_tokens, stream);
+    moe::launch_dispatch_claim(v, in, num_sms, stream);
     stage_done();
-    launch_device_barrier(barrier, kDispatchBarrier, stream);
+    comm::launch_device_barrier(barrier, kDispatchBarrier, stream);
     stage_done();
-    // GEMM CTA pairing from the rows per expert expected under uniform routing (gemm_cluster_m in
-    // stages.h); with a device-side count, the capacity is what is known.
-    const double expected_rows = double(launch_tokens) * v.top_k * v.world_size / v.num_experts;
-    const int cluster_m = forced_cluster_m ? forced_cluster_m : kernels::gemm_cluster_m(expected_rows);
-    kernels::launch_dispatch_schedule(v, num_sms, cluster_m, stream);
+    // GEMM CTA pairing from the rows per expert expected under uniform routing (cluster_m_for in
+    // gemm/config.h); with a device-side count, the capacity is what is known.
+    const double expected_rows = double(in.launch_tokens) * v.top_k * v.world_size / v.num_experts;
+    int cluster_m = forced_cluster_m ? forced_cluster_m : gemm::cluster_m_for(expected_rows);
+    if (num_sms < 2) cluster_m = 1;  // a pair needs two SMs of the budget
+    moe::launch_dispatch_schedule(v, num_sms, cluster_m, stream);
     stage_done();
-    kernels::launch_fc1_swiglu(v, pool_map, w1_maps, cluster_m, num_sms, stream);
+    moe::launch_fc1(v, gemms, cluster_m, num_sms, stream);
     stage_done();
-    kernels::launch_fc2_scatter(v, fc1_out_map, w2_maps, cluster_m, num_sms, stream);
+    moe::launch_fc2(v, gemms, cluster_m, num_sms, stream);
     // The counters are reset after their last reader (FC2) and before the combine barrier: no peer
     // can start the next forward's claims on this rank until this rank has passed that barrier.
     workspace.reset_counters(stream);
     stage_done();
-    launch_device_barrier(barrier, kCombineBarrier, stream);
+    comm::launch_device_barrier(barrier, kCombineBarrier, stream);
     stage_done();
-    kernels::launch_combine(v, ids, weights, static_cast<__nv_bfloat16*>(y), tokens, launch_tokens, stream);
+    moe::launch_combine(v, in, num_sms, stream);
     stage_done();
   }
 
+  void forward(const ForwardArgs& a, cudaStream_t stream) {
+    int64_t launch_tokens = a.num_tokens;
+    if (a.num_tokens_device) {
+      check_device_buffer("num_tokens_device", a.num_tokens_device, 4, 4, device, "one int32");
+      launch_tokens = shape.max_tokens_per_rank;
+      check_forward_args(a, launch_tokens);
+    } else {
+      if (a.num_tokens < 0 || a.num_tokens > shape.max_tokens_per_rank)
+        throw InvalidArgument("num_tokens = " + std::to_string(a.num_tokens) + ": must be in [0, max_tokens_per_rank = " +
+                              std::to_string(shape.max_tokens_per_rank) + "]");
+      if (a.num_tokens > 0) check_forward_args(a, a.num_tokens);
+      else check_loaded();
+    }
+    moe::ForwardInputs in{};
+    in.x = a.x;
+    in.x_scale = a.x_scale;
+    in.topk_ids = a.topk_ids;
+    in.ids_int64 = a.topk_ids_type == IndexType::kInt64;
+    in.topk_weights = a.topk_weights;
+    in.y = a.y;
+    in.output_scale = a.output_scale;
+    in.tokens = moe::TokenCount{int32_t(a.num_tokens_device ? 0 : a.num_tokens), a.num_tokens_device};
+    in.launch_tokens = int32_t(launch_tokens);
+    enqueue(in, stream);
+    if (debug) check_errors();
+  }
+
+  // Copies the given experts' weights into the layer's layout (see load_expert_weights).
+  void load(int64_t first, int64_t count, const ExpertWeightsView& w, cudaStream_t stream) {
+    const int64_t El = shape.experts_per_rank();
+    if (first < 0 || count < 1 || first + count > El)
+      throw InvalidArgument("experts [" + std::to_string(first) + ", " + std::to_string(first + count) +
+                            "): must be a non-empty range inside [0, experts_per_rank = " + std::to_string(El) + ")");
+    const size_t H = size_t(shape.hidden), I = size_t(shape.intermediate), n = size_t(count);
+    const size_t w1_elems = n * 2 * I * H, w2_elems = n * H * I;
+    const size_t w1_blocks = n * (2 * I / 128) * (H / 128), w2_blocks = n * (H / 128) * (I / 128);
+    if (w.format == WeightFormat::kFp8 && !fp8)
+      throw InvalidArgument("weights.format = fp8: this layer's weight_format is bf16; create the layer with fp8 to load an fp8 checkpoint");
+    const bool given_fp8 = w.format == WeightFormat::kFp8;
+    const std::string e = given_fp8 ? "e4m3" : "bf16";
+    check_device_buffer("w1", w.w1, w1_elems * (given_fp8 ? 1 : 2), 16, device, "w1 [count, 2*intermediate, hidden] " + e);
+    check_device_buffer("w2", w.w2, w2_elems * (given_fp8 ? 1 : 2), 16, device, "w2 [count, hidden, intermediate] " + e);
+    if (given_fp8) {
+      check_device_buffer("w1_scale", w.w1_scale, w1_blocks * 4, 4, device, "w1_scale [count, 2*intermediate/128, hidden/128] fp32");
+      check_device_buffer("w2_scale", w.w2_scale, w2_blocks * 4, 4, device, "w2_scale [count, hidden/128, intermediate/128] fp32");
+      check_scales("w1_scale", w.w1_scale, w1_blocks, {int64_t(2 * I / 128), int64_t(H / 128)}, stream);
+      check_scales("w2_scale", w.w2_scale, w2_blocks, {int64_t(H / 128), int64_t(I / 128)}, stream);
+    } else if (w.w1_scale || w.w2_scale) {
+      throw InvalidArgument(std::string(w.w1_scale ? "w1_scale" : "w2_scale") +
+                            ": given with bf16 weights (weights.format = bf16 has no scales)");
+    }
+    const size_t eb = element_bytes();
+    void* w1_dst = w1.ptr + size_t(first) * 2 * I * H * eb;
+    void* w2_dst = w2.ptr + size_t(first) * H * I * eb;
+    if (fp8 && !given_fp8) {
+      // A bf16 checkpoint on an fp8 layer: quantise on the device (w1 through a scratch buffer, which
+      // the interleave then reorders).
+      void* scratch = nullptr;
+      MEGAMOE_CUDA_CHECK(cudaMallocAsync(&scratch, w1_elems, stream));
+      moe::launch_quantize_weights(w.w1, int64_t(n), int64_t(2 * I), int64_t(H), scratch,
+                                   w1_scale.ptr + size_t(first) * (w1_blocks / n), stream);
+      moe::launch_interleave_gate_up(scratch, w1_dst, count, int64_t(I), int64_t(H), stream);
+      MEGAMOE_CUDA_CHECK(cudaFreeAsync(scratch, stream));
+      moe::launch_quantize_weights(w.w2, int64_t(n), int64_t(H), int64_t(I), w2_dst,
+                                   w2_scale.ptr + size_t(first) * (w2_blocks / n), stream);
+    } else {
+      moe::launch_interleave_gate_up(w.w1, w1_dst, count, int64_t(I), int64_t(H * eb), stream);
+      MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(w2_dst, w.w2, w2_elems * eb, cudaMemcpyDeviceToDevice, stream));
+      if (fp8) {
+        MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(w1_scale.ptr + size_t(first) * (w1_blocks / n), w.w1_scale, w1_blocks * 4,
+                                           cudaMemcpyDeviceToDevice, stream));
+        MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(w2_scale.ptr + size_t(first) * (w2_blocks / n), w.w2_scale, w2_blocks * 4,
+                                           cudaMemcpyDeviceToDevice, stream));
+      }
+    }
+    for (int64_t x = first; x < first + count; x++) expert_loaded[size_t(x)] = true;
+    weights_loaded = std::all_of(expert_loaded.begin(), expert_loaded.end(), [](bool b) { return b; });
+  }
+
+  // Every scale finite and > 0, checked on the device before anything is copied; `dims` are the
+  // per-expert [rows, cols] of the scale matrix, for the message.
+  void check_scales(const char* name, const float* scales, size_t count, std::array<int64_t, 2> dims,
+                    cudaStream_t stream) {
+    long long* first_bad = nullptr;
+    MEGAMOE_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&first_bad), sizeof(long long), stream));
+    const long long none = LLONG_MAX;
+    MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(first_bad, &none, sizeof none, cudaMemcpyHostToDevice, stream));
+    moe::launch_find_bad_scale(scales, int64_t(count), first_bad, stream);
+    long long bad = none;
+    float value = 0;
+    MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(&bad, first_bad, sizeof bad, cudaMemcpyDeviceToHost, stream));
+    MEGAMOE_CUDA_CHECK(cudaFreeAsync(first_bad, stream));
+    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (bad == none) return;
+    MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(&value, scales + bad, sizeof value, cudaMemcpyDeviceToHost, stream));
+    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const int64_t per_expert = dims[0] * dims[1], e = bad / per_expert, i = bad % per_expert / dims[1], j = bad % dims[1];
+    throw InvalidArgument(std::string(name) + "[" + std::to_string(e) + ", " + std::to_string(i) + ", " + std::to_string(j) +
+                          "] = " + std::to_string(value) + ": every block scale must be finite and > 0");
+  }
+
   void check_errors() {
-    MEGAMOE_CUDA_CHECK(cudaDeviceSynchronize());
+    if (last_stream_set) MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(last_stream));
     DeviceStatus s{};
-    MEGAMOE_CUDA_CHECK(cudaMemcpy(&s, workspace.status(), sizeof s, cudaMemcpyDeviceToHost));
+    MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(&s, workspace.status(), sizeof s, cudaMemcpyDeviceToHost, status_stream));
+    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(status_stream));
     const std::string message = describe_device_status(s, comm.rank(), timeout_s, shape.top_k);
     if (message.empty()) return;
     // Bad ids and token counts affected only their own forward: clear them. A timeout stays.
     DeviceStatus cleared = s;
-    cleared.error_flags &= kBarrierTimeout;
+    cleared.error_flags &= kBarrierTimeout | kRowArrivalTimeout;
     cleared.bad_expert_record = 0;
     cleared.bad_token_count = 0;
-    MEGAMOE_CUDA_CHECK(cudaMemcpy(workspace.status(), &cleared, offsetof(DeviceStatus, timed_out_barrier),
-                                  cudaMemcpyHostToDevice));
+    MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(workspace.status(), &cleared, offsetof(DeviceStatus, timed_out_barrier),
+                                       cudaMemcpyHostToDevice, status_stream));
+    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(status_stream));
     throw RuntimeError(message);
   }
 
@@ -168,78 +341,72 @@ struct Layer::Impl {
   Communicator& comm;
   double timeout_s;
   bool debug;
+  bool fp8;
   Workspace workspace;
-  kernels::LayerView view{};  // the workspace's view plus the layer's wait bound
+  moe::LayerView view{};  // the workspace's view plus the layer's wait bound
   int device = 0, num_sms = 0;
-  DeviceBarrierView barrier{};
-  CUtensorMap pool_map{}, fc1_out_map{};
-  kernels::WeightMaps w1_maps{}, w2_maps{};
-  __nv_bfloat16* w1_interleaved = nullptr;
-  __nv_bfloat16* w2 = nullptr;
+  comm::DeviceBarrierView barrier{};
+  DeviceArray<uint8_t> w1, w2;  // w1: gate/up interleaved rows
+  DeviceArray<float> w1_scale, w2_scale;
+  moe::ExpertGemmOperands gemms{};
   std::vector<bool> expert_loaded;
   bool weights_loaded = false;
   bool stage_timing = false;
   int forced_cluster_m = 0;
   std::vector<cudaEvent_t> stage_events;  // 8 marks around the 7 stages
+  cudaStream_t status_stream = nullptr;   // reads and clears the device status without waiting for other work
+  cudaStream_t last_stream = nullptr;     // the stream of the last eager forward
+  bool last_stream_set = false;
 };
 
 Layer::Layer(const MoeShape& shape, Communicator& comm, const LayerOptions& options) {
   validate(shape);
   if (options.gemm_cluster_m < 0 || options.gemm_cluster_m > 2)
     throw InvalidArgument("options.gemm_cluster_m = " + std::to_string(options.gemm_cluster_m) + ": must be 0 (auto), 1 or 2");
-  if (shape.weight_format != WeightFormat::kBf16)
-    throw InvalidArgument("shape.weight_format = " + std::string(to_string(shape.weight_format)) +
-                          ": this Layer supports bf16 only (fp8 weights are not implemented yet)");
   impl_ = std::make_unique<Impl>(shape, comm, options);
 }
 
 Layer::~Layer() = default;
 
+void Layer::load_weights(const ExpertWeightsView& weights, cudaStream_t stream) {
+  impl_->load(0, impl_->shape.experts_per_rank(), weights, stream);
+}
+
 void Layer::load_weights(const void* w1, const void* w2, cudaStream_t stream) {
-  load_expert_weights(0, impl_->shape.experts_per_rank(), w1, w2, stream);
+  load_weights(ExpertWeightsView{WeightFormat::kBf16, w1, w2, nullptr, nullptr}, stream);
+}
+
+void Layer::load_expert_weights(int64_t first, int64_t count, const ExpertWeightsView& weights, cudaStream_t stream) {
+  impl_->load(first, count, weights, stream);
 }
 
 void Layer::load_expert_weights(int64_t first, int64_t count, const void* w1, const void* w2, cudaStream_t stream) {
-  Impl& m = *impl_;
-  const int64_t El = m.shape.experts_per_rank();
-  if (first < 0 || count < 1 || first + count > El)
-    throw InvalidArgument("experts [" + std::to_string(first) + ", " + std::to_string(first + count) +
-                          "): must be a non-empty range inside [0, experts_per_rank = " + std::to_string(El) + ")");
-  const size_t H = size_t(m.shape.hidden), I = size_t(m.shape.intermediate);
-  const size_t expert_w1 = 2 * I * H, expert_w2 = H * I;  // elements per expert
-  check_device_buffer("w1", w1, size_t(count) * expert_w1 * 2, 16, m.device, "w1 [count, 2*intermediate, hidden] bf16");
-  check_device_buffer("w2", w2, size_t(count) * expert_w2 * 2, 16, m.device, "w2 [count, hidden, intermediate] bf16");
-  kernels::launch_interleave_gate_up(static_cast<const __nv_bfloat16*>(w1), m.w1_interleaved + size_t(first) * expert_w1,
-                                     int(count), int(I), int(H), stream);
-  MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(m.w2 + size_t(first) * expert_w2, w2, size_t(count) * expert_w2 * 2,
-                                     cudaMemcpyDeviceToDevice, stream));
-  for (int64_t e = first; e < first + count; e++) m.expert_loaded[size_t(e)] = true;
-  m.weights_loaded = std::all_of(m.expert_loaded.begin(), m.expert_loaded.end(), [](bool b) { return b; });
+  impl_->load(first, count, ExpertWeightsView{WeightFormat::kBf16, w1, w2, nullptr, nullptr}, stream);
 }
+
+void Layer::forward(const ForwardArgs& args, cudaStream_t stream) { impl_->forward(args, stream); }
 
 void Layer::forward(const void* x, const int32_t* topk_ids, const float* topk_weights, void* y, int64_t num_tokens,
                     cudaStream_t stream) {
-  Impl& m = *impl_;
-  if (num_tokens < 0 || num_tokens > m.shape.max_tokens_per_rank)
-    throw InvalidArgument("num_tokens = " + std::to_string(num_tokens) + ": must be in [0, max_tokens_per_rank = " +
-                          std::to_string(m.shape.max_tokens_per_rank) + "]");
-  if (num_tokens > 0) {
-    m.check_forward_args(x, topk_ids, topk_weights, y, num_tokens);
-  } else if (!m.weights_loaded) {
-    throw InvalidArgument("forward: not every local expert has weights yet (call load_weights, or load_expert_weights for each)");
-  }
-  m.enqueue(x, topk_ids, topk_weights, y, kernels::TokenCount{int32_t(num_tokens), nullptr}, int(num_tokens), stream);
-  if (m.debug) check_errors();
+  ForwardArgs a;
+  a.x = x;
+  a.topk_ids = topk_ids;
+  a.topk_weights = topk_weights;
+  a.y = y;
+  a.num_tokens = num_tokens;
+  impl_->forward(a, stream);
 }
 
 void Layer::forward(const void* x, const int32_t* topk_ids, const float* topk_weights, void* y,
                     const int32_t* num_tokens_device, cudaStream_t stream) {
-  Impl& m = *impl_;
-  check_device_buffer("num_tokens_device", num_tokens_device, 4, 4, m.device, "one int32");
-  m.check_forward_args(x, topk_ids, topk_weights, y, m.shape.max_tokens_per_rank);
-  m.enqueue(x, topk_ids, topk_weights, y, kernels::TokenCount{0, num_tokens_device}, int(m.shape.max_tokens_per_rank),
-            stream);
-  if (m.debug) check_errors();
+  ForwardArgs a;
+  a.x = x;
+  a.topk_ids = topk_ids;
+  a.topk_weights = topk_weights;
+  a.y = y;
+  if (!num_tokens_device) throw InvalidArgument("num_tokens_device: null pointer (needs one int32)");
+  a.num_tokens_device = num_tokens_device;
+  impl_->forward(a, stream);
 }
 
 void Layer::check_errors() { impl_->check_errors(); }
@@ -256,5 +423,20 @@ Layer::StageTimes Layer::last_stage_times() const {
 const MoeShape& Layer::shape() const { return impl_->shape; }
 const WorkspaceLayout& Layer::layout() const { return impl_->workspace.layout(); }
 int Layer::rank() const { return impl_->comm.rank(); }
+int Layer::num_sms() const { return impl_->num_sms; }
+
+void quantize_weights_fp8(const void* bf16_weights, int64_t experts, int64_t rows, int64_t cols, void* fp8_out,
+                          float* scale_out, cudaStream_t stream) {
+  if (experts < 1) throw InvalidArgument("experts = " + std::to_string(experts) + ": must be >= 1");
+  if (rows < 128 || rows % 128) throw InvalidArgument("rows = " + std::to_string(rows) + ": must be a positive multiple of 128");
+  if (cols < 128 || cols % 128) throw InvalidArgument("cols = " + std::to_string(cols) + ": must be a positive multiple of 128");
+  int device = 0;
+  MEGAMOE_CUDA_CHECK(cudaGetDevice(&device));
+  const size_t n = size_t(experts) * size_t(rows) * size_t(cols);
+  check_device_buffer("bf16_weights", bf16_weights, n * 2, 16, device, "[experts, rows, cols] bf16");
+  check_device_buffer("fp8_out", fp8_out, n, 16, device, "[experts, rows, cols] e4m3");
+  check_device_buffer("scale_out", scale_out, n / (128 * 128) * 4, 4, device, "[experts, rows/128, cols/128] fp32");
+  moe::launch_quantize_weights(bf16_weights, experts, rows, cols, fp8_out, scale_out, stream);
+}
 
 }  // namespace megamoe

@@ -1,12 +1,12 @@
-// A layer's workspace on one rank: the WorkspaceLayout allocated once (symmetric arena in an NCCL
-// window, local arena in device memory) and every kernel-side pointer computed from it once.
+// A layer's workspace on one rank: the WorkspaceLayout allocated once (symmetric arena through the
+// communicator, local arena in device memory) and the kernels' view of it, derived from the table.
 #pragma once
 #include <memory>
 
-#include "kernels/layer_view.h"
+#include "comm/barrier.h"
 #include "megamoe/communicator.h"
 #include "megamoe/layout.h"
-#include "runtime/device_barrier.h"
+#include "moe/layer_view.h"
 
 namespace megamoe {
 
@@ -19,9 +19,9 @@ class Workspace {
   Workspace& operator=(const Workspace&) = delete;
 
   const WorkspaceLayout& layout() const { return layout_; }
-  const kernels::LayerView& view() const { return view_; }
-  DeviceBarrierView barrier_view(double timeout_s) const;
-  DeviceStatus* status() const { return view_.status; }
+  const moe::LayerView& view() const { return view_; }
+  comm::DeviceBarrierView barrier_view(double timeout_s) const;
+  DeviceStatus* status() const { return view_.ws.device_status; }
 
   // Enqueues the per-forward reset: one memset of the symmetric arena's must-zero prefix.
   void reset_counters(cudaStream_t stream) const;
@@ -30,8 +30,7 @@ class Workspace {
   WorkspaceLayout layout_;
   std::unique_ptr<SymmetricBuffer> symmetric_;
   void* local_ = nullptr;
-  kernels::LayerView view_{};
-  int rank_, world_size_;
+  moe::LayerView view_{};
 };
 
 }  // namespace megamoe

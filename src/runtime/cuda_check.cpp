@@ -14,4 +14,16 @@ void check_launch(const char* kernel_name) {
                        cudaGetErrorString(err) + ")");
 }
 
+void preload_function(const void* kernel) {
+  cudaFuncAttributes attributes{};
+  MEGAMOE_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+}
+
+void* driver_function(const char* name) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found{};
+  MEGAMOE_CUDA_CHECK(cudaGetDriverEntryPointByVersion(name, &fn, 12000, cudaEnableDefault, &found));
+  return found == cudaDriverEntryPointSuccess ? fn : nullptr;
+}
+
 }  // namespace megamoe::detail

@@ -1,5 +1,5 @@
-// Error checks for CUDA and NCCL calls: every failure becomes a megamoe::RuntimeError that names the
-// call, the file and line, and the library's own message.
+// Error checks for CUDA calls: every failure becomes a megamoe::RuntimeError that names the call, the
+// file and line, and CUDA's own message. Also the two things every kernel file needs around a launch.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -12,6 +12,19 @@ namespace megamoe::detail {
 [[noreturn]] void throw_cuda_error(cudaError_t err, const char* call, const char* file, int line);
 // cudaGetLastError after a launch: throws naming the kernel when the launch failed.
 void check_launch(const char* kernel_name);
+
+// Loads a kernel's module now (CUDA loads modules lazily by default). Ranks that share one GPU spin
+// on each other's kernels; a module load in the middle of that can stall them, so every kernel a
+// forward launches is loaded when the layer is created.
+void preload_function(const void* kernel);
+template <class Kernel>
+void preload_kernel(Kernel* kernel) {
+  preload_function(reinterpret_cast<const void*>(kernel));
+}
+
+// A CUDA driver function through the runtime's entry-point table (no link-time libcuda dependency);
+// nullptr when the driver lacks it.
+void* driver_function(const char* name);
 
 }  // namespace megamoe::detail
 

@@ -1,9 +1,9 @@
 #include <cuda_bf16.h>
 
-#include "kernels/random_fill.h"
+#include "bench/cuda/random_fill.h"
 #include "runtime/cuda_check.h"
 
-namespace megamoe::kernels {
+namespace megamoe::bench {
 namespace {
 
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {  // splitmix64 finaliser
@@ -28,4 +28,4 @@ void fill_random_bf16(void* data, size_t count, uint64_t seed, float scale, cuda
   detail::check_launch("fill_random_bf16_kernel");
 }
 
-}  // namespace megamoe::kernels
+}  // namespace megamoe::bench

@@ -45,25 +45,27 @@ class NcclSymmetricBuffer : public SymmetricBuffer {
 
 class NcclCommunicator : public Communicator {
  public:
-  explicit NcclCommunicator(const RankEnv& env) : rank_(env.rank), world_(env.world_size), device_(env.local_rank) {
+  // Joins the communicator of `world` ranks whose unique id is `id` (bytes of an ncclUniqueId).
+  NcclCommunicator(int rank, int world, int device, const std::string& id_bytes)
+      : rank_(rank), world_(world), device_(device) {
     const std::string who = "rank " + std::to_string(rank_) + ": ";
     int devices = 0;
     MEGAMOE_CUDA_CHECK(cudaGetDeviceCount(&devices));
-    if (device_ >= devices)
-      throw RuntimeError(who + "LOCAL_RANK " + std::to_string(device_) + " but only " + std::to_string(devices) +
-                         " GPUs are visible");
+    if (device_ < 0 || device_ >= devices)
+      throw InvalidArgument(who + "device = " + std::to_string(device_) + ": must be in [0, " + std::to_string(devices) +
+                            ") (the GPUs visible to this process)");
     MEGAMOE_CUDA_CHECK(cudaSetDevice(device_));
-    if (world_ > kMaxEpSize)
-      throw RuntimeError(who + "world size " + std::to_string(world_) + " exceeds " + std::to_string(kMaxEpSize));
+    if (world_ < 1 || world_ > kMaxEpSize)
+      throw InvalidArgument(who + "world_size = " + std::to_string(world_) + ": must be in [1, " +
+                            std::to_string(kMaxEpSize) + "]");
+    if (rank_ < 0 || rank_ >= world_)
+      throw InvalidArgument("rank = " + std::to_string(rank_) + ": must be in [0, world_size = " + std::to_string(world_) + ")");
     check_nccl_version(who);
-
     ncclUniqueId id{};
-    std::string bytes = detail::tcp_broadcast_from_rank0(env, [&] {
-      MEGAMOE_NCCL_CHECK(ncclGetUniqueId(&id));  // only rank 0 calls this
-      return std::string(reinterpret_cast<char*>(&id), sizeof id);
-    });
-    if (bytes.size() != sizeof id) throw RuntimeError(who + "bootstrap returned a malformed NCCL unique id");
-    std::memcpy(&id, bytes.data(), sizeof id);
+    if (id_bytes.size() != sizeof id)
+      throw InvalidArgument(who + "unique_id holds " + std::to_string(id_bytes.size()) + " bytes: an NCCL unique id has " +
+                            std::to_string(sizeof id));
+    std::memcpy(&id, id_bytes.data(), sizeof id);
     MEGAMOE_NCCL_CHECK(ncclCommInitRank(&comm_, world_, id, rank_));
 
     ncclDevCommRequirements reqs;
@@ -106,6 +108,7 @@ class NcclCommunicator : public Communicator {
     auto buf = std::make_unique<NcclSymmetricBuffer>(comm_);
     MEGAMOE_NCCL_CHECK(ncclMemAlloc(&buf->local, bytes));
     buf->bytes = bytes;
+    buf->peers.local = static_cast<char*>(buf->local);
     MEGAMOE_CUDA_CHECK(cudaMemset(buf->local, 0, bytes));
     MEGAMOE_CUDA_CHECK(cudaDeviceSynchronize());
     MEGAMOE_NCCL_CHECK(ncclCommWindowRegister(comm_, buf->local, bytes, &buf->window_, NCCL_WIN_COLL_SYMMETRIC));
@@ -173,9 +176,23 @@ class NcclCommunicator : public Communicator {
 
 }  // namespace
 
+std::string nccl_unique_id() {
+  disable_nvlink_multicast();
+  ncclUniqueId id{};
+  MEGAMOE_NCCL_CHECK(ncclGetUniqueId(&id));
+  return std::string(reinterpret_cast<const char*>(&id), sizeof id);
+}
+
+std::unique_ptr<Communicator> create_nccl_communicator(int rank, int world_size, int device,
+                                                       const std::string& unique_id) {
+  disable_nvlink_multicast();
+  return std::make_unique<NcclCommunicator>(rank, world_size, device, unique_id);
+}
+
 std::unique_ptr<Communicator> create_nccl_communicator(const RankEnv& env) {
-  setenv("NCCL_NVLS_ENABLE", "0", 1);  // never NVLink multicast (NOTES.md §8)
-  return std::make_unique<NcclCommunicator>(env);
+  // Rank 0 makes the id and hands it out over TCP (bootstrap.h) before anyone opens NCCL.
+  const std::string id = detail::tcp_broadcast_from_rank0(env, [] { return nccl_unique_id(); });
+  return create_nccl_communicator(env.rank, env.world_size, env.local_rank, id);
 }
 
 }  // namespace megamoe

@@ -5,8 +5,8 @@
 // pass barrier number e, rank r stores e (release, system scope) into slot r of every peer's flag
 // array, then waits (acquire) until every slot of its own array reads >= e. The flags only grow, so
 // nothing is ever zeroed after creation and a peer that is one barrier ahead is harmless. Every wait
-// is bounded: after timeout_ns the first waiter to give up records the barrier and the missing rank in
-// DeviceStatus, sets `aborted`, and every later wait on this rank returns at once.
+// is bounded (comm/bounded_wait.cuh): the first waiter to give up records the barrier and the missing
+// rank in DeviceStatus, and every later wait on this rank returns at once.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -17,19 +17,20 @@
 #include "megamoe/communicator.h"
 #include "megamoe/layout.h"
 
-namespace megamoe {
+namespace megamoe::comm {
 
 // Kernel parameter (by value).
 struct DeviceBarrierView {
-  uint64_t* flags[kMaxEpSize];  // flags[p]: rank p's flag array (world_size slots), through LSA
-  DeviceStatus* status;         // this rank's epoch, abort flag and error record
+  PeerPointers peers;     // the symmetric allocation holding the flags
+  uint64_t* flags;        // this rank's flag array (world_size slots), inside that allocation
+  DeviceStatus* status;   // this rank's epoch, abort flag and error record
   int rank;
   int world_size;
   uint64_t timeout_ns;
 };
 
-DeviceBarrierView make_barrier_view(const PeerPointers& symmetric_bases, size_t flags_offset, DeviceStatus* status,
-                                    int rank, int world_size, double timeout_s);
+DeviceBarrierView make_barrier_view(const PeerPointers& peers, uint64_t* local_flags, DeviceStatus* status, int rank,
+                                    int world_size, double timeout_s);
 
 // One CTA passes the barrier; enqueued on `stream` after whatever came before it.
 void launch_device_barrier(const DeviceBarrierView& view, int barrier_id, cudaStream_t stream);
@@ -37,9 +38,16 @@ void launch_device_barrier(const DeviceBarrierView& view, int barrier_id, cudaSt
 // Latency test: one CTA passes `iterations` barriers back to back in one kernel.
 void launch_device_barrier_loop(const DeviceBarrierView& view, int barrier_id, int iterations, cudaStream_t stream);
 
-// The host's reading of a DeviceStatus: "" when clean, else one message such as
-// "rank 2: dispatch barrier timed out after 10 s waiting for rank 3".
-std::string describe_device_status(const DeviceStatus& status, int rank, double timeout_s, int64_t top_k);
+// Loads the barrier kernels now, so a first launch never waits for a module load (ranks that share a
+// GPU spin on each other; a load in the middle can stall them).
+void preload_barrier_kernels();
+
+// "rank 2: dispatch barrier timed out after 10 s waiting for rank 3", or "" when the status records
+// no barrier timeout.
+std::string describe_barrier_timeout(const DeviceStatus& status, int rank, double timeout_s);
+
+// The timeout as the messages print it ("10", "2.5").
+std::string format_seconds(double seconds);
 
 // A barrier with its own symmetric flags and status, for tests and benchmarks (the layer keeps its
 // barrier inside its workspace).
@@ -49,9 +57,9 @@ class StandaloneDeviceBarrier {
   ~StandaloneDeviceBarrier();
   const DeviceBarrierView& view() const { return view_; }
   void launch(int barrier_id, cudaStream_t stream) const { launch_device_barrier(view_, barrier_id, stream); }
-  // Synchronises the device and throws RuntimeError with describe_device_status's message.
-  void check() const;
-  DeviceStatus read_status() const;
+  // Waits for `stream` and throws RuntimeError with describe_barrier_timeout's message.
+  void check(cudaStream_t stream) const;
+  DeviceStatus read_status(cudaStream_t stream) const;
 
  private:
   std::unique_ptr<SymmetricBuffer> flags_;
@@ -61,4 +69,4 @@ class StandaloneDeviceBarrier {
   int rank_;
 };
 
-}  // namespace megamoe
+}  // namespace megamoe::comm

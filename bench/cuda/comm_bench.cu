@@ -1,11 +1,12 @@
 #include <algorithm>
 #include <vector>
 
-#include "runtime/comm_bench.h"
+#include "bench/cuda/comm_bench.h"
+#include "comm/barrier.h"
+#include "megamoe/layout.h"
 #include "runtime/cuda_check.h"
-#include "runtime/device_barrier.h"
 
-namespace megamoe {
+namespace megamoe::bench {
 namespace {
 
 // Each CTA writes 16-byte vectors into one destination: CTA b targets destinations[b % count].
@@ -61,6 +62,16 @@ CommBenchResult run_comm_bench(Communicator& comm) {
       comm.host_barrier();
     }
     r.one_way_gbps = comm.all_reduce_max(me == 0 ? double(region) / (ms * 1e6) : 0.0);
+    // The same bytes through a copy engine: one cudaMemcpyAsync into rank 1's memory.
+    if (me == 0) {
+      ms = time_ms([&] {
+        MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(slots.base[1], static_cast<char*>(buffer->local) + region, region,
+                                           cudaMemcpyDeviceToDevice, s));
+      });
+    } else {
+      comm.host_barrier();
+    }
+    r.copy_engine_gbps = comm.all_reduce_max(me == 0 ? double(region) / (ms * 1e6) : 0.0);
     // All to all: every rank writes `region` bytes to each of its W-1 peers at once.
     const int first = (me + 1) % W;
     PeerPointers rotated{};
@@ -72,10 +83,10 @@ CommBenchResult run_comm_bench(Communicator& comm) {
     r.all_to_all_gbps = comm.all_reduce_min(double(region) * (W - 1) / (ms * 1e6));
   }
   // Barrier latency: 1000 barriers in one kernel.
-  StandaloneDeviceBarrier barrier(comm, 10.0);
+  comm::StandaloneDeviceBarrier barrier(comm, 10.0);
   const int iterations = 1000;
-  const double ms = time_ms([&] { launch_device_barrier_loop(barrier.view(), kBenchBarrier, iterations, s); });
-  barrier.check();
+  const double ms = time_ms([&] { comm::launch_device_barrier_loop(barrier.view(), kBenchBarrier, iterations, s); });
+  barrier.check(s);
   r.barrier_us = comm.all_reduce_max(ms * 1e3 / iterations);
   MEGAMOE_CUDA_CHECK(cudaEventDestroy(e0));
   MEGAMOE_CUDA_CHECK(cudaEventDestroy(e1));
@@ -83,4 +94,4 @@ CommBenchResult run_comm_bench(Communicator& comm) {
   return r;
 }
 
-}  // namespace megamoe
+}  // namespace megamoe::bench

@@ -1,9 +1,9 @@
-// The device side of the cross-rank barrier (see device_barrier.h for the scheme).
+// The device side of the cross-rank barrier (see barrier.h for the scheme).
 #pragma once
-#include "kernels/device_utils.cuh"
-#include "runtime/device_barrier.h"
+#include "comm/barrier.h"
+#include "comm/bounded_wait.cuh"
 
-namespace megamoe::kernels {
+namespace megamoe::comm {
 
 // Called by every thread of one CTA (blockDim.x >= world_size). Returns when all ranks reached this
 // barrier, or when this rank gave up (timeout or an earlier abort).
@@ -22,25 +22,19 @@ __device__ __forceinline__ void device_barrier_cta(const DeviceBarrierView& b, i
     // Everything this rank wrote before the barrier (earlier kernels included) is ordered before
     // the flag store, so a peer that sees the flag sees the data.
     __threadfence_system();
-    st_release_sys(b.flags[peer] + b.rank, epoch);
-    const uint64_t* mine = b.flags[b.rank] + peer;
-    const uint64_t start = global_timer_ns();
-    while (ld_acquire_sys(mine) < epoch) {
-      if (global_timer_ns() - start > b.timeout_ns) {
-        if (atomicCAS(&b.status->aborted, 0, 1) == 0) {
+    st_release_sys(b.peers.map(b.flags, peer) + b.rank, epoch);
+    const uint64_t* mine = b.flags + peer;
+    bounded_wait(
+        b.status, b.timeout_ns, [&] { return ld_acquire_sys(mine) >= epoch; },
+        [&] {
           b.status->timed_out_barrier = barrier_id;
           b.status->waited_for_rank = peer;
           atomicOr(&b.status->error_flags, kBarrierTimeout);
-        }
-        break;
-      }
-      if (ld_volatile(&b.status->aborted)) break;
-      __nanosleep(32);
-    }
+        });
   }
   __syncthreads();
   if (threadIdx.x == 0) b.status->barrier_epoch = epoch;
   __syncthreads();
 }
 
-}  // namespace megamoe::kernels
+}  // namespace megamoe::comm

@@ -1,0 +1,54 @@
+// The grouped GEMM's configuration and the heuristics that pick it, as data apart from the kernels
+// (host and device read the same constants; `megamoe info` prints describe_gemm_heuristics()).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace megamoe::gemm {
+
+// Every tile is 128 rows of one expert: two consumer warpgroups of 64 rows each.
+inline constexpr int kBlockM = 128;
+// Rows of a tile's A operand one TMA box carries.
+inline constexpr int kBoxRowsA = kBlockM;
+// Shared memory a CTA may use on Hopper (227 KiB).
+inline constexpr size_t kMaxSharedMemoryBytes = 227 * 1024;
+
+// FC1's tile width: 256 interleaved gate/up rows = 128 SwiGLU outputs (one fp8 scale block).
+inline constexpr int kFc1BlockN = 256;
+// FC2's tile width: 256 columns when the hidden size allows it, else 128 (hidden is a multiple of 128).
+inline constexpr int fc2_block_n(int64_t hidden) { return hidden % 256 == 0 ? 256 : 128; }
+
+// Pipeline depth: as many stages as fit next to the epilogue's shared memory (at most 8).
+inline constexpr int stages_for(size_t stage_bytes, size_t other_bytes) {
+  const size_t available = kMaxSharedMemoryBytes - 1024 /* base alignment slack */ - other_bytes;
+  return int(std::min<size_t>(8, available / stage_bytes));
+}
+
+// CTAs per cluster along M (cluster_m), chosen per forward:
+//   1: every CTA computes its own 128-row tile and loads its own weight tile;
+//   2: a pair computes two 128-row tiles of the same expert and N block, each loading half of the
+//      weight tile and multicasting it to both: half the weight traffic through L2.
+// Pairs lose 4-9% while every expert fits in one 128-row tile (the partner idles and fewer weight
+// bytes are in flight) and win 25-35% as soon as many experts need a second tile (4 x H100, EP 4:
+// dsv3 at 128 expected rows per expert 3566 -> 2661 us, dsv4-pro 7591 -> 5639 us; docs/PERFORMANCE.md).
+// With uniform routing an expert's row count is about Poisson(expected), so pair when expected rows
+// plus two standard deviations reach a second tile.
+inline int cluster_m_for(double expected_rows_per_expert) {
+  const double high = expected_rows_per_expert + 2.0 * std::sqrt(std::max(expected_rows_per_expert, 0.0));
+  return high > kBlockM ? 2 : 1;
+}
+
+// Rows of a weight (B) TMA box: each CTA of a cluster loads its share of the tile's block_n rows.
+inline constexpr uint32_t weight_box_rows(int block_n, int cluster_m) { return uint32_t(block_n / cluster_m); }
+
+// The heuristics above as text, for `megamoe info`.
+inline std::string describe_gemm_heuristics() {
+  return "grouped GEMM: 128-row tiles (2 consumer warpgroups x 64 rows), FC1 256 interleaved gate/up columns, "
+         "FC2 " "256 columns (128 when hidden % 256 != 0); stages: as many as fit in 227 KiB beside the epilogue; "
+         "CTA pairs sharing weight tiles when expected rows per expert + 2 sqrt(expected) > 128";
+}
+
+}  // namespace megamoe::gemm

@@ -1,0 +1,384 @@
+// The grouped GEMM shared by FC1 and FC2: for every local expert e, C_e = A_e * B_e^T, where A_e is
+// the expert's block of rows in a row-major [rows, K] matrix (rows grouped by expert, scheduler.h)
+// and B_e is the expert's [N, K] slice of a row-major [E_local*N, K] weight matrix. Both operands are
+// K-major, so one TMA descriptor each covers every expert: a tile just starts at another row.
+//
+// Operands (the mainloop policy):
+//   Bf16Operands: bf16 x bf16, fp32 accumulators, one 64 x BN wgmma per 16-wide k slice.
+//   Fp8Operands:  e4m3 x e4m3 with DeepSeek block scales: A has one fp32 scale per row and 128
+//     columns (TMA'd beside the A tile), B one per 128 x 128 block (read from global memory). Hopper's
+//     fp8 wgmma accumulates with reduced precision, so each 128-deep k block is computed into a
+//     zeroed partial accumulator and added, scaled by a_scale[row] * b_scale[block], into the fp32
+//     tile ("promotion"); the partial covers 128 columns at a time to fit the registers.
+//
+// One persistent CTA per SM, 384 threads, warp-specialised, in clusters of kClusterM CTAs (see
+// cluster_m_for in config.h for when 2 pays):
+//   warpgroup 0 (producer): warps 1-3 run the Feed (FC1: copy the pool rows in over NVLink);
+//     one thread of warp 0 streams the CTA's 128 x BK A tile (and its scales) and its share of the
+//     BN x BK weight tile into a ring of shared-memory stages with TMA (128B swizzle); the weight
+//     share is multicast to every CTA of the cluster, which all work on the same expert and N block
+//     (the cluster's unit is kClusterM * 128 rows), so weights cross L2 once per cluster;
+//   warpgroups 1-2 (consumers): each owns 64 of the tile's 128 rows, issues wgmma (SS, fp32
+//     accumulators) per stage and releases it on the "empty" mbarrier of every CTA of the cluster,
+//     then runs the Epilogue on its accumulators while the producer already loads the next tile.
+//     A warpgroup whose 64 rows hold none of the expert's rows skips the math.
+#pragma once
+#include <cuda.h>
+
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "gemm/config.h"
+#include "gemm/epilogue.cuh"
+#include "gemm/scheduler.cuh"
+#include "runtime/cuda_check.h"
+
+namespace megamoe::gemm {
+
+struct Bf16Operands {
+  using Element = cute::bfloat16_t;
+  static constexpr int kBlockK = 64;  // 128 bytes: one swizzle row
+  static constexpr bool kBlockScaled = false;
+  template <int kN>
+  using MmaAtom = std::conditional_t<
+      kN == 128, cute::SM90_64x128x16_F32BF16BF16_SS<cute::GMMA::Major::K, cute::GMMA::Major::K>,
+      cute::SM90_64x256x16_F32BF16BF16_SS<cute::GMMA::Major::K, cute::GMMA::Major::K>>;
+};
+
+struct Fp8Operands {
+  using Element = cute::float_e4m3_t;
+  static constexpr int kBlockK = 128;  // one scale block deep, 128 bytes: one swizzle row
+  static constexpr bool kBlockScaled = true;
+  template <int kN>
+  using MmaAtom = cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>;
+  static_assert(kBlockK == 128, "a k block is one 128-deep scale block");
+};
+
+// Where the fp8 weight scales of a tile are: the expert's [N/128, K/128] fp32 block scales, and which
+// two block rows a tile's columns use (its "slots"): FC1's interleaved gate/up tile uses the gate
+// block and the up block of its 128 outputs (slot = column parity); FC2's 256-column tile uses two
+// consecutive blocks (slot = column / 128).
+// (Which of the two the tile uses is the epilogue's kScaleSlotIsParity.)
+struct WeightScales {
+  const float* scales;        // [experts, n/128, k/128]
+  int32_t slot_stride;        // block rows between slot 0 and slot 1
+  int32_t n_block_stride;     // block rows between consecutive N blocks of the tile grid
+};
+
+struct GroupedProblem {
+  int32_t n;  // B rows per expert (output columns)
+  int32_t k;  // reduction length (multiple of kBlockK)
+  GroupedSchedule schedule;
+  WeightScales weight_scales;  // fp8 only
+};
+
+// What feeds the A operand besides TMA. NoFeed: A is already in memory (FC2). A Feed runs on warps
+// 1-3 of the producer warpgroup (copy_rows(params, worker, workers)) and makes the TMA thread wait
+// until an expert's rows are in (wait_rows(params, expert)); see moe/fc1.cu.
+struct NoFeed {
+  struct Params {};
+  __device__ static void copy_rows(const Params&, int, int) {}
+  __device__ static void wait_rows(const Params&, int) {}
+};
+inline constexpr int kFeedWarpsPerCta = 3;
+
+template <class Operands_, int kBlockN_, int kClusterM_, class EpilogueStorage>
+struct GroupedGemmConfig {
+  using Operands = Operands_;
+  using Element = typename Operands::Element;
+  static constexpr int kBlockM = gemm::kBlockM;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kBlockK = Operands::kBlockK;
+  static constexpr int kClusterM = kClusterM_;
+  static constexpr int kThreads = 384;
+  static constexpr bool kBlockScaled = Operands::kBlockScaled;
+  // Columns one wgmma batch covers: the whole tile (bf16), or 128 (fp8: the partial accumulator).
+  static constexpr int kMmaN = kBlockScaled ? 128 : kBlockN;
+  static constexpr int kMmaPasses = kBlockN / kMmaN;
+  static constexpr uint32_t kBytesA = kBlockM * kBlockK * sizeof(Element);
+  static constexpr uint32_t kBytesB = kBlockN * kBlockK * sizeof(Element);
+  static constexpr uint32_t kBytesScaleA = kBlockScaled ? kBlockM * sizeof(float) : 0;
+  static constexpr size_t kStageBytes = kBytesA + kBytesB + kBytesScaleA + 16 /* two mbarriers */;
+  static constexpr int kStages = stages_for(kStageBytes, sizeof(EpilogueStorage) + 128);
+
+  using SwizzleAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutA = decltype(cute::tile_to_shape(
+      SwizzleAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockK>, cute::Int<kStages>>{}));
+  // B as pages of kMmaN rows (a stage's tile is kMmaPasses consecutive pages: the same bytes, since
+  // the K extent is one swizzle atom wide).
+  using SmemLayoutB = decltype(cute::tile_to_shape(
+      SwizzleAtom{}, cute::Shape<cute::Int<kMmaN>, cute::Int<kBlockK>, cute::Int<kStages * kMmaPasses>>{}));
+  // Two 64-row atoms along M: consumer warpgroup w computes rows [64w, 64w+64) of the tile.
+  using TiledMma = decltype(cute::make_tiled_mma(typename Operands::template MmaAtom<kMmaN>{},
+                                                 cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
+  static_assert(kBlockN == 128 || kBlockN == 256);
+  static_assert(kStages >= 2);
+};
+
+template <class Config, class EpilogueStorage>
+struct alignas(1024) GroupedGemmSharedStorage {
+  alignas(1024) typename Config::Element a[cute::cosize_v<typename Config::SmemLayoutA>];
+  alignas(1024) typename Config::Element b[cute::cosize_v<typename Config::SmemLayoutB>];
+  alignas(128) float a_scale[Config::kBlockScaled ? Config::kStages : 1][Config::kBlockM];
+  alignas(128) EpilogueStorage epilogue;
+  alignas(8) uint64_t full[Config::kStages];
+  alignas(8) uint64_t empty[Config::kStages];
+};
+
+template <class Config, class EpilogueStorage>
+constexpr size_t grouped_gemm_smem_bytes() {
+  return sizeof(GroupedGemmSharedStorage<Config, EpilogueStorage>) + 1024;  // slack to align the base to 1 KiB
+}
+
+// Hands the epilogue every pair of adjacent accumulator columns a consumer thread holds:
+// f(row, col, v0, v1) with v0 at (row, col) and v1 at (row, col + 1), tile coordinates; the values
+// are references, so an epilogue may keep a transformed value in place for a second pass.
+template <class Accum, class Coords, int kPasses, int kPassCols>
+struct TileValues {
+  Accum (&accum)[kPasses];  // fragments of 128 x kPassCols
+  const Coords& coords;
+  template <class F>
+  __device__ __forceinline__ void for_each_pair(F&& f) const {
+#pragma unroll
+    for (int pass = 0; pass < kPasses; pass++)
+#pragma unroll
+      for (int i = 0; i < cute::size(accum[pass]); i += 2)
+        f(int(cute::get<0>(coords(i))), pass * kPassCols + int(cute::get<1>(coords(i))), accum[pass](i),
+          accum[pass](i + 1));
+  }
+};
+
+template <class Config, class Epilogue, class Feed>
+__global__ void __launch_bounds__(Config::kThreads, 1)
+    grouped_gemm_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
+                        const __grid_constant__ CUtensorMap tma_a_scale, GroupedProblem problem,
+                        typename Epilogue::Params epilogue_params, typename Feed::Params feed) {
+  using namespace cute;
+  using Storage = GroupedGemmSharedStorage<Config, typename Epilogue::SharedStorage>;
+  constexpr int BM = Config::kBlockM, BN = Config::kBlockN, BK = Config::kBlockK, kStages = Config::kStages;
+  constexpr int kCluster = Config::kClusterM, kMmaN = Config::kMmaN, kPasses = Config::kMmaPasses;
+  using PipelineState = cutlass::PipelineState<kStages>;
+  constexpr bool kHasFeed = !std::is_same_v<Feed, NoFeed>;
+  constexpr uint32_t kProducerRegisters = kHasFeed ? 56 : 24, kConsumerRegisters = kHasFeed ? 224 : 240;
+
+  extern __shared__ char smem_raw[];
+  Storage& smem = *reinterpret_cast<Storage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int cluster_rank = kCluster > 1 ? int(block_rank_in_cluster()) : 0;
+  const int cluster_id = int(blockIdx.x) / kCluster, num_clusters = int(gridDim.x) / kCluster;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; s++) {
+      cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1);
+      // A stage is free again once both consumer warpgroups of every CTA in the cluster are done with
+      // it: each CTA's weight share lands in all of them.
+      cutlass::arch::ClusterBarrier::init(&smem.empty[s], 2 * kCluster);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  if constexpr (kCluster > 1) {
+    cluster_arrive_relaxed();  // barriers initialised before any peer multicasts or arrives on them
+    cluster_wait();
+  } else {
+    __syncthreads();
+  }
+
+  const int n_blocks = problem.n / BN;
+  const int k_blocks = problem.k / BK;
+  const int num_items = total_units(problem.schedule) * n_blocks;
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    // The 64K register file: 56 + 2 x 224 per thread when feed warps copy rows (they need more than
+    // 40), else 24 + 2 x 240 (only the TMA thread works here).
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
+    if (threadIdx.x >= 32) {
+      Feed::copy_rows(feed, int(blockIdx.x) * kFeedWarpsPerCta + int(threadIdx.x) / 32 - 1,
+                      int(gridDim.x) * kFeedWarpsPerCta);
+    } else if (threadIdx.x == 0) {
+      PipelineState write{0, 1, 0};  // a fresh "empty" barrier counts as already released once
+      for (int item = cluster_id; item < num_items; item += num_clusters) {
+        const TileCoord c = decode_unit<kCluster>(problem.schedule, item, n_blocks, cluster_rank);
+        Feed::wait_rows(feed, c.expert);
+        // This CTA's share of the weight tile: rows [cluster_rank * BN / kCluster, ...) of it.
+        const int b_row = c.expert * problem.n + c.n_block * BN + cluster_rank * (BN / kCluster);
+        for (int kb = 0; kb < k_blocks; kb++, ++write) {
+          const int stage = write.index();
+          cutlass::arch::ClusterBarrier::wait(&smem.empty[stage], write.phase());
+          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
+              &smem.full[stage], Config::kBytesA + Config::kBytesB + Config::kBytesScaleA);
+          SM90_TMA_LOAD_2D::copy(&tma_a, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_LAST),
+                                 smem.a + stage * BM * BK, kb * BK, c.row_begin);
+          if constexpr (Config::kBlockScaled)
+            SM90_TMA_LOAD_2D::copy(&tma_a_scale, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_LAST),
+                                   smem.a_scale[stage], c.row_begin, kb);
+          typename Config::Element* b_dst = smem.b + stage * BN * BK + cluster_rank * (BN / kCluster) * BK;
+          if constexpr (kCluster > 1) {
+            SM90_TMA_LOAD_MULTICAST_2D::copy(&tma_b, &smem.full[stage], uint16_t((1 << kCluster) - 1),
+                                             uint64_t(TMA::CacheHintSm90::EVICT_FIRST), b_dst, kb * BK, b_row);
+          } else {
+            SM90_TMA_LOAD_2D::copy(&tma_b, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_FIRST), b_dst,
+                                   kb * BK, b_row);
+          }
+        }
+      }
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
+    const int consumer_tid = threadIdx.x - 128;
+    const int consumer_wg = consumer_tid / 128;
+    const bool releases = consumer_tid % 128 == 0;  // one arrival per consumer warpgroup
+    auto release = [&](int s) {
+      if constexpr (kCluster > 1) {
+        for (int peer = 0; peer < kCluster; peer++) cutlass::arch::ClusterBarrier::arrive(&smem.empty[s], peer, releases);
+      } else {
+        if (releases) cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);
+      }
+    };
+    typename Config::TiledMma tiled_mma;
+    auto thread_mma = tiled_mma.get_thread_slice(consumer_tid);
+    Tensor sA = make_tensor(make_smem_ptr(smem.a), typename Config::SmemLayoutA{});  // (BM, BK, stages)
+    Tensor sB = make_tensor(make_smem_ptr(smem.b), typename Config::SmemLayoutB{});  // (kMmaN, BK, pages)
+    Tensor tCsA = thread_mma.partition_A(sA);
+    Tensor tCsB = thread_mma.partition_B(sB);
+    Tensor tCrA = thread_mma.make_fragment_A(tCsA);  // wgmma smem descriptors
+    Tensor tCrB = thread_mma.make_fragment_B(tCsB);
+    using Fragment = decltype(partition_fragment_C(tiled_mma, Shape<Int<BM>, Int<kMmaN>>{}));
+    Fragment accum[kPasses];
+    Tensor tile_coords = thread_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<kMmaN>>{}));
+    const TileValues<Fragment, decltype(tile_coords), kPasses, kMmaN> values{accum, tile_coords};
+
+    PipelineState read;
+    for (int item = cluster_id; item < num_items; item += num_clusters) {
+      const TileCoord c = decode_unit<kCluster>(problem.schedule, item, n_blocks, cluster_rank);
+      // Tiles past the expert's rows (the pair's second tile when the expert has one 128-row tile in
+      // this unit), or a warpgroup's half of a tile without rows, still take part in the pipeline but
+      // skip the math; the epilogue stores only valid rows.
+      const bool has_rows = c.rows_valid > 0;
+      const bool wg_has_rows = c.rows_valid > 64 * consumer_wg;
+      if constexpr (!Config::kBlockScaled) {
+        tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+        int previous_stage = -1;
+        for (int kb = 0; kb < k_blocks; kb++, ++read) {
+          const int stage = read.index();
+          cutlass::arch::ClusterTransactionBarrier::wait(&smem.full[stage], read.phase());
+          if (wg_has_rows) {
+            warpgroup_fence_operand(accum[0]);
+            warpgroup_arrive();
+            // One wgmma per 16-wide k slice; only the tile's very first slice overwrites the accumulators.
+            CUTE_UNROLL
+            for (int k = 0; k < size<2>(tCrA); k++) {
+              cute::gemm(tiled_mma, tCrA(_, _, k, stage), tCrB(_, _, k, stage), accum[0]);
+              tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+            }
+            warpgroup_commit_batch();
+            // Keep one batch of wgmma in flight; the one before it has finished reading its stage.
+            warpgroup_wait<1>();
+            warpgroup_fence_operand(accum[0]);
+          }
+          if (previous_stage >= 0) release(previous_stage);
+          previous_stage = stage;
+        }
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(accum[0]);
+        if (previous_stage >= 0) release(previous_stage);
+      } else {
+        // Block-scaled fp8: per k block, partial = A_kb * B_kb^T (128 columns at a time), then
+        // accum += partial * a_scale[row] * b_scale[slot of the column]. The SM90 accumulator layout
+        // of a 64 x N wgmma gives value i of a thread row (i >> 1 & 1) * 8 + its first row and column
+        // (i >> 2) * 8 + (i & 1) + its first column (even), so the scale of a value is known at compile
+        // time up to the two row scales and the two weight-block scales.
+        Fragment partial;
+        CUTE_UNROLL
+        for (int pass = 0; pass < kPasses; pass++) clear(accum[pass]);
+        const int row0 = int(get<0>(tile_coords(0)));  // this thread's rows: row0 and row0 + 8
+        const WeightScales& ws = problem.weight_scales;
+        const float* b_scale_base =
+            ws.scales + (size_t(c.expert) * (problem.n / 128) + size_t(c.n_block) * ws.n_block_stride) * k_blocks;
+        // A 128-column tile with block-row slots has one weight block; reading a second would run past
+        // the last expert's scales.
+        constexpr bool kTwoWeightBlocks = Epilogue::kScaleSlotIsParity || BN > 128;
+        for (int kb = 0; kb < k_blocks; kb++, ++read) {
+          const int stage = read.index();
+          const float b_scale0 = __ldg(b_scale_base + kb);
+          const float b_scale1 = kTwoWeightBlocks ? __ldg(b_scale_base + size_t(ws.slot_stride) * k_blocks + kb) : b_scale0;
+          cutlass::arch::ClusterTransactionBarrier::wait(&smem.full[stage], read.phase());
+          if (wg_has_rows) {
+            const float a_scale0 = smem.a_scale[stage][row0], a_scale1 = smem.a_scale[stage][row0 + 8];
+            CUTE_UNROLL
+            for (int pass = 0; pass < kPasses; pass++) {
+              tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+              warpgroup_fence_operand(partial);
+              warpgroup_arrive();
+              CUTE_UNROLL
+              for (int k = 0; k < size<2>(tCrA); k++) {
+                cute::gemm(tiled_mma, tCrA(_, _, k, stage), tCrB(_, _, k, stage * kPasses + pass), partial);
+                tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+              }
+              warpgroup_commit_batch();
+              warpgroup_wait<0>();
+              warpgroup_fence_operand(partial);
+              if (pass == kPasses - 1) release(stage);  // the last wgmma that reads this stage is done
+              // Slot of a column: its parity (interleaved gate/up) or its 128-column pass.
+              const float b_even = Epilogue::kScaleSlotIsParity ? b_scale0 : (pass ? b_scale1 : b_scale0);
+              const float b_odd = Epilogue::kScaleSlotIsParity ? b_scale1 : b_even;
+              const float scale[4] = {a_scale0 * b_even, a_scale0 * b_odd, a_scale1 * b_even, a_scale1 * b_odd};
+              CUTE_UNROLL
+              for (int i = 0; i < size(partial); i++) accum[pass](i) = fmaf(partial(i), scale[i & 3], accum[pass](i));
+            }
+          } else {
+            release(stage);
+          }
+        }
+      }
+      if (has_rows) Epilogue::apply(epilogue_params, smem.epilogue, values, c, consumer_tid);
+    }
+    // Epilogues may store to peers; the barrier that follows the kernel publishes them system-wide.
+    __threadfence_system();
+  }
+  // No CTA may leave while its cluster peer can still multicast into its shared memory or arrive on
+  // its barriers.
+  if constexpr (kCluster > 1) {
+    cluster_arrive_relaxed();
+    cluster_wait();
+  }
+}
+
+template <class Config, class Epilogue, class Feed>
+void preload_grouped_gemm() {
+  auto kernel = grouped_gemm_kernel<Config, Epilogue, Feed>;
+  constexpr size_t smem = grouped_gemm_smem_bytes<Config, typename Epilogue::SharedStorage>();
+  static_assert(smem <= kMaxSharedMemoryBytes, "grouped GEMM shared memory exceeds the 227 KiB a Hopper block may use");
+  MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  if constexpr (Config::kClusterM > 1)
+    MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 0));
+  detail::preload_kernel(kernel);
+}
+
+// Launches on `num_sms` SMs (rounded down to whole clusters). The kernel must have been preloaded
+// (preload_grouped_gemm) once in this process.
+template <class Config, class Epilogue, class Feed = NoFeed>
+void launch_grouped_gemm(const CUtensorMap& tma_a, const CUtensorMap& tma_b, const CUtensorMap& tma_a_scale,
+                         const GroupedProblem& problem, const typename Epilogue::Params& params, int num_sms,
+                         cudaStream_t stream, const char* name, const typename Feed::Params& feed = {}) {
+  auto kernel = grouped_gemm_kernel<Config, Epilogue, Feed>;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(std::max(1, num_sms / Config::kClusterM) * Config::kClusterM));
+  config.blockDim = dim3(Config::kThreads);
+  config.dynamicSmemBytes = grouped_gemm_smem_bytes<Config, typename Epilogue::SharedStorage>();
+  config.stream = stream;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = Config::kClusterM;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  MEGAMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, tma_a, tma_b, tma_a_scale, problem, params, feed));
+  ::megamoe::detail::check_launch(name);
+}
+
+}  // namespace megamoe::gemm

@@ -1,0 +1,63 @@
+// TMA descriptors, encoded through the driver entry point (no link-time libcuda dependency).
+#include "gemm/tensor_map.h"
+
+#include <string>
+
+#include "gemm/config.h"
+#include "megamoe/error.h"
+#include "runtime/cuda_check.h"
+
+namespace megamoe::gemm {
+namespace {
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_tiled() {
+  static EncodeTiled fn = [] {
+    void* p = detail::driver_function("cuTensorMapEncodeTiled");
+    if (!p) throw RuntimeError("the CUDA driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<EncodeTiled>(p);
+  }();
+  return fn;
+}
+
+CUtensorMap encode(const void* base, CUtensorMapDataType type, uint64_t element_bytes, uint64_t rows, uint64_t cols,
+                   uint32_t box_cols, uint32_t box_rows, CUtensorMapSwizzle swizzle, const char* what) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {cols * element_bytes};  // bytes between rows
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r = encode_tiled()(&map, type, 2, const_cast<void*>(base), dims, strides, box, element_strides,
+                                    CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw RuntimeError("cuTensorMapEncodeTiled failed (" + std::to_string(int(r)) + ") for " + what + " [" +
+                       std::to_string(rows) + ", " + std::to_string(cols) + "]");
+  return map;
+}
+
+}  // namespace
+
+CUtensorMap make_operand_map(const void* base, CUtensorMapDataType type, uint64_t rows, uint64_t cols,
+                             uint32_t box_rows) {
+  const uint64_t element_bytes = type == CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 ? 2 : 1;
+  return encode(base, type, element_bytes, rows, cols, uint32_t(128 / element_bytes), box_rows,
+                CU_TENSOR_MAP_SWIZZLE_128B, "a GEMM operand");
+}
+
+CUtensorMap make_scale_map(const float* base, uint64_t rows, uint64_t col_blocks, uint32_t box_rows) {
+  // As a matrix: col_blocks rows of `rows` scales; a box is box_rows scales of one block column.
+  return encode(base, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, col_blocks, rows, box_rows, 1, CU_TENSOR_MAP_SWIZZLE_NONE,
+                "a scale matrix");
+}
+
+WeightMaps make_weight_maps(const void* base, CUtensorMapDataType type, uint64_t rows, uint64_t cols, int block_n) {
+  WeightMaps maps{};
+  for (int cluster_m : {1, 2}) maps.for_cluster_m[cluster_m - 1] = make_operand_map(base, type, rows, cols, weight_box_rows(block_n, cluster_m));
+  return maps;
+}
+
+}  // namespace megamoe::gemm

@@ -1,0 +1,253 @@
+// Dispatch, as device functions (the kernels in dispatch.cu are thin wrappers around them): every
+// (token, k) pair travels to the rank that owns expert topk_ids[t,k].
+//
+// claim (on the source rank, before the dispatch barrier), per CTA of kClaimTokensPerCta tokens:
+//   - stages the CTA's tokens in the rank's symmetric token_staging (peers pull rows from there):
+//     bf16 rows as they are; for an fp8 layer quantised per 128 columns (moe/quantize.cuh), or
+//     copied when the caller passed them quantised;
+//   - counts the CTA's pairs per expert and claims that many slots on the owner with one atomic on
+//     the owner's expert_recv_count[e_local] (slot order within an expert is arbitrary; the results
+//     do not depend on it, since every row is computed on its own);
+//   - writes a RecvPair for each pair into the owner's recv_pairs list for this source; the last CTA
+//     to finish publishes the list lengths in the owners' source_pair_count.
+// schedule (on the expert owner, after the barrier):
+//   - lays the local experts out contiguously in the token pool (prefix sum of the counts; also the
+//     GEMMs' schedule, gemm/scheduler.h) and records each pool row's source; FC1's producer warps
+//     then copy the rows from the sources' staging areas while FC1's tensor cores already run.
+#pragma once
+#include <cuda_bf16.h>
+
+#include "gemm/scheduler.h"
+#include "moe/device_status.cuh"
+#include "moe/quantize.cuh"
+
+namespace megamoe::moe {
+
+inline constexpr int kClaimThreads = 256;
+inline constexpr int kClaimTokensPerCta = 64;
+inline constexpr int kClaimPairsPerThread = kClaimTokensPerCta * int(kMaxTopK) / kClaimThreads;
+inline constexpr int kScheduleThreads = 512;
+
+// Shared memory of one claim CTA: [E] pairs per expert, [E] first claimed slot, [W] pairs per owner
+// rank, [W] first entry in the owner's list.
+inline size_t claim_smem_bytes(int num_experts, int world_size) {
+  return sizeof(int32_t) * (2 * size_t(num_experts) + 2 * size_t(world_size));
+}
+inline size_t schedule_smem_bytes(int experts_per_rank, int world_size) {
+  return sizeof(int32_t) * (3 * size_t(experts_per_rank) + 2 + 2 * size_t(world_size) + 1);
+}
+
+// Tokens [token_begin, token_begin + count) of x into token_staging, in the layer's format.
+__device__ __forceinline__ void stage_tokens(const LayerView& v, const ForwardInputs& in, int token_begin, int count) {
+  if (count <= 0) return;
+  const int H = v.hidden;
+  if (!v.fp8) {
+    const int row_vectors = H / 8;
+    const int4* src = static_cast<const int4*>(in.x) + size_t(token_begin) * row_vectors;
+    int4* dst = reinterpret_cast<int4*>(v.ws.token_staging) + size_t(token_begin) * row_vectors;
+    for (int i = threadIdx.x; i < count * row_vectors; i += blockDim.x) dst[i] = __ldg(src + i);
+    return;
+  }
+  const int blocks_per_row = H / 128;
+  float* scale_dst = v.ws.token_staging_scale + size_t(token_begin) * blocks_per_row;
+  if (in.x_scale) {  // already quantised: copy bytes and scales
+    const int row_vectors = H / 16;
+    const int4* src = static_cast<const int4*>(in.x) + size_t(token_begin) * row_vectors;
+    int4* dst = reinterpret_cast<int4*>(v.ws.token_staging) + size_t(token_begin) * row_vectors;
+    for (int i = threadIdx.x; i < count * row_vectors; i += blockDim.x) dst[i] = __ldg(src + i);
+    const float* scale_src = in.x_scale + size_t(token_begin) * blocks_per_row;
+    for (int i = threadIdx.x; i < count * blocks_per_row; i += blockDim.x) scale_dst[i] = __ldg(scale_src + i);
+    return;
+  }
+  // Quantise: a half-warp per 128-value block, 8 values per lane.
+  const int lane = int(threadIdx.x) % 32, half = lane / 16, sub = lane % 16;
+  const int warp = int(threadIdx.x) / 32, warps = int(blockDim.x) / 32;
+  const int blocks = count * blocks_per_row;
+  const int4* src = static_cast<const int4*>(in.x) + size_t(token_begin) * (H / 8);
+  uint2* dst = reinterpret_cast<uint2*>(v.ws.token_staging) + size_t(token_begin) * (H / 8);
+  for (int first = 2 * warp; first < blocks; first += 2 * warps) {  // warp-uniform: every lane shuffles
+    const int block = first + half;
+    const bool valid = block < blocks;
+    int4 raw = make_int4(0, 0, 0, 0);
+    if (valid) raw = __ldg(src + size_t(block) * 16 + sub);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    float f[8];
+    float amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const float2 p = __bfloat1622float2(h[j]);
+      f[2 * j] = p.x;
+      f[2 * j + 1] = p.y;
+      amax = fmaxf(amax, fmaxf(fabsf(p.x), fabsf(p.y)));
+    }
+    amax = lanes_max(amax, 16);
+    const float scale = fp8_block_scale(amax);
+    uint2 q;
+    q.x = uint32_t(quantize_pair_e4m3(f[0], f[1], scale)) | (uint32_t(quantize_pair_e4m3(f[2], f[3], scale)) << 16);
+    q.y = uint32_t(quantize_pair_e4m3(f[4], f[5], scale)) | (uint32_t(quantize_pair_e4m3(f[6], f[7], scale)) << 16);
+    if (valid) {
+      dst[size_t(block) * 16 + sub] = q;
+      if (sub == 0) scale_dst[block] = scale;
+    }
+  }
+}
+
+// One claim CTA (kClaimThreads threads) handles chunks of kClaimTokensPerCta tokens: blockIdx.x,
+// blockIdx.x + gridDim.x, ... (the grid stays within the SM budget); then the last CTA to finish
+// publishes this rank's list lengths.
+template <bool kIdsInt64>
+__device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInputs& in, int32_t* smem) {
+  int32_t* expert_pairs = smem;                               // [E] pairs of this chunk per expert
+  int32_t* expert_first_slot = expert_pairs + v.num_experts;  // [E] first slot claimed on the owner
+  int32_t* rank_pairs = expert_first_slot + v.num_experts;    // [W] pairs of this chunk per owner rank
+  int32_t* rank_first_entry = rank_pairs + v.world_size;      // [W] first entry in the owner's list
+  __shared__ bool is_last_cta;
+
+  const int num_tokens = read_token_count(in.tokens, v.max_tokens, v.status(), blockIdx.x == 0 && threadIdx.x == 0);
+  const int K = v.top_k, E = v.num_experts, experts_per_rank = v.experts_per_rank;
+  const size_t list_capacity = size_t(v.max_tokens) * K;
+  const int chunks = (num_tokens + kClaimTokensPerCta - 1) / kClaimTokensPerCta;
+
+  for (int chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
+    const int token_begin = chunk * kClaimTokensPerCta;
+    const int cta_tokens = min(num_tokens, token_begin + kClaimTokensPerCta) - token_begin;
+
+    stage_tokens(v, in, token_begin, cta_tokens);
+
+    for (int i = threadIdx.x; i < E; i += kClaimThreads) expert_pairs[i] = 0;
+    for (int i = threadIdx.x; i < v.world_size; i += kClaimThreads) rank_pairs[i] = 0;
+    __syncthreads();
+
+    // Count, and remember each pair's position within its expert and its owner's list.
+    int32_t pair_expert[kClaimPairsPerThread], pos_in_expert[kClaimPairsPerThread], pos_in_list[kClaimPairsPerThread];
+    const int cta_pairs = cta_tokens * K;
+#pragma unroll
+    for (int j = 0; j < kClaimPairsPerThread; j++) {
+      const int p = threadIdx.x + j * kClaimThreads;
+      pair_expert[j] = -1;
+      if (p < cta_pairs) {
+        const int64_t pair = int64_t(token_begin) * K + p;
+        const int64_t id = load_expert_id(in.topk_ids, kIdsInt64, pair);
+        if (id < -1 || id >= E) {
+          record_bad_expert(v.status(), pair, id);
+        } else if (id >= 0) {
+          pair_expert[j] = int32_t(id);
+          pos_in_expert[j] = atomicAdd(&expert_pairs[id], 1);
+          pos_in_list[j] = atomicAdd(&rank_pairs[id / experts_per_rank], 1);
+        }
+      }
+    }
+    __syncthreads();
+
+    // One remote atomic per (chunk, expert): claim slots on the owner.
+    for (int e = threadIdx.x; e < E; e += kClaimThreads) {
+      const int n = expert_pairs[e];
+      if (n) {
+        int32_t* counter = v.peers.map(v.ws.expert_recv_count + e % experts_per_rank, e / experts_per_rank);
+        expert_first_slot[e] = atomicAdd_system(counter, n);
+      }
+    }
+    for (int r = threadIdx.x; r < v.world_size; r += kClaimThreads) {
+      const int n = rank_pairs[r];
+      if (n) rank_first_entry[r] = atomicAdd(&v.ws.send_pair_count[r], n);
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int j = 0; j < kClaimPairsPerThread; j++) {
+      const int id = pair_expert[j];
+      if (id >= 0) {
+        const int owner = id / experts_per_rank;
+        const int p = threadIdx.x + j * kClaimThreads;
+        RecvPair* list = v.peers.map(v.ws.recv_pairs, owner) + size_t(v.rank) * list_capacity;
+        list[rank_first_entry[owner] + pos_in_list[j]] =
+            RecvPair{id % experts_per_rank, expert_first_slot[id] + pos_in_expert[j], token_begin * K + p, 0};
+      }
+    }
+    __syncthreads();  // the counters are reset for the next chunk only after every thread used them
+  }
+
+  // The last CTA publishes this rank's list lengths on every owner (zero included).
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last_cta = atomicAdd(v.ws.dispatch_done_ctas, 1) == int(gridDim.x) - 1;
+  __syncthreads();
+  if (is_last_cta) {
+    __threadfence();
+    for (int r = threadIdx.x; r < v.world_size; r += kClaimThreads)
+      v.peers.map(v.ws.source_pair_count, r)[v.rank] = atomicAdd(&v.ws.send_pair_count[r], 0);
+    __threadfence_system();
+  }
+}
+
+// Exclusive prefix sums by one warp: out[i] = sum(in[0..i)), out[n] = total; optionally also the
+// prefix of the GEMM units of each count into units_out. Each lane scans a contiguous chunk.
+__device__ __forceinline__ void warp_exclusive_scan(const int32_t* in, int n, int32_t* out, int32_t* units_out,
+                                                    int unit_rows) {
+  const int lane = threadIdx.x % 32;
+  const int chunk = (n + 31) / 32;
+  const int begin = min(n, lane * chunk), end = min(n, begin + chunk);
+  int sum = 0, units = 0;
+  for (int i = begin; i < end; i++) {
+    sum += in[i];
+    if (units_out) units += gemm::units_for_rows(in[i], unit_rows);
+  }
+  int sum_incl = sum, units_incl = units;
+  for (int d = 1; d < 32; d *= 2) {
+    const int s = __shfl_up_sync(0xffffffffu, sum_incl, d), t = __shfl_up_sync(0xffffffffu, units_incl, d);
+    if (lane >= d) { sum_incl += s; units_incl += t; }
+  }
+  int running = sum_incl - sum, running_units = units_incl - units;
+  for (int i = begin; i < end; i++) {
+    out[i] = running;
+    running += in[i];
+    if (units_out) {
+      units_out[i] = running_units;
+      running_units += gemm::units_for_rows(in[i], unit_rows);
+    }
+  }
+  if (lane == 31) {
+    out[n] = sum_incl;
+    if (units_out) units_out[n] = units_incl;
+  }
+}
+
+// One schedule CTA (kScheduleThreads threads): every CTA computes the prefix sums; CTA 0 publishes
+// the schedule; all CTAs share the pool_source writes.
+__device__ __forceinline__ void schedule_cta(const LayerView& v, int unit_rows, int32_t* smem) {
+  const int El = v.experts_per_rank, W = v.world_size;
+  int32_t* expert_counts = smem;                  // [El]
+  int32_t* row_offset = expert_counts + El;       // [El+1]
+  int32_t* unit_offset = row_offset + El + 1;     // [El+1]
+  int32_t* source_counts = unit_offset + El + 1;  // [W]
+  int32_t* source_offset = source_counts + W;     // [W+1]
+  const int warp = threadIdx.x / 32;
+
+  for (int i = threadIdx.x; i < El; i += kScheduleThreads) expert_counts[i] = v.ws.expert_recv_count[i];
+  for (int i = threadIdx.x; i < W; i += kScheduleThreads) source_counts[i] = v.ws.source_pair_count[i];
+  __syncthreads();
+  if (warp == 0) warp_exclusive_scan(expert_counts, El, row_offset, unit_offset, unit_rows);
+  if (warp == 1) warp_exclusive_scan(source_counts, W, source_offset, nullptr, 1);
+  __syncthreads();
+  if (blockIdx.x == 0)
+    for (int i = threadIdx.x; i <= El; i += kScheduleThreads) {
+      v.ws.expert_row_offset[i] = row_offset[i];
+      v.ws.expert_tile_offset[i] = unit_offset[i];
+    }
+
+  const int total_pairs = source_offset[W];
+  const size_t list_capacity = size_t(v.max_tokens) * v.top_k;
+  for (int p = blockIdx.x * kScheduleThreads + threadIdx.x; p < total_pairs; p += gridDim.x * kScheduleThreads) {
+    int src = 0;
+    while (src + 1 < W && source_offset[src + 1] <= p) src++;
+    const RecvPair rec = v.ws.recv_pairs[size_t(src) * list_capacity + (p - source_offset[src])];
+    // Records come from our own claim kernels; the checks only keep a corrupted one from writing
+    // outside the pool.
+    if (rec.local_expert < 0 || rec.local_expert >= El || rec.slot < 0 || rec.slot >= expert_counts[rec.local_expert] ||
+        rec.source_pair / v.top_k >= v.max_tokens)
+      continue;
+    v.ws.pool_source[row_offset[rec.local_expert] + rec.slot] = PoolSource{src, rec.source_pair};
+  }
+}
+
+}  // namespace megamoe::moe

@@ -1,0 +1,241 @@
+// FC1 + SwiGLU: h = silu(min(g, L)) * clamp(u, -L, L) (no clamp when L = 0), where g and u are the
+// gate and up projections of each pool row. The weights are interleaved (gate j, up j) so that the
+// two accumulators a thread holds for columns 2j and 2j+1 are exactly g and u of output j.
+// BF16 layer: h is stored as bf16. FP8 layer: h is quantised straight from fp32 per row and 128
+// outputs (a 256-column tile is exactly one scale block) to e4m3 + one fp32 scale, FC2's input.
+//
+// FC1 also finishes the dispatch: its PullRowsFeed warps copy every pool row (and, fp8, its scales)
+// from the staging area of the rank the token came from (NVLink for remote ranks), in pool order, so
+// the first experts' tiles start while later rows are still in flight.
+#include "comm/bounded_wait.cuh"
+#include "gemm/grouped_gemm.cuh"
+#include "moe/quantize.cuh"
+#include "moe/stages.h"
+#include "runtime/cuda_check.h"
+
+namespace megamoe::moe {
+namespace {
+
+struct PullRowsFeed {
+  struct Params {
+    const PoolSource* pool_source;     // per pool row (dispatch_schedule)
+    PeerPointers peers;                // every rank's symmetric arena
+    const uint8_t* token_staging;      // this rank's (peers' through peers.map)
+    const float* token_staging_scale;  // fp8: [max_tokens, H/128], this rank's
+    uint8_t* token_pool;
+    float* token_pool_scale;           // fp8: [H/128, scale_pitch]
+    const int32_t* expert_row_offset;  // [E_local + 1]
+    int32_t* expert_arrived_rows;      // [E_local], zero at the start of the forward
+    int32_t num_experts, row_bytes, scale_blocks, scale_pitch, top_k;
+    uint64_t timeout_ns;
+    DeviceStatus* status;
+  };
+  static constexpr int kVectorsInFlight = 4;  // 16-byte loads per lane issued before their stores
+
+  // Worker w (one warp) copies pool rows w, w + workers, ...: all workers sweep the pool in order.
+  __device__ static void copy_rows(const Params& p, int worker, int workers) {
+    const int lane = int(threadIdx.x) % 32;
+    const int total_rows = __ldg(p.expert_row_offset + p.num_experts);
+    const int row_vectors = p.row_bytes / 16;
+    int expert = 0;  // this worker's rows only increase, so its expert only moves forward
+    for (int row = worker; row < total_rows; row += workers) {
+      while (__ldg(p.expert_row_offset + expert + 1) <= row) expert++;
+      const PoolSource src = p.pool_source[row];
+      const int token = src.source_pair / p.top_k;
+      const int4* from = reinterpret_cast<const int4*>(p.peers.map(p.token_staging, src.rank)) + size_t(token) * row_vectors;
+      int4* to = reinterpret_cast<int4*>(p.token_pool) + size_t(row) * row_vectors;
+      for (int c0 = 0; c0 < row_vectors; c0 += 32 * kVectorsInFlight) {
+        int4 buf[kVectorsInFlight];
+#pragma unroll
+        for (int u = 0; u < kVectorsInFlight; u++) {
+          const int c = c0 + u * 32 + lane;
+          if (c < row_vectors) buf[u] = from[c];
+        }
+#pragma unroll
+        for (int u = 0; u < kVectorsInFlight; u++) {
+          const int c = c0 + u * 32 + lane;
+          if (c < row_vectors) to[c] = buf[u];
+        }
+      }
+      if (p.scale_blocks) {  // fp8: the row's scales, into the pool's block-column-major scale matrix
+        const float* scales = p.peers.map(p.token_staging_scale, src.rank) + size_t(token) * p.scale_blocks;
+        for (int b = lane; b < p.scale_blocks; b += 32) p.token_pool_scale[size_t(b) * p.scale_pitch + row] = scales[b];
+      }
+      __syncwarp();
+      if (lane == 0) {
+        __threadfence();  // the warp's row is visible before it is counted
+        atomicAdd(p.expert_arrived_rows + expert, 1);
+      }
+    }
+  }
+
+  // Before the TMA thread loads an expert's rows: wait (bounded) until all of them are in.
+  __device__ static void wait_rows(const Params& p, int expert) {
+    const int needed = __ldg(p.expert_row_offset + expert + 1) - __ldg(p.expert_row_offset + expert);
+    comm::bounded_wait(
+        p.status, p.timeout_ns, [&] { return comm::ld_acquire_gpu(p.expert_arrived_rows + expert) >= needed; },
+        [&] {
+          p.status->waited_for_expert = expert;
+          atomicOr(&p.status->error_flags, kRowArrivalTimeout);
+        },
+        64);
+    // The rows were written through the generic proxy; TMA reads them through the async proxy.
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+  }
+};
+
+__device__ __forceinline__ float swiglu(float gate, float up, float limit) {
+  if (limit > 0.0f) {
+    gate = fminf(gate, limit);
+    up = fminf(fmaxf(up, -limit), limit);
+  }
+  return gate / (1.0f + __expf(-gate)) * up;
+}
+
+struct SwigluBf16Epilogue {
+  struct Params {
+    __nv_bfloat16* out;  // fc1_out [pool_rows, I]
+    int32_t out_cols;    // I
+    float limit;         // 0: no clamp
+  };
+  using SharedStorage = gemm::EpilogueChunk;
+  static constexpr bool kScaleSlotIsParity = true;  // interleaved gate/up columns
+  static constexpr int kOutCols = gemm::kFc1BlockN / 2;
+  static constexpr int kChunks = kOutCols / gemm::kEpilogueChunkCols;
+
+  template <class Values>
+  __device__ static void apply(const Params& p, SharedStorage& s, const Values& values, const gemm::TileCoord& c,
+                               int consumer_tid) {
+    gemm::store_staged<kChunks>(
+        s, consumer_tid, c.rows_valid,
+        [&](int chunk, unsigned char* tile) {
+          values.for_each_pair([&](int row, int col, float& gate, float& up) {
+            const int out_col = col / 2 - chunk * gemm::kEpilogueChunkCols;
+            if (out_col < 0 || out_col >= gemm::kEpilogueChunkCols) return;
+            reinterpret_cast<__nv_bfloat16*>(tile + row * gemm::kEpilogueRowPitchBytes)[out_col] =
+                __float2bfloat16_rn(swiglu(gate, up, p.limit));
+          });
+        },
+        [&](int row, int chunk, int byte, int4 vector) {
+          __nv_bfloat16* dst = p.out + size_t(c.row_begin + row) * p.out_cols + c.n_block * kOutCols +
+                               chunk * gemm::kEpilogueChunkCols;
+          *reinterpret_cast<int4*>(reinterpret_cast<unsigned char*>(dst) + byte) = vector;
+        });
+  }
+};
+
+struct SwigluFp8Epilogue {
+  struct Params {
+    uint8_t* out;        // fc1_out [pool_rows, I] e4m3
+    float* out_scale;    // fc1_out_scale [I/128, scale_pitch]
+    int32_t out_cols;    // I
+    int32_t scale_pitch;
+    float limit;         // 0: no clamp
+  };
+  using SharedStorage = gemm::EpilogueChunk;
+  static constexpr bool kScaleSlotIsParity = true;  // interleaved gate/up columns
+  static constexpr int kOutCols = gemm::kFc1BlockN / 2;  // 128 outputs: one chunk of 128 bytes, one scale block
+  static_assert(kOutCols == 128 && kOutCols == 2 * gemm::kEpilogueChunkCols);
+
+  template <class Values>
+  __device__ static void apply(const Params& p, SharedStorage& s, const Values& values, const gemm::TileCoord& c,
+                               int consumer_tid) {
+    // A thread holds two rows (bit 3 of the row tells them apart); each row's 128 outputs are spread
+    // over the 4 lanes of a quad.
+    float amax[2] = {0.0f, 0.0f};
+    int rows[2] = {0, 0};
+    values.for_each_pair([&](int row, int, float& gate, float& up) {
+      const int r = (row >> 3) & 1;
+      gate = swiglu(gate, up, p.limit);  // h kept in place for the second pass
+      amax[r] = fmaxf(amax[r], fabsf(gate));
+      rows[r] = row;
+    });
+    float scale[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) scale[r] = fp8_block_scale(lanes_max(amax[r], 4));
+    gemm::store_staged<1>(
+        s, consumer_tid, c.rows_valid,
+        [&](int, unsigned char* tile) {
+          values.for_each_pair([&](int row, int col, float& h, float&) {
+            tile[row * gemm::kEpilogueRowPitchBytes + col / 2] =
+                __nv_cvt_float_to_fp8(__fdiv_rn(h, scale[(row >> 3) & 1]), __NV_SATFINITE, __NV_E4M3);
+          });
+        },
+        [&](int row, int, int byte, int4 vector) {
+          *reinterpret_cast<int4*>(p.out + size_t(c.row_begin + row) * p.out_cols + c.n_block * kOutCols + byte) = vector;
+        });
+    if (consumer_tid % 4 == 0)
+#pragma unroll
+      for (int r = 0; r < 2; r++)
+        if (rows[r] < c.rows_valid) p.out_scale[size_t(c.n_block) * p.scale_pitch + c.row_begin + rows[r]] = scale[r];
+  }
+};
+
+template <class Operands, int kClusterM>
+using Fc1Epilogue = std::conditional_t<Operands::kBlockScaled, SwigluFp8Epilogue, SwigluBf16Epilogue>;
+template <class Operands, int kClusterM>
+using Fc1Config = gemm::GroupedGemmConfig<Operands, gemm::kFc1BlockN, kClusterM,
+                                          typename Fc1Epilogue<Operands, kClusterM>::SharedStorage>;
+
+template <class Operands, int kClusterM>
+void launch(const LayerView& v, const ExpertGemmOperands& g, int num_sms, cudaStream_t stream) {
+  using Epilogue = Fc1Epilogue<Operands, kClusterM>;
+  gemm::GroupedProblem problem{};
+  problem.n = 2 * v.intermediate;
+  problem.k = v.hidden;
+  problem.schedule = gemm::GroupedSchedule{v.ws.expert_row_offset, v.ws.expert_tile_offset, v.experts_per_rank};
+  // Tile n_block covers outputs [128 n_block, +128): gate block row n_block, up block row I/128 + n_block.
+  problem.weight_scales = gemm::WeightScales{g.w1_scale, v.intermediate / 128, 1};
+  typename Epilogue::Params params{};
+  if constexpr (Operands::kBlockScaled) {
+    params = {v.ws.fc1_out, v.ws.fc1_out_scale, v.intermediate, v.scale_pitch, v.swiglu_limit};
+  } else {
+    params = {reinterpret_cast<__nv_bfloat16*>(v.ws.fc1_out), v.intermediate, v.swiglu_limit};
+  }
+  PullRowsFeed::Params feed{v.ws.pool_source,
+                            v.peers,
+                            v.ws.token_staging,
+                            v.ws.token_staging_scale,
+                            v.ws.token_pool,
+                            v.ws.token_pool_scale,
+                            v.ws.expert_row_offset,
+                            v.ws.expert_arrived_rows,
+                            v.experts_per_rank,
+                            v.hidden * (v.fp8 ? 1 : 2),
+                            v.fp8 ? v.hidden / 128 : 0,
+                            v.scale_pitch,
+                            v.top_k,
+                            v.wait_timeout_ns,
+                            v.status()};
+  gemm::launch_grouped_gemm<Fc1Config<Operands, kClusterM>, Epilogue, PullRowsFeed>(
+      g.pool, g.w1.get(kClusterM), g.pool_scale, problem, params, num_sms, stream, "fc1 grouped_gemm_kernel", feed);
+}
+
+template <class Operands, int kClusterM>
+void preload() {
+  gemm::preload_grouped_gemm<Fc1Config<Operands, kClusterM>, Fc1Epilogue<Operands, kClusterM>, PullRowsFeed>();
+}
+
+}  // namespace
+
+void launch_fc1(const LayerView& v, const ExpertGemmOperands& g, int cluster_m, int num_sms, cudaStream_t stream) {
+  if (v.fp8) {
+    if (cluster_m == 2) launch<gemm::Fp8Operands, 2>(v, g, num_sms, stream);
+    else launch<gemm::Fp8Operands, 1>(v, g, num_sms, stream);
+  } else {
+    if (cluster_m == 2) launch<gemm::Bf16Operands, 2>(v, g, num_sms, stream);
+    else launch<gemm::Bf16Operands, 1>(v, g, num_sms, stream);
+  }
+}
+
+void preload_fc1_kernels(bool fp8) {
+  if (fp8) {
+    preload<gemm::Fp8Operands, 1>();
+    preload<gemm::Fp8Operands, 2>();
+  } else {
+    preload<gemm::Bf16Operands, 1>();
+    preload<gemm::Bf16Operands, 2>();
+  }
+}
+
+}  // namespace megamoe::moe

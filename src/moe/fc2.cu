@@ -1,0 +1,99 @@
+// FC2: each pool row's output goes straight back to the rank it came from, into that rank's
+// combine_recv[t*K+k] (an NVLink store for remote sources), so combine only has to sum. Rows are
+// bf16 for both layer formats (FP8 layers compute FC2 from e4m3 fc1_out with block scales).
+#include "gemm/grouped_gemm.cuh"
+#include "moe/stages.h"
+#include "runtime/cuda_check.h"
+
+namespace megamoe::moe {
+namespace {
+
+template <int kBlockN>
+struct ScatterEpilogue {
+  struct Params {
+    const PoolSource* pool_source;  // per pool row
+    PeerPointers peers;             // every rank's symmetric arena
+    uint8_t* combine_recv;          // this rank's (the source's through peers.map)
+    int32_t hidden;
+  };
+  struct SharedStorage {
+    gemm::EpilogueChunk chunk;
+    PoolSource source[gemm::kBlockM];
+  };
+  static constexpr int kChunks = kBlockN / gemm::kEpilogueChunkCols;
+  static constexpr bool kScaleSlotIsParity = false;  // weight block = 128-column pass
+
+  template <class Values>
+  __device__ static void apply(const Params& p, SharedStorage& s, const Values& values, const gemm::TileCoord& c,
+                               int consumer_tid) {
+    gemm::consumer_sync();  // the previous tile's sources are no longer read
+    if (consumer_tid < c.rows_valid) s.source[consumer_tid] = p.pool_source[c.row_begin + consumer_tid];
+    gemm::store_staged<kChunks>(
+        s.chunk, consumer_tid, c.rows_valid,
+        [&](int chunk, unsigned char* tile) {
+          values.for_each_pair([&](int row, int col, float& v0, float& v1) {
+            const int chunk_col = col - chunk * gemm::kEpilogueChunkCols;
+            if (chunk_col < 0 || chunk_col >= gemm::kEpilogueChunkCols) return;
+            *reinterpret_cast<__nv_bfloat162*>(tile + row * gemm::kEpilogueRowPitchBytes + chunk_col * 2) =
+                __floats2bfloat162_rn(v0, v1);
+          });
+        },
+        [&](int row, int chunk, int byte, int4 vector) {
+          const PoolSource src = s.source[row];
+          __nv_bfloat16* dst = reinterpret_cast<__nv_bfloat16*>(p.peers.map(p.combine_recv, src.rank)) +
+                               size_t(src.source_pair) * p.hidden + c.n_block * kBlockN + chunk * gemm::kEpilogueChunkCols;
+          *reinterpret_cast<int4*>(reinterpret_cast<unsigned char*>(dst) + byte) = vector;
+        });
+  }
+};
+
+template <class Operands, int kBlockN, int kClusterM>
+using Fc2Config = gemm::GroupedGemmConfig<Operands, kBlockN, kClusterM, typename ScatterEpilogue<kBlockN>::SharedStorage>;
+
+template <class Operands, int kBlockN, int kClusterM>
+void launch(const LayerView& v, const ExpertGemmOperands& g, int num_sms, cudaStream_t stream) {
+  using Epilogue = ScatterEpilogue<kBlockN>;
+  gemm::GroupedProblem problem{};
+  problem.n = v.hidden;
+  problem.k = v.intermediate;
+  problem.schedule = gemm::GroupedSchedule{v.ws.expert_row_offset, v.ws.expert_tile_offset, v.experts_per_rank};
+  // Tile n_block covers columns [kBlockN n_block, +kBlockN): weight block rows kBlockN/128 n_block + slot.
+  problem.weight_scales = gemm::WeightScales{g.w2_scale, 1, kBlockN / 128};
+  typename Epilogue::Params params{v.ws.pool_source, v.peers, v.ws.combine_recv, v.hidden};
+  gemm::launch_grouped_gemm<Fc2Config<Operands, kBlockN, kClusterM>, Epilogue>(
+      g.fc1_out, g.w2.get(kClusterM), g.fc1_out_scale, problem, params, num_sms, stream, "fc2 grouped_gemm_kernel");
+}
+
+template <class Operands>
+void launch_operands(const LayerView& v, const ExpertGemmOperands& g, int cluster_m, int num_sms, cudaStream_t stream) {
+  const bool wide = gemm::fc2_block_n(v.hidden) == 256;
+  if (cluster_m == 2) {
+    if (wide) launch<Operands, 256, 2>(v, g, num_sms, stream);
+    else launch<Operands, 128, 2>(v, g, num_sms, stream);
+  } else {
+    if (wide) launch<Operands, 256, 1>(v, g, num_sms, stream);
+    else launch<Operands, 128, 1>(v, g, num_sms, stream);
+  }
+}
+
+template <class Operands>
+void preload_operands() {
+  gemm::preload_grouped_gemm<Fc2Config<Operands, 256, 1>, ScatterEpilogue<256>, gemm::NoFeed>();
+  gemm::preload_grouped_gemm<Fc2Config<Operands, 256, 2>, ScatterEpilogue<256>, gemm::NoFeed>();
+  gemm::preload_grouped_gemm<Fc2Config<Operands, 128, 1>, ScatterEpilogue<128>, gemm::NoFeed>();
+  gemm::preload_grouped_gemm<Fc2Config<Operands, 128, 2>, ScatterEpilogue<128>, gemm::NoFeed>();
+}
+
+}  // namespace
+
+void launch_fc2(const LayerView& v, const ExpertGemmOperands& g, int cluster_m, int num_sms, cudaStream_t stream) {
+  if (v.fp8) launch_operands<gemm::Fp8Operands>(v, g, cluster_m, num_sms, stream);
+  else launch_operands<gemm::Bf16Operands>(v, g, cluster_m, num_sms, stream);
+}
+
+void preload_fc2_kernels(bool fp8) {
+  if (fp8) preload_operands<gemm::Fp8Operands>();
+  else preload_operands<gemm::Bf16Operands>();
+}
+
+}  // namespace megamoe::moe

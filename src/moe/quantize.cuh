@@ -1,0 +1,27 @@
+// DeepSeek's fp8 activation format on the device, the one convention of the whole project (the CPU
+// reference uses the same): per block of 128 values, scale = amax / 448 (1 for an all-zero block) in
+// fp32, q = e4m3 round-to-nearest-even of value / scale (an IEEE division), saturating at 448.
+#pragma once
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+namespace megamoe::moe {
+
+inline constexpr float kE4m3Max = 448.0f;
+
+__device__ __forceinline__ float fp8_block_scale(float amax) { return amax > 0.0f ? amax / kE4m3Max : 1.0f; }
+
+// Two values -> two e4m3 bytes (low byte: a).
+__device__ __forceinline__ uint16_t quantize_pair_e4m3(float a, float b, float scale) {
+  const float2 v = make_float2(__fdiv_rn(a, scale), __fdiv_rn(b, scale));
+  return uint16_t(__nv_cvt_float2_to_fp8x2(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+// Max over the `width` lanes (a power of two, aligned) that share a block.
+__device__ __forceinline__ float lanes_max(float v, int width) {
+  for (int d = width / 2; d > 0; d /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, d));
+  return v;
+}
+
+}  // namespace megamoe::moe

@@ -1,0 +1,15 @@
+# ctest "package": install the build into a scratch prefix, then configure, build and run
+# tests/package against it with find_package, as a user's project would.
+set(prefix ${BINARY_DIR}/package-test/install)
+set(consumer ${BINARY_DIR}/package-test/consumer)
+file(REMOVE_RECURSE ${BINARY_DIR}/package-test)
+function(run)
+  execute_process(COMMAND ${ARGV} RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "failed (${rc}): ${ARGV}")
+  endif()
+endfunction()
+run(${CMAKE_COMMAND} --install ${BINARY_DIR} --prefix ${prefix})
+run(${CMAKE_COMMAND} -S ${SOURCE_DIR}/tests/package -B ${consumer} -G Ninja -DCMAKE_PREFIX_PATH=${prefix})
+run(${CMAKE_COMMAND} --build ${consumer})
+run(${consumer}/consumer)
