@@ -40,6 +40,13 @@ int visible_gpu_count();
 // it shares a process with. Called by every NCCL communicator constructor and by our programs' main.
 void disable_nvlink_multicast();
 
+// GPUs this process runs ranks on: inside a torchrun/mpirun job (or in a child of run_ranks) 1, the
+// GPU of its LOCAL_RANK; otherwise every visible GPU. 0 when it has none, with `why_none` (when
+// given) set to one line for the user: no GPU is visible, or LOCAL_RANK names a GPU that is not.
+// Programs ask this before run_ranks, so that a job on a machine without a GPU fails with that
+// line instead of a CUDA error from every rank.
+int gpus_for_this_process(std::string* why_none = nullptr);
+
 // "[rank r] " prefix for this process's own log lines when the parent does not add one.
 std::string log_prefix(const RankEnv& env);
 

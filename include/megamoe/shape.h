@@ -14,8 +14,8 @@ std::string_view to_string(WeightFormat f);
 WeightFormat parse_weight_format(std::string_view s, std::string_view arg_name = "dtype");
 
 struct MoeShape {
-  int64_t hidden = 0;               // H: model width, multiple of 128
-  int64_t intermediate = 0;         // I: expert FFN width, multiple of 128
+  int64_t hidden = 0;               // H: model width, multiple of 128, <= kMaxHidden
+  int64_t intermediate = 0;         // I: expert FFN width, multiple of 128, <= kMaxIntermediate
   int64_t num_experts = 0;          // E: total experts over all ranks
   int64_t top_k = 0;                // K: experts per token
   int64_t ep_size = 1;              // W: ranks (GPUs) the experts are spread over
@@ -33,8 +33,21 @@ struct MoeShape {
 inline constexpr int64_t kMaxTopK = 16;
 inline constexpr int64_t kMaxExperts = 2048;
 inline constexpr int64_t kMaxEpSize = 64;
+// H and I are int32 on the device, where kernels form 32-bit products of them: 2*I, a 128-row
+// tile's 128*H elements, a weight's TMA row count E_local*2I (<= 2048 * 2 * 2^16 = 2^28; TMA
+// dimensions must stay below 2^32). 2^16 keeps all of these inside int32, the weights' element
+// counts (<= 2^44) inside int64, and is 4x the widest released model's hidden size (16384).
+inline constexpr int64_t kMaxHidden = int64_t(1) << 16;
+inline constexpr int64_t kMaxIntermediate = int64_t(1) << 16;
+// One rank's workspace (both arenas, WorkspaceLayout::total_bytes): 64 TiB, hundreds of times any
+// GPU's memory, so only a shape that could never be allocated fails it, and fails here with the
+// field to lower rather than later in cudaMalloc. The field limits keep every workspace below
+// 2^50 bytes, so its size arithmetic cannot wrap either.
+inline constexpr int64_t kMaxWorkspaceBytes = int64_t(1) << 46;
 
-// Throws InvalidArgument naming the first field that breaks a rule, its value and the rule.
+// Throws InvalidArgument naming the first field that breaks a rule, its value and the rule; the
+// workspace limit (kMaxWorkspaceBytes) is checked last and names max_tokens_per_rank, the field a
+// caller lowers to meet it. A shape that passes has a WorkspaceLayout.
 void validate(const MoeShape& shape);
 
 // Names accepted by make_preset: "dsv3", "dsv4-flash", "dsv4-pro", "tiny".

@@ -60,15 +60,13 @@ void load_random_weights(Layer& layer, const MoeShape& shape, uint64_t seed, cud
   }
 }
 
-int bench_layer(Communicator& comm, const Args& a) {
-  const std::vector<std::string> presets = a.str_list("preset", {"dsv4-flash"});
-  const WeightFormat format = parse_weight_format(a.str("dtype", "bf16"), "--dtype");
-  if (format != WeightFormat::kBf16)
-    throw InvalidArgument("--dtype = fp8: this version of the layer runs bf16 weights only");
-  const std::vector<int64_t> tokens = a.integer_list("tokens", {1, 64, 512, 1024, 2048, 4096, 8192}, 0, 1 << 20);
-  const RoutingKind routing = parse_routing_kind(a.str("routing", "uniform"), "--routing");
-  const int iters = int(a.integer("iters", 30, 1, 100000));
-  const std::string json_path = a.str("json", "");
+// `o` was parsed and validated by parse_bench_options before any rank started.
+int bench_layer(Communicator& comm, const BenchOptions& o) {
+  const std::vector<std::string>& presets = o.presets;
+  const std::vector<int64_t>& tokens = o.tokens;
+  const RoutingKind routing = o.routing;
+  const int iters = o.iters;
+  const std::string& json_path = o.json_path;
   const int rank = comm.rank(), W = comm.world_size();
   cudaDeviceProp prop{};
   MEGAMOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, comm.device()));
@@ -76,15 +74,11 @@ int bench_layer(Communicator& comm, const Args& a) {
   MEGAMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
 
   for (const std::string& preset : presets) {
-    const int64_t max_tokens = std::max<int64_t>(1, *std::max_element(tokens.begin(), tokens.end()));
-    MoeShape shape = make_preset(preset, W, max_tokens, format);
-    if (a.has("experts")) {  // e.g. one GPU with the experts one rank of a larger EP group holds
-      shape.num_experts = a.integer("experts", 0, 1, kMaxExperts);
-      validate(shape);
-    }
+    const MoeShape shape = o.shape(preset, W);  // the preset, --experts, --dtype, max_tokens
     LayerOptions options;
-    options.stage_timing = a.has("stages");
-    options.gemm_cluster_m = int(a.integer("gemm-cluster-m", 0, 0, 2));
+    options.stage_timing = o.stages;
+    options.gemm_cluster_m = o.gemm_cluster_m;
+    options.num_sms = o.sms;
     Layer layer(shape, comm, options);
     load_random_weights(layer, shape, 1234 + uint64_t(rank) * 7777, s);
     if (rank == 0) {
@@ -149,7 +143,7 @@ int bench_layer(Communicator& comm, const Args& a) {
       const double slowest_min = comm.all_reduce_max(*std::min_element(us.begin(), us.end()));
       for (auto& set : in) MEGAMOE_CUDA_CHECK(cudaGraphExecDestroy(set.graph));
       std::string stage_line;
-      if (a.has("stages")) {  // one eager forward, timed stage by stage (slowest rank per stage)
+      if (o.stages) {  // one eager forward, timed stage by stage (slowest rank per stage)
         comm.host_barrier();
         layer.forward(in[0].x->ptr, in[0].ids->ptr, in[0].weights->ptr, in[0].y->ptr, T, s);
         const Layer::StageTimes st = layer.last_stage_times();
@@ -206,18 +200,19 @@ int bench_comm(Communicator& comm) {
 }  // namespace
 
 int bench_main(int argc, char** argv) {
-  Args a(argc, argv, 2, {"preset", "dtype", "tokens", "gpus", "routing", "iters", "json", "experts", "gemm-cluster-m"},
-         {"comm", "stages"});
+  // Every flag is parsed and checked first, without a GPU: a bad flag gets its own message on any
+  // machine, once, and not from every rank.
+  const Args a(argc, argv, 2, bench_flags());
+  const BenchOptions o = parse_bench_options(a);
   const int gpus = gpus_for_command(a, "bench");
   if (gpus == 0) return 2;
-  // Parse everything once before spawning ranks, so a bad flag fails here and not in every child.
-  if (!a.has("comm")) {
-    for (const auto& p : a.str_list("preset", {"dsv4-flash"})) make_preset(p, 1, 1);
-    parse_routing_kind(a.str("routing", "uniform"), "--routing");
+  if (!o.comm) {  // the rank count is known now: the shapes must hold for it (e.g. --experts divisible)
+    const std::optional<RankEnv> env = rank_env_from_environment();
+    for (const std::string& p : o.presets) o.shape(p, env ? env->world_size : gpus);
   }
   return run_ranks(argc, argv, gpus, [&](const RankEnv& env) {
     auto comm = create_nccl_communicator(env);
-    return a.has("comm") ? bench_comm(*comm) : bench_layer(*comm, a);
+    return o.comm ? bench_comm(*comm) : bench_layer(*comm, o);
   });
 }
 

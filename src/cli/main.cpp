@@ -3,6 +3,7 @@
 //   megamoe bench [--preset P[,P..]] [--tokens T,..] [--gpus N] ...     the layer's speed (all GPUs)
 //   megamoe bench --comm                                                NVLink and barrier speed
 //   megamoe selftest --skip-barrier-rank R                              a peer that never arrives
+//   megamoe COMMAND --help, megamoe --version
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -11,33 +12,35 @@
 #include "cli/args.h"
 #include "megamoe/error.h"
 
-namespace {
-
-const char* kUsage =
-    "usage:\n"
-    "  megamoe info --preset dsv3|dsv4-flash|dsv4-pro|tiny --ep N --max-tokens M [--dtype bf16|fp8]\n"
-    "               [--tokens T,...] [--hbm-gbps X] [--bf16-tflops X] [--fp8-tflops X] [--nvlink-gbps X]\n"
-    "  megamoe bench [--preset P[,P...]] [--dtype bf16] [--tokens 1,64,512,...] [--gpus N]\n"
-    "                [--routing uniform|balanced|skewed|all-to-one|masked] [--iters N] [--json PATH] [--stages]\n"
-    "                [--experts E]   (override the preset's expert count, e.g. one GPU as one rank of EP 4)\n"
-    "                [--gemm-cluster-m 0|1|2]   (GEMM CTA pairing: 0 = per forward, see src/kernels/stages.h)\n"
-    "  megamoe bench --comm [--gpus N]\n"
-    "  megamoe selftest --skip-barrier-rank R [--timeout S] [--gpus N]\n";
-
-}  // namespace
-
 int main(int argc, char** argv) {
-  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
-    std::fputs(kUsage, argc < 2 ? stderr : stdout);
-    return argc < 2 ? 2 : 0;
+  using megamoe::cli::usage;
+  if (argc < 2) {
+    std::fputs(usage(""), stderr);
+    return 2;
   }
   const std::string command = argv[1];
+  if (command == "--help" || command == "-h" || command == "help") {
+    std::fputs(usage(argc > 2 ? argv[2] : ""), stdout);  // "megamoe help bench" as "megamoe bench --help"
+    return 0;
+  }
+  if (command == "--version" || command == "version") {
+    std::printf("%s\n", megamoe::cli::version_line().c_str());
+    return 0;
+  }
+  const bool known = command == "info" || command == "bench" || command == "selftest";
+  if (!known) {
+    std::fprintf(stderr, "megamoe: unknown command '%s'\n%s", command.c_str(), usage(""));
+    return 2;
+  }
+  // Asked for help, the command prints its usage whatever else is on the line, and runs nothing.
+  if (megamoe::cli::wants_help(argc, argv, 2)) {
+    std::fputs(usage(command), stdout);
+    return 0;
+  }
   try {
     if (command == "info") return megamoe::cli::info_main(argc, argv);
     if (command == "bench") return megamoe::cli::bench_main(argc, argv);
-    if (command == "selftest") return megamoe::cli::selftest_main(argc, argv);
-    std::fprintf(stderr, "megamoe: unknown command '%s'\n%s", command.c_str(), kUsage);
-    return 2;
+    return megamoe::cli::selftest_main(argc, argv);
   } catch (const megamoe::InvalidArgument& e) {
     std::fprintf(stderr, "megamoe %s: %s\n", command.c_str(), e.what());
     return 2;

@@ -11,11 +11,12 @@
 namespace megamoe::cli {
 
 int selftest_main(int argc, char** argv) {
-  Args a(argc, argv, 2, {"skip-barrier-rank", "timeout", "gpus"}, {});
+  const Args a(argc, argv, 2, selftest_flags());
+  const SelftestOptions o = parse_selftest_options(a);  // every flag before the GPU check
   const int gpus = gpus_for_command(a, "selftest");
   if (gpus == 0) return 2;
-  const int64_t skip = a.integer("skip-barrier-rank", -1, -1, kMaxEpSize - 1);
-  const double timeout_s = a.number("timeout", 2.0);
+  const int64_t skip = o.skip_barrier_rank;
+  const double timeout_s = o.timeout_s;
   return run_ranks(argc, argv, gpus, [&](const RankEnv& env) {
     auto comm = create_nccl_communicator(env);
     comm::StandaloneDeviceBarrier barrier(*comm, timeout_s);

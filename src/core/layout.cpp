@@ -2,10 +2,13 @@
 
 #include <cstdio>
 #include <functional>
+#include <iterator>
+#include <limits>
 #include <sstream>
 
 #include "megamoe/error.h"
 #include "workspace_regions.h"
+#include "workspace_size.h"
 
 namespace megamoe {
 namespace {
@@ -20,15 +23,27 @@ constexpr std::array<RegionSpec, kNumRegions> kTable = {{
 #undef MEGAMOE_REGION_SPEC
 }};
 
-size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
+// Size arithmetic saturates: a result that does not fit 64 bits becomes kSaturated and stays so;
+// validate() rejects that (and anything above kMaxWorkspaceBytes) before a layout is built.
+constexpr size_t kSaturated = std::numeric_limits<size_t>::max();
+size_t mul(size_t a, size_t b) {
+  size_t r;
+  return __builtin_mul_overflow(a, b, &r) ? kSaturated : r;
+}
+size_t add(size_t a, size_t b) {
+  size_t r;
+  return __builtin_add_overflow(a, b, &r) ? kSaturated : r;
+}
+size_t align_up(size_t v, size_t a) { return v == kSaturated ? kSaturated : mul(add(v, a - 1) / a, a); }
 
 // Element size and count of a region for a shape; the formulas match kTable's count_formula.
+// H and I are multiples of 128, so "H/128" is exact.
 void size_region(const MoeShape& s, Region r, size_t& element_bytes, size_t& count) {
   const bool fp8 = s.weight_format == WeightFormat::kFp8;
   const size_t W = size_t(s.ep_size), T = size_t(s.max_tokens_per_rank), K = size_t(s.top_k);
   const size_t H = size_t(s.hidden), I = size_t(s.intermediate), El = size_t(s.experts_per_rank());
-  const size_t pool = W * T * K;
-  const size_t pitch = (pool + 127) / 128 * 128;  // WorkspaceLayout::scale_pitch
+  const size_t pool = mul(mul(W, T), K);
+  const size_t pitch = align_up(pool, 128);  // WorkspaceLayout::scale_pitch
   const size_t activation_bytes = fp8 ? 1 : 2;
   switch (r) {
     case Region::kExpertRecvCount: element_bytes = 4; count = El; return;
@@ -37,33 +52,87 @@ void size_region(const MoeShape& s, Region r, size_t& element_bytes, size_t& cou
     case Region::kExpertArrivedRows: element_bytes = 4; count = El; return;
     case Region::kBarrierFlags: element_bytes = 8; count = W; return;
     case Region::kSourcePairCount: element_bytes = 4; count = W; return;
-    case Region::kRecvPairs: element_bytes = sizeof(RecvPair); count = W * T * K; return;
-    case Region::kTokenStaging: element_bytes = activation_bytes; count = T * H; return;
-    case Region::kTokenStagingScale: element_bytes = 4; count = fp8 ? T * H / 128 : 0; return;
-    case Region::kCombineRecv: element_bytes = 2; count = T * K * H; return;
-    case Region::kTokenPool: element_bytes = activation_bytes; count = pool * H; return;
-    case Region::kTokenPoolScale: element_bytes = 4; count = fp8 ? H / 128 * pitch : 0; return;
+    case Region::kRecvPairs: element_bytes = sizeof(RecvPair); count = pool; return;
+    case Region::kTokenStaging: element_bytes = activation_bytes; count = mul(T, H); return;
+    case Region::kTokenStagingScale: element_bytes = 4; count = fp8 ? mul(T, H / 128) : 0; return;
+    case Region::kCombineRecv: element_bytes = 2; count = mul(mul(T, K), H); return;
+    case Region::kTokenPool: element_bytes = activation_bytes; count = mul(pool, H); return;
+    case Region::kTokenPoolScale: element_bytes = 4; count = fp8 ? mul(H / 128, pitch) : 0; return;
     case Region::kPoolSource: element_bytes = sizeof(PoolSource); count = pool; return;
     case Region::kExpertRowOffset: element_bytes = 4; count = El + 1; return;
     case Region::kExpertTileOffset: element_bytes = 4; count = El + 1; return;
-    case Region::kFc1Out: element_bytes = activation_bytes; count = pool * I; return;
-    case Region::kFc1OutScale: element_bytes = 4; count = fp8 ? I / 128 * pitch : 0; return;
+    case Region::kFc1Out: element_bytes = activation_bytes; count = mul(pool, I); return;
+    case Region::kFc1OutScale: element_bytes = 4; count = fp8 ? mul(I / 128, pitch) : 0; return;
     case Region::kDeviceStatus: element_bytes = sizeof(DeviceStatus); count = 1; return;
     case Region::kCount: break;
   }
   throw RuntimeError("workspace layout: unknown region");
 }
 
-std::string human_bytes(size_t b) {
-  char buf[32];
-  if (b >= (size_t(1) << 30)) std::snprintf(buf, sizeof buf, "%.2f GiB", double(b) / double(size_t(1) << 30));
-  else if (b >= (size_t(1) << 20)) std::snprintf(buf, sizeof buf, "%.2f MiB", double(b) / double(1 << 20));
-  else if (b >= 1024) std::snprintf(buf, sizeof buf, "%.2f KiB", double(b) / 1024.0);
-  else std::snprintf(buf, sizeof buf, "%zu B", b);
-  return buf;
+struct Placement {
+  std::array<RegionPlacement, kNumRegions> regions{};
+  size_t arena_bytes[2] = {0, 0};  // symmetric, local
+  size_t zero_prefix_bytes = 0;
+};
+
+// Places every region of kTable in its arena. Does not validate the shape: validate() calls it.
+Placement place_regions(const MoeShape& shape) {
+  Placement out;
+  size_t cursor[2] = {0, 0};
+  bool in_zero_prefix = true;
+  for (const RegionSpec& spec : kTable) {
+    RegionPlacement& p = out.regions[static_cast<int>(spec.id)];
+    size_region(shape, spec.id, p.element_bytes, p.count);
+    p.bytes = mul(p.element_bytes, p.count);
+    size_t& c = cursor[spec.arena == Arena::kSymmetric ? 0 : 1];
+    p.offset = align_up(c, spec.alignment);
+    c = add(p.offset, p.bytes);
+    if (spec.zero_per_forward) {
+      if (!in_zero_prefix || spec.arena != Arena::kSymmetric)
+        throw RuntimeError("workspace table: must-zero regions must lead the symmetric arena");
+      out.zero_prefix_bytes = c;
+    } else if (spec.arena == Arena::kSymmetric) {
+      in_zero_prefix = false;
+    }
+  }
+  for (int a = 0; a < 2; a++) out.arena_bytes[a] = align_up(cursor[a], kBulkAlign);
+  return out;
 }
 
 }  // namespace
+
+namespace detail {
+
+WorkspaceSize workspace_size(const MoeShape& shape) {
+  const Placement p = place_regions(shape);
+  WorkspaceSize out;
+  out.total_bytes = add(p.arena_bytes[0], p.arena_bytes[1]);
+  for (const RegionSpec& spec : kTable) {
+    const size_t bytes = p.regions[static_cast<int>(spec.id)].bytes;
+    if (bytes > out.largest_bytes) {
+      out.largest_bytes = bytes;
+      out.largest_region = spec.name;
+    }
+  }
+  return out;
+}
+
+std::string human_bytes(uint64_t b) {
+  if (b == kSaturated) return "more than 16 EiB";
+  if (b < 1024) return std::to_string(b) + " B";
+  constexpr const char* kUnits[] = {"KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+  double v = double(b) / 1024.0;
+  size_t unit = 0;
+  while (v >= 1024.0 && unit + 1 < std::size(kUnits)) {
+    v /= 1024.0;
+    unit++;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f %s", v, kUnits[unit]);
+  return buf;
+}
+
+}  // namespace detail
 
 const std::array<RegionSpec, kNumRegions>& workspace_table() { return kTable; }
 
@@ -78,27 +147,13 @@ const char* barrier_name(int32_t id) {
 }
 
 WorkspaceLayout::WorkspaceLayout(const MoeShape& shape) : shape_(shape) {
-  validate(shape);
+  validate(shape);  // bounds every size below, so none of them saturated
   pool_rows_ = shape.ep_size * shape.max_tokens_per_rank * shape.top_k;
-  size_t cursor[2] = {0, 0};
-  bool in_zero_prefix = true;
-  for (const RegionSpec& spec : kTable) {
-    RegionPlacement& p = placement_[static_cast<int>(spec.id)];
-    size_region(shape, spec.id, p.element_bytes, p.count);
-    p.bytes = p.element_bytes * p.count;
-    size_t& c = cursor[spec.arena == Arena::kSymmetric ? 0 : 1];
-    p.offset = align_up(c, spec.alignment);
-    c = p.offset + p.bytes;
-    if (spec.zero_per_forward) {
-      if (!in_zero_prefix || spec.arena != Arena::kSymmetric)
-        throw RuntimeError("workspace table: must-zero regions must lead the symmetric arena");
-      zero_prefix_bytes_ = c;
-    } else if (spec.arena == Arena::kSymmetric) {
-      in_zero_prefix = false;
-    }
-  }
-  symmetric_bytes_ = align_up(cursor[0], kBulkAlign);
-  local_bytes_ = align_up(cursor[1], kBulkAlign);
+  const Placement p = place_regions(shape);
+  placement_ = p.regions;
+  symmetric_bytes_ = p.arena_bytes[0];
+  local_bytes_ = p.arena_bytes[1];
+  zero_prefix_bytes_ = p.zero_prefix_bytes;
 }
 
 std::string WorkspaceLayout::to_string() const {
@@ -115,13 +170,13 @@ std::string WorkspaceLayout::to_string() const {
     if (p.bytes == 0) type = "(unused)";
     std::snprintf(line, sizeof line, "%-20s %-9s %-12s %-22s %6zu %12zu %12s %s\n", spec.name,
                   spec.arena == Arena::kSymmetric ? "symmetric" : "local", type.c_str(), spec.count_formula,
-                  spec.alignment, p.offset, human_bytes(p.bytes).c_str(), spec.zero_per_forward ? "yes" : "no");
+                  spec.alignment, p.offset, detail::human_bytes(p.bytes).c_str(), spec.zero_per_forward ? "yes" : "no");
     os << line;
   }
   std::snprintf(line, sizeof line,
                 "symmetric arena %s, local arena %s, total %s; must-zero prefix %zu B (%.6f%% of the total)\n",
-                human_bytes(symmetric_bytes_).c_str(), human_bytes(local_bytes_).c_str(),
-                human_bytes(total_bytes()).c_str(), zero_prefix_bytes_,
+                detail::human_bytes(symmetric_bytes_).c_str(), detail::human_bytes(local_bytes_).c_str(),
+                detail::human_bytes(total_bytes()).c_str(), zero_prefix_bytes_,
                 100.0 * double(zero_prefix_bytes_) / double(total_bytes()));
   os << line;
   return os.str();

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "argument_error.h"
+#include "workspace_size.h"
 
 namespace megamoe {
 namespace {
@@ -31,8 +32,9 @@ constexpr std::array<Preset, 4> kPresets = {{
     {"tiny", 256, 128, 16, 4, 0.0f},
 }};
 
-void require_multiple_of_128(std::string_view field, int64_t value) {
-  if (value <= 0 || value % 128 != 0) throw_invalid_argument(field, value, "must be a positive multiple of 128");
+void require_multiple_of_128(std::string_view field, int64_t value, int64_t max) {
+  if (value <= 0 || value % 128 != 0 || value > max)
+    throw_invalid_argument(field, value, "must be a positive multiple of 128 and at most " + std::to_string(max));
 }
 
 }  // namespace
@@ -53,8 +55,8 @@ WeightFormat parse_weight_format(std::string_view s, std::string_view arg_name) 
 }
 
 void validate(const MoeShape& shape) {
-  require_multiple_of_128("hidden", shape.hidden);
-  require_multiple_of_128("intermediate", shape.intermediate);
+  require_multiple_of_128("hidden", shape.hidden, kMaxHidden);
+  require_multiple_of_128("intermediate", shape.intermediate, kMaxIntermediate);
   if (shape.num_experts < 1 || shape.num_experts > kMaxExperts) {
     throw_invalid_argument("num_experts", shape.num_experts, "must be in [1, " + std::to_string(kMaxExperts) + "]");
   }
@@ -83,6 +85,15 @@ void validate(const MoeShape& shape) {
   }
   if (!std::isfinite(shape.swiglu_limit) || shape.swiglu_limit < 0.0f) {
     throw_invalid_argument("swiglu_limit", shape.swiglu_limit, "must be finite and >= 0");
+  }
+  // Last: the fields above bound the arithmetic, this bounds the product of all of them.
+  const detail::WorkspaceSize ws = detail::workspace_size(shape);
+  if (ws.total_bytes > uint64_t(kMaxWorkspaceBytes)) {
+    throw_invalid_argument("max_tokens_per_rank", shape.max_tokens_per_rank,
+                           "one rank's workspace would be " + detail::human_bytes(ws.total_bytes) + " (" +
+                               ws.largest_region + " " + detail::human_bytes(ws.largest_bytes) + "), above the " +
+                               detail::human_bytes(uint64_t(kMaxWorkspaceBytes)) +
+                               " limit; lower max_tokens_per_rank (or ep_size, top_k, hidden, intermediate)");
   }
 }
 

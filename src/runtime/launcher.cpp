@@ -12,12 +12,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <string>
 #include <vector>
 
 #include "megamoe/error.h"
 #include "megamoe/runtime.h"
 #include "runtime/bootstrap.h"
+#include "runtime/launcher.h"
 
 namespace megamoe {
 namespace {
@@ -67,45 +69,78 @@ void drain(ChildStream& s) {
   }
 }
 
+// The signals the parent forwards to its ranks.
+constexpr int kForwardedSignals[] = {SIGINT, SIGTERM};
+
 volatile sig_atomic_t g_forwarded_signal = 0;
 void remember_signal(int sig) { g_forwarded_signal = sig; }
 
+// While it lives, SIGINT and SIGTERM to the parent are recorded (the loop forwards them to the ranks)
+// instead of ending it. The previous handlers come back when spawn_ranks returns, so a program that
+// runs ranks twice or carries on afterwards is not left ignoring SIGTERM.
+class ForwardSignals {
+ public:
+  ForwardSignals() {
+    g_forwarded_signal = 0;
+    struct sigaction sa{};
+    sa.sa_handler = remember_signal;
+    sigemptyset(&sa.sa_mask);
+    for (size_t i = 0; i < std::size(kForwardedSignals); i++) ::sigaction(kForwardedSignals[i], &sa, &previous_[i]);
+  }
+  ~ForwardSignals() {
+    for (size_t i = 0; i < std::size(kForwardedSignals); i++) ::sigaction(kForwardedSignals[i], &previous_[i], nullptr);
+  }
+  ForwardSignals(const ForwardSignals&) = delete;
+  ForwardSignals& operator=(const ForwardSignals&) = delete;
+
+ private:
+  struct sigaction previous_[std::size(kForwardedSignals)] {};
+};
+
 int spawn_ranks(char** argv, int num_gpus) {
   const int port = detail::pick_free_port();
+  // Installed before the first fork: a signal that arrives while ranks are being started is
+  // forwarded to those started so far (below) rather than ending the parent.
+  ForwardSignals forward_signals;
+  const pid_t parent = ::getpid();
   std::vector<pid_t> pids(size_t(num_gpus), -1);
   std::vector<ChildStream> streams;
-  for (int r = 0; r < num_gpus; r++) {
-    int out[2], err[2];
-    if (::pipe(out) != 0 || ::pipe(err) != 0) throw RuntimeError(std::string("pipe: ") + std::strerror(errno));
-    pid_t pid = ::fork();
-    if (pid < 0) throw RuntimeError(std::string("fork: ") + std::strerror(errno));
-    if (pid == 0) {
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-      ::dup2(out[1], STDOUT_FILENO);
-      ::dup2(err[1], STDERR_FILENO);
-      ::close(out[0]); ::close(out[1]); ::close(err[0]); ::close(err[1]);
-      ::setenv("RANK", std::to_string(r).c_str(), 1);
-      ::setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
-      ::setenv("WORLD_SIZE", std::to_string(num_gpus).c_str(), 1);
-      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
-      ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
-      ::setenv("MEGAMOE_SPAWNED", "1", 1);
-      ::unsetenv("MEGAMOE_BOOTSTRAP_PORT");
-      ::execv("/proc/self/exe", argv);
-      std::fprintf(stderr, "exec of /proc/self/exe failed: %s\n", std::strerror(errno));
-      std::_Exit(127);
+  try {
+    for (int r = 0; r < num_gpus; r++) {
+      int out[2], err[2];
+      // Close-on-exec: each rank keeps only its own two pipes (dup2 below clears the flag on those).
+      if (::pipe2(out, O_CLOEXEC) != 0 || ::pipe2(err, O_CLOEXEC) != 0)
+        throw RuntimeError(std::string("pipe: ") + std::strerror(errno));
+      pids[size_t(r)] = detail::fork_with_default_signals([&] {
+        ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (::getppid() != parent) std::_Exit(1);  // the parent died before prctl took effect
+        ::dup2(out[1], STDOUT_FILENO);
+        ::dup2(err[1], STDERR_FILENO);
+        ::close(out[0]); ::close(out[1]); ::close(err[0]); ::close(err[1]);
+        ::setenv("RANK", std::to_string(r).c_str(), 1);
+        ::setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
+        ::setenv("WORLD_SIZE", std::to_string(num_gpus).c_str(), 1);
+        ::setenv("MASTER_ADDR", "127.0.0.1", 1);
+        ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+        ::setenv("MEGAMOE_SPAWNED", "1", 1);
+        ::unsetenv("MEGAMOE_BOOTSTRAP_PORT");
+        ::execv("/proc/self/exe", argv);
+        std::fprintf(stderr, "exec of /proc/self/exe failed: %s\n", std::strerror(errno));
+        std::_Exit(127);
+      });
+      ::close(out[1]);
+      ::close(err[1]);
+      streams.push_back({out[0], r, stdout, {}, {}});
+      streams.push_back({err[0], r, stderr, {}, {}});
     }
-    ::close(out[1]);
-    ::close(err[1]);
-    pids[size_t(r)] = pid;
-    streams.push_back({out[0], r, stdout, {}, {}});
-    streams.push_back({err[0], r, stderr, {}, {}});
+  } catch (...) {  // no rank may outlive a launch that failed half-way
+    for (pid_t pid : pids)
+      if (pid > 0) {
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, nullptr, 0);
+      }
+    throw;
   }
-
-  struct sigaction sa{};
-  sa.sa_handler = remember_signal;
-  ::sigaction(SIGINT, &sa, nullptr);
-  ::sigaction(SIGTERM, &sa, nullptr);
 
   std::vector<int> exit_code(size_t(num_gpus), -1);
   int failed_rank = -1, failed_code = 0, running = num_gpus;
@@ -169,6 +204,35 @@ int spawn_ranks(char** argv, int num_gpus) {
 
 }  // namespace
 
+namespace detail {
+
+pid_t fork_with_default_signals(const std::function<void()>& in_child) {
+  sigset_t forwarded, previous_mask;
+  sigemptyset(&forwarded);
+  for (int sig : kForwardedSignals) sigaddset(&forwarded, sig);
+  ::pthread_sigmask(SIG_BLOCK, &forwarded, &previous_mask);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    struct sigaction default_action{};
+    default_action.sa_handler = SIG_DFL;
+    sigemptyset(&default_action.sa_mask);
+    for (int sig : kForwardedSignals) ::sigaction(sig, &default_action, nullptr);
+    // Nothing blocked, not even what the parent blocks: a mask survives exec, and a rank must stop
+    // when the parent tells it to. A signal that arrived since fork is delivered here.
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    in_child();
+    std::_Exit(127);
+  }
+  const int fork_errno = errno;
+  ::pthread_sigmask(SIG_SETMASK, &previous_mask, nullptr);
+  if (pid < 0) throw RuntimeError(std::string("fork: ") + std::strerror(fork_errno));
+  return pid;
+}
+
+}  // namespace detail
+
 std::optional<RankEnv> rank_env_from_environment() {
   RankEnv env;
   constexpr int kMaxRanks = 1 << 16;
@@ -195,10 +259,27 @@ std::optional<RankEnv> rank_env_from_environment() {
 int visible_gpu_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();
+    cudaGetLastError();  // no driver or no device: not an error of the caller's next CUDA call
     return 0;
   }
   return n;
+}
+
+int gpus_for_this_process(std::string* why_none) {
+  const int visible = visible_gpu_count();
+  const std::optional<RankEnv> env = rank_env_from_environment();
+  std::string why;
+  if (visible == 0) {
+    why = "no CUDA GPU is visible on this machine; it needs at least one";
+    if (env) why += " (rank " + std::to_string(env->rank) + " of a " + std::to_string(env->world_size) + "-rank job)";
+  } else if (env && env->local_rank >= visible) {
+    why = "rank " + std::to_string(env->rank) + " has LOCAL_RANK = " + std::to_string(env->local_rank) + ", but only " +
+          std::to_string(visible) + (visible == 1 ? " CUDA GPU is" : " CUDA GPUs are") + " visible";
+  } else {
+    return env ? 1 : visible;
+  }
+  if (why_none) *why_none = why;
+  return 0;
 }
 
 std::string log_prefix(const RankEnv& env) {

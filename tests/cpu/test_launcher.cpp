@@ -1,16 +1,22 @@
 // The host side of the runtime, without a GPU: rank variables from torchrun / mpirun, spawning one
 // process per rank (exit codes, failure of one rank), and the TCP hand-out of the NCCL unique id.
+#include <fcntl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 
 #include "megamoe/error.h"
 #include "megamoe/runtime.h"
 #include "runtime/bootstrap.h"
+#include "runtime/launcher.h"
 
 namespace megamoe {
 namespace {
@@ -104,17 +110,45 @@ TEST(RunRanks, AllRanksSucceed) {
   delete clean;
 }
 
+// Rank 0 and 2's SIGTERM handler: leaves a marker file, so the parent can tell a SIGTERM (which a rank
+// can act on) from the SIGKILL fallback (which leaves nothing). Only async-signal-safe calls.
+char g_stopped_marker[4096];
+void mark_stopped_and_exit(int) {
+  const int fd = ::open(g_stopped_marker, O_CREAT | O_WRONLY, 0644);
+  if (fd >= 0) ::close(fd);
+  std::_Exit(0);
+}
+
 TEST(RunRanks, OneFailingRankFailsTheRun) {
   CleanEnv* clean = in_spawned_child() ? nullptr : new CleanEnv;
-  int code = spawn_this_test("RunRanks.OneFailingRankFailsTheRun", 3, [](const RankEnv& env) {
+  namespace fs = std::filesystem;
+  if (!in_spawned_child()) {  // the children inherit the directory through the environment
+    std::string dir = (fs::temp_directory_path() / "megamoe_launcher_XXXXXX").string();
+    ASSERT_NE(::mkdtemp(dir.data()), nullptr);
+    setenv("MEGAMOE_TEST_MARKERS", dir.c_str(), 1);
+  }
+  const fs::path dir = std::getenv("MEGAMOE_TEST_MARKERS");
+  int code = spawn_this_test("RunRanks.OneFailingRankFailsTheRun", 3, [&](const RankEnv& env) {
+    const auto marker = [&](const char* what, int rank) { return dir / (what + std::to_string(rank)); };
     if (env.rank == 1) {
+      // Fail only once the others handle SIGTERM, so whether they got one is certain, not a race.
+      while (!fs::exists(marker("ready", 0)) || !fs::exists(marker("ready", 2))) ::usleep(1000);
       std::fprintf(stderr, "rank 1 gives up\n");
       return 3;
     }
+    std::snprintf(g_stopped_marker, sizeof g_stopped_marker, "%s", marker("stopped", env.rank).c_str());
+    std::signal(SIGTERM, mark_stopped_and_exit);
+    std::FILE* ready = std::fopen(marker("ready", env.rank).c_str(), "w");
+    if (ready) std::fclose(ready);
     sleep(30);  // the parent must stop the others instead of waiting for them
     return 0;
   });
   EXPECT_EQ(code, 3);
+  // The parent stopped ranks 0 and 2 with SIGTERM, not with the SIGKILL that follows when one outlives it.
+  EXPECT_TRUE(fs::exists(dir / "stopped0"));
+  EXPECT_TRUE(fs::exists(dir / "stopped2"));
+  fs::remove_all(dir);
+  unsetenv("MEGAMOE_TEST_MARKERS");
   delete clean;
 }
 
@@ -123,6 +157,66 @@ TEST(RunRanks, AllSkippedIsSkipped) {
   int code = spawn_this_test("RunRanks.AllSkippedIsSkipped", 2, [](const RankEnv&) { return 77; });
   EXPECT_EQ(code, 77);
   delete clean;
+}
+
+volatile sig_atomic_t g_parent_signal = 0;
+void record_parent_signal(int sig) { g_parent_signal = sig; }
+
+TEST(RunRanks, RestoresTheCallersSignalHandlers) {
+  CleanEnv* clean = in_spawned_child() ? nullptr : new CleanEnv;
+  struct sigaction mine{}, before{}, after{};
+  mine.sa_handler = record_parent_signal;
+  sigemptyset(&mine.sa_mask);
+  if (!in_spawned_child()) ::sigaction(SIGTERM, &mine, &before);
+  int code = spawn_this_test("RunRanks.RestoresTheCallersSignalHandlers", 2, [](const RankEnv&) { return 0; });
+  EXPECT_EQ(code, 0);
+  ::sigaction(SIGTERM, &before, &after);
+  // Left with the launcher's handler, this process would record a SIGTERM and carry on.
+  EXPECT_EQ(after.sa_handler, record_parent_signal);
+  delete clean;
+}
+
+// The launcher's children start with SIGTERM at its default action and unblocked, even while the
+// parent has a handler of its own and SIGTERM blocked: a rank stopped before it has exec'd must end.
+// Before, such a child ran the parent's handler (recording the signal in its own memory), exec'd and
+// carried on until the SIGKILL fallback.
+TEST(ForkWithDefaultSignals, SigtermEndsAChildThatHasNotExecd) {
+  if (in_spawned_child()) GTEST_SKIP() << "runs in the parent only";
+  struct sigaction mine{}, previous{};
+  mine.sa_handler = record_parent_signal;
+  sigemptyset(&mine.sa_mask);
+  ::sigaction(SIGTERM, &mine, &previous);
+  sigset_t term, previous_mask;
+  sigemptyset(&term);
+  sigaddset(&term, SIGTERM);
+  ::sigprocmask(SIG_BLOCK, &term, &previous_mask);
+  int ready[2], release[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  ASSERT_EQ(::pipe(release), 0);
+  const pid_t pid = detail::fork_with_default_signals([&] {
+    ::close(ready[0]);
+    ::close(release[1]);
+    char c = 1;
+    if (::write(ready[1], &c, 1) != 1) std::_Exit(41);
+    // Stands for the code between fork and exec: it waits until the parent has sent SIGTERM and then
+    // closed the pipe. A child that outlived the signal (handled or blocked) reads EOF and exits 42.
+    while (::read(release[0], &c, 1) < 0) {
+    }
+    std::_Exit(42);
+  });
+  ::close(ready[1]);
+  ::close(release[0]);
+  char c = 0;
+  ASSERT_EQ(::read(ready[0], &c, 1), 1);
+  ASSERT_EQ(::kill(pid, SIGTERM), 0);
+  ::close(release[1]);  // after kill(): the signal is pending before the child can see EOF
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ::close(ready[0]);
+  ::sigprocmask(SIG_SETMASK, &previous_mask, nullptr);
+  ::sigaction(SIGTERM, &previous, nullptr);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "the child exited with status " << WEXITSTATUS(status);
+  EXPECT_EQ(WTERMSIG(status), SIGTERM);
 }
 
 TEST(RunRanks, OneGpuRunsInline) {

@@ -81,6 +81,25 @@ TEST(Layout, ZeroPrefixIsUnderOnePercentAtDsv4FlashEp4) {
   EXPECT_GT(l.zero_prefix_bytes(), 0u);
 }
 
+TEST(Layout, ShapeAtTheLimitsHasExactSizes) {
+  // Every dimension at its limit and 2^27 pool rows: about 32 TiB, under kMaxWorkspaceBytes. The
+  // sizes must be the exact products (nothing wrapped) and the table must print them.
+  MoeShape s;
+  s.hidden = kMaxHidden;
+  s.intermediate = kMaxIntermediate;
+  s.num_experts = kMaxExperts;
+  s.top_k = kMaxTopK;
+  s.ep_size = kMaxEpSize;
+  s.max_tokens_per_rank = (int64_t(1) << 27) / (kMaxTopK * kMaxEpSize);
+  const WorkspaceLayout l(s);
+  EXPECT_EQ(l.pool_rows(), int64_t(1) << 27);
+  EXPECT_EQ(l[Region::kTokenPool].bytes, (size_t(1) << 27) * size_t(kMaxHidden) * 2);
+  EXPECT_EQ(l[Region::kFc1Out].bytes, (size_t(1) << 27) * size_t(kMaxIntermediate) * 2);
+  EXPECT_GT(l.total_bytes(), l[Region::kTokenPool].bytes + l[Region::kFc1Out].bytes);
+  EXPECT_LE(l.total_bytes(), size_t(kMaxWorkspaceBytes));
+  EXPECT_NE(l.to_string().find("TiB"), std::string::npos);
+}
+
 TEST(Layout, TablePrintsEveryRegion) {
   WorkspaceLayout l(make_preset("tiny", 2, 64));
   std::string t = l.to_string();

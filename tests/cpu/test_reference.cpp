@@ -360,13 +360,17 @@ double seconds_for_expert_parallel(const MoeShape& s, int64_t tokens_per_rank) {
   const std::vector<std::vector<float>> y = reference_expert_parallel(s, w, ranks);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   EXPECT_EQ(y.size(), size_t(s.ep_size));
+  for (const std::vector<float>& rank_y : y) {
+    EXPECT_EQ(rank_y.size(), size_t(tokens_per_rank * s.hidden));
+    EXPECT_TRUE(std::all_of(rank_y.begin(), rank_y.end(), [](float v) { return std::isfinite(v); }));
+  }
   return seconds;
 }
 
-TEST(Reference, TinyPresetIsFast) {
+// The timings are printed, not asserted: a wall-clock bound flakes on a loaded CI machine.
+TEST(Reference, TinyPresetTiming) {
   const double seconds = seconds_for_expert_parallel(make_preset("tiny", 2, 128), 128);
   std::printf("reference_expert_parallel, tiny preset, 2 ranks x 128 tokens: %.3f s\n", seconds);
-  EXPECT_LT(seconds, 1.0);
 }
 
 TEST(Reference, MidShapeTiming) {
@@ -378,8 +382,7 @@ TEST(Reference, MidShapeTiming) {
   s.ep_size = 1;
   s.max_tokens_per_rank = 512;
   const double seconds = seconds_for_expert_parallel(s, 512);
-  std::printf("reference_expert_parallel, H1024 I512 E32 K4, 512 tokens: %.3f s\n", seconds);
-  EXPECT_LT(seconds, 10.0);  // a loose bound against pathological slowness; about 1 s expected
+  std::printf("reference_expert_parallel, H1024 I512 E32 K4, 512 tokens: %.3f s (about 1 s expected)\n", seconds);
 }
 
 }  // namespace

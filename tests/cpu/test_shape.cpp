@@ -159,6 +159,64 @@ TEST(Shape, PairCountMustFitInt32) {
   expect_rejected(s, "max_tokens_per_rank = 9223372036854775807", "int32");
 }
 
+TEST(Shape, HugeDimensionsAreRejectedNamingTheField) {
+  // 2^60: the workspace's byte counts would wrap 64 bits (to a few KiB before the bounds existed).
+  MoeShape s = valid_shape();
+  s.hidden = s.intermediate = int64_t(1) << 60;
+  expect_rejected(s, "hidden = 1152921504606846976", "at most 65536");
+  s.hidden = 256;
+  expect_rejected(s, "intermediate = 1152921504606846976", "at most 65536");
+  // 2^40 wraps nothing, but the workspace would be over 2^62 bytes: still the field is named.
+  s.intermediate = 128;
+  s.hidden = int64_t(1) << 40;
+  expect_rejected(s, "hidden = 1099511627776", "at most 65536");
+}
+
+TEST(Shape, DimensionsAtTheirLimitsPass) {
+  MoeShape s = valid_shape();
+  s.hidden = kMaxHidden;
+  s.intermediate = kMaxIntermediate;
+  s.num_experts = kMaxExperts;
+  s.top_k = kMaxTopK;
+  s.ep_size = kMaxEpSize;
+  s.max_tokens_per_rank = 1;
+  EXPECT_NO_THROW(validate(s));
+  s.weight_format = WeightFormat::kFp8;
+  EXPECT_NO_THROW(validate(s));
+  // The most tokens the int32 pair count allows, with narrow rows: about 1.5 TiB of workspace.
+  s.hidden = s.intermediate = 128;
+  s.max_tokens_per_rank = (std::numeric_limits<int32_t>::max() - 256) / (kMaxTopK * kMaxEpSize);
+  EXPECT_NO_THROW(validate(s));
+}
+
+TEST(Shape, DimensionsBeyondTheirLimitsAreRejected) {
+  MoeShape s = valid_shape();
+  s.hidden = kMaxHidden + 128;
+  expect_rejected(s, "hidden = 65664", "positive multiple of 128 and at most 65536");
+  s.hidden = kMaxHidden;
+  s.intermediate = kMaxIntermediate + 128;
+  expect_rejected(s, "intermediate = 65664", "positive multiple of 128 and at most 65536");
+}
+
+TEST(Shape, WorkspaceAboveItsLimitIsRejectedNamingMaxTokens) {
+  // Every field within its own limit, but together about 2^49 bytes per rank (token_pool and fc1_out
+  // are 2^31 rows of 2^16 bf16 each).
+  MoeShape s = valid_shape();
+  s.hidden = kMaxHidden;
+  s.intermediate = kMaxIntermediate;
+  s.num_experts = kMaxExperts;
+  s.top_k = kMaxTopK;
+  s.ep_size = kMaxEpSize;
+  s.max_tokens_per_rank = (std::numeric_limits<int32_t>::max() - 256) / (kMaxTopK * kMaxEpSize);
+  expect_rejected(s, "max_tokens_per_rank = " + std::to_string(s.max_tokens_per_rank), "workspace would be",
+                  "token_pool", "above the 64.00 TiB limit");
+  // The largest workspace under the limit passes: 64 TiB / (2 * 2^16 * 2 B per pool row) rows at least.
+  s.max_tokens_per_rank = 256 * 1024 / (kMaxTopK * kMaxEpSize) * 1024;  // 2^28 pool rows: 2 x 32 TiB
+  expect_rejected(s, "max_tokens_per_rank", "above the 64.00 TiB limit");  // plus the small regions
+  s.max_tokens_per_rank /= 2;
+  EXPECT_NO_THROW(validate(s));
+}
+
 TEST(Shape, SwigluLimitFiniteAndNonNegative) {
   MoeShape s = valid_shape();
   s.swiglu_limit = -1.0f;
