@@ -1,27 +1,55 @@
 #!/usr/bin/env python3
-"""Compare megamoe against the naive PyTorch EP layer.
+"""Compare megamoe against the naive PyTorch EP layers, bf16 and fp8.
 
 Reads one or more JSONL files (one JSON object per line) holding results of
-both benchmarks:
-  naive_torch: {"impl": "naive_torch", "preset", "ep", "tokens", "latency_us", "min_us", ...}
-  megamoe:     {"impl": "megamoe", "preset", "ep", "tokens", "latency_us",
-                "tflops", "floor_us", "vs_floor", ...}
-and prints one table per (preset, ep):
-  T | megamoe us | naive us | speedup (naive/megamoe) | floor us | megamoe/floor
-Missing values show as "-".  When a (impl, preset, ep, tokens) appears more
-than once, the line read last wins (files are read in the order given).
+the benchmarks:
+  naive_torch:     {"impl": "naive_torch", "dtype": "bf16", "preset", "experts", "ep",
+                    "tokens", "latency_us", "min_us", ...}
+  naive_torch_fp8: {"impl": "naive_torch_fp8", "dtype": "fp8", ...}
+  megamoe:         {"impl": "megamoe", "dtype": "bf16"|"fp8", "variant": "staged"...,
+                    "preset", "experts", "ep", "tokens", "latency_us", "tflops",
+                    "floor_us", "vs_floor", ...}
+Lines without "impl", "preset" or "latency_us" are ignored; any other impl
+gets a column too.  Every line is keyed by (impl, dtype, variant); a missing dtype means bf16
+("naive_torch_fp8" means fp8), a missing variant means "".  Lines without
+"experts" take the preset's expert count.  One table is printed per
+(preset, ep, experts), one row per T, with:
+  - a latency column (us, median) for every (impl, dtype, variant) present,
+    megamoe first, then naive_torch, then anything else;
+  - speedups, where both sides are present:
+      "bf16 vs naive" = naive bf16 / megamoe bf16,
+      "fp8 vs naive"  = naive fp8  / megamoe fp8,
+      "fp8 vs bf16"   = megamoe bf16 / megamoe fp8;
+  - the roofline floor and latency/floor of megamoe bf16 and megamoe fp8.
+For the speedups and floors, "megamoe <dtype>" is the variant "" line when
+there is one for that table, else the alphabetically first variant (named in
+the table's heading).  Missing values show as "-".  When a key appears more
+than once for the same T, the line read last wins (files are read in the
+order given).
 
 Usage: python3 bench/compare.py out.jsonl [more.jsonl ...]
+       python3 bench/compare.py --self-test
 Plain Python 3.8+, standard library only.
 """
 
 import argparse
+import io
 import json
 import math
+import os
 import sys
+import tempfile
 
 MEGAMOE = "megamoe"
 NAIVE = "naive_torch"
+NAIVE_FP8 = "naive_torch_fp8"
+
+# Expert count of each preset (bench/naive_ep.py PRESETS, src/core presets),
+# for lines that do not carry "experts".
+PRESET_EXPERTS = {"dsv3": 256, "dsv4-flash": 256, "dsv4-pro": 384, "tiny": 16}
+
+IMPL_ORDER = {MEGAMOE: 0, NAIVE: 1, NAIVE_FP8: 1}
+DTYPE_ORDER = {"bf16": 0, "fp8": 1}
 
 
 def _number(v):
@@ -37,8 +65,52 @@ def _number(v):
     return f
 
 
+def record_key(rec):
+    """(impl, dtype, variant) of a result line, with the defaults applied."""
+    impl = str(rec.get("impl"))
+    dtype = rec.get("dtype")
+    if dtype is None:
+        dtype = "fp8" if impl == NAIVE_FP8 else "bf16"
+    variant = rec.get("variant")
+    return impl, str(dtype).lower(), "" if variant is None else str(variant)
+
+
+def load_lines(lines, source="<lines>", table=None):
+    """Add result lines to {(preset, ep, experts): {tokens: {key: record}}}."""
+    if table is None:
+        table = {}
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            print("warning: %s:%d: not JSON, skipped" % (source, lineno), file=sys.stderr)
+            continue
+        if not isinstance(rec, dict):
+            continue
+        impl = rec.get("impl")
+        preset = rec.get("preset")
+        if impl is None or preset is None or "latency_us" not in rec:
+            continue  # not a layer-latency result
+        try:
+            ep = int(rec.get("ep"))
+            tokens = int(rec.get("tokens"))
+        except (TypeError, ValueError):
+            print("warning: %s:%d: no integer ep/tokens, skipped" % (source, lineno), file=sys.stderr)
+            continue
+        experts = rec.get("experts")
+        try:
+            experts = int(experts) if experts is not None else PRESET_EXPERTS.get(str(preset))
+        except (TypeError, ValueError):
+            experts = PRESET_EXPERTS.get(str(preset))
+        group = (str(preset), ep, experts)
+        table.setdefault(group, {}).setdefault(tokens, {})[record_key(rec)] = rec
+    return table
+
+
 def load(paths):
-    """{(preset, ep): {tokens: {impl: record}}}"""
     table = {}
     for path in paths:
         try:
@@ -47,70 +119,240 @@ def load(paths):
             print("warning: cannot read %s: %s" % (path, exc), file=sys.stderr)
             continue
         with fh:
-            for lineno, line in enumerate(fh, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    print("warning: %s:%d: not JSON, skipped" % (path, lineno), file=sys.stderr)
-                    continue
-                if not isinstance(rec, dict):
-                    continue
-                impl = rec.get("impl")
-                preset = rec.get("preset")
-                try:
-                    ep = int(rec.get("ep"))
-                    tokens = int(rec.get("tokens"))
-                except (TypeError, ValueError):
-                    print("warning: %s:%d: no integer ep/tokens, skipped" % (path, lineno),
-                          file=sys.stderr)
-                    continue
-                if impl not in (MEGAMOE, NAIVE) or preset is None:
-                    continue
-                table.setdefault((str(preset), ep), {}).setdefault(tokens, {})[impl] = rec
+            load_lines(fh, path, table)
     return table
 
 
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+def _key_order(key):
+    impl, dtype, variant = key
+    return (IMPL_ORDER.get(impl, 2), impl, DTYPE_ORDER.get(dtype, 2), dtype, variant)
+
+
+def _label(key):
+    impl, dtype, variant = key
+    name = {MEGAMOE: "megamoe", NAIVE: "naive", NAIVE_FP8: "naive"}.get(impl, impl)
+    label = "%s %s" % (name, dtype)
+    if variant:
+        label += "/" + variant
+    return label + " us"
+
+
+def _primary(keys, impl, dtype):
+    """The key used for speedups: variant "" if present, else the first variant."""
+    cands = sorted(k for k in keys if k[0] == impl and k[1] == dtype)
+    for k in cands:
+        if k[2] == "":
+            return k
+    return cands[0] if cands else None
+
+
+def _naive_key(keys, dtype):
+    impl = NAIVE_FP8 if dtype == "fp8" else NAIVE
+    return _primary(keys, impl, dtype) or _primary(keys, NAIVE, dtype) or _primary(keys, NAIVE_FP8, dtype)
+
+
+def _ratio(num, den):
+    return num / den if (num and den) else None
+
+
+def _fmt(v, spec, suffix=""):
+    return "-" if v is None else format(v, spec) + suffix
+
+
+def table_for(rows):
+    """(title notes, header, data rows) of one (preset, ep, experts) group."""
+    keys = sorted({k for by_key in rows.values() for k in by_key}, key=_key_order)
+    mm16, mm8 = _primary(keys, MEGAMOE, "bf16"), _primary(keys, MEGAMOE, "fp8")
+    nv16, nv8 = _naive_key(keys, "bf16"), _naive_key(keys, "fp8")
+    notes = ["%s = %s" % (dt, "megamoe/" + k[2]) for dt, k in (("bf16", mm16), ("fp8", mm8))
+             if k is not None and k[2]]
+
+    def lat(by_key, key):
+        return _number(by_key.get(key, {}).get("latency_us")) if key else None
+
+    def floor(by_key, key):
+        return _number(by_key.get(key, {}).get("floor_us")) if key else None
+
+    # (header, function of the T's records -> text); a derived column only
+    # appears when both of its sides are in this table.
+    cols = [("T", None)]
+    for k in keys:
+        cols.append((_label(k), lambda r, k=k: _fmt(lat(r, k), ".1f")))
+    if mm16 and nv16:
+        cols.append(("bf16 vs naive", lambda r: _fmt(_ratio(lat(r, nv16), lat(r, mm16)), ".2f", "x")))
+    if mm8 and nv8:
+        cols.append(("fp8 vs naive", lambda r: _fmt(_ratio(lat(r, nv8), lat(r, mm8)), ".2f", "x")))
+    if mm8 and mm16:
+        cols.append(("fp8 vs bf16", lambda r: _fmt(_ratio(lat(r, mm16), lat(r, mm8)), ".2f", "x")))
+    for dt, k in (("bf16", mm16), ("fp8", mm8)):
+        if k is not None:
+            cols.append(("%s floor us" % dt, lambda r, k=k: _fmt(floor(r, k), ".1f")))
+            cols.append(("%s /floor" % dt,
+                         lambda r, k=k: _fmt(_ratio(lat(r, k), floor(r, k)), ".2f", "x")))
+    header = [c[0] for c in cols]
+    data = []
+    for T in sorted(rows):
+        data.append([str(T)] + [fn(rows[T]) for _, fn in cols[1:]])
+    return notes, header, data
 
 
 def render(table):
     out = []
-    for (preset, ep) in sorted(table):
-        rows = table[(preset, ep)]
-        out.append("preset %s, ep %d" % (preset, ep))
-        header = ("T", "megamoe us", "naive us", "speedup", "floor us", "megamoe/floor")
-        lines = []
-        for T in sorted(rows):
-            mm = rows[T].get(MEGAMOE, {})
-            nv = rows[T].get(NAIVE, {})
-            mm_us = _number(mm.get("latency_us"))
-            nv_us = _number(nv.get("latency_us"))
-            floor = _number(mm.get("floor_us"))
-            speedup = nv_us / mm_us if (mm_us and nv_us) else None
-            vs_floor = mm_us / floor if (mm_us and floor) else None
-            lines.append((str(T), _fmt(mm_us, ".1f"), _fmt(nv_us, ".1f"),
-                          _fmt(speedup, ".2f") + ("x" if speedup else ""),
-                          _fmt(floor, ".1f"), _fmt(vs_floor, ".2f") + ("x" if vs_floor else "")))
-        widths = [max([len(header[i])] + [len(r[i]) for r in lines]) for i in range(len(header))]
+    for group in sorted(table, key=lambda g: (g[0], g[1], -1 if g[2] is None else g[2])):
+        preset, ep, experts = group
+        notes, header, data = table_for(table[group])
+        title = "preset %s, ep %d, experts %s" % (preset, ep, "-" if experts is None else experts)
+        if notes:
+            title += " (speedups and floors use " + ", ".join(notes) + ")"
+        out.append(title)
+        widths = [max([len(header[i])] + [len(r[i]) for r in data]) for i in range(len(header))]
         fmt_row = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
         out.append(fmt_row(header))
         out.append("  ".join("-" * w for w in widths))
-        out.extend(fmt_row(r) for r in lines)
+        out.extend(fmt_row(r) for r in data)
         out.append("")
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------
+# Self-test: synthetic lines in, checked table out.
+# --------------------------------------------------------------------------
+
+
+def _cells(text, title):
+    """{T: {column: cell}} of the table under the heading starting with title."""
+    lines = text.split("\n")
+    starts = [i for i, ln in enumerate(lines) if ln.startswith(title)]
+    if len(starts) != 1:
+        raise AssertionError("expected one table titled %r, found %d:\n%s" % (title, len(starts), text))
+    i = starts[0]
+    header_line, rule = lines[i + 1], lines[i + 2]
+    # Column spans come from the dashed rule (headers contain spaces).
+    spans, pos = [], 0
+    for dashes in rule.split("  "):
+        spans.append((pos, pos + len(dashes)))
+        pos += len(dashes) + 2
+    header = [header_line[a:b].strip() for a, b in spans]
+    result = {}
+    for ln in lines[i + 3:]:
+        if not ln.strip():
+            break
+        cells = [ln[a:b].strip() for a, b in spans]
+        result[int(cells[0])] = dict(zip(header, cells))
+    return result
+
+
+def self_test():
+    def line(**kw):
+        return json.dumps(kw)
+
+    lines = [
+        # dsv4-flash, ep 1, 256 experts: all four impls, plus a staged variant.
+        line(impl="megamoe", dtype="bf16", preset="dsv4-flash", experts=256, ep=1, tokens=64,
+             latency_us=100.0, floor_us=50.0),
+        line(impl="megamoe", dtype="fp8", preset="dsv4-flash", experts=256, ep=1, tokens=64,
+             latency_us=80.0, floor_us=40.0),
+        line(impl="megamoe", dtype="bf16", variant="staged", preset="dsv4-flash", experts=256, ep=1,
+             tokens=64, latency_us=130.0, floor_us=50.0),
+        line(impl="naive_torch", preset="dsv4-flash", ep=1, tokens=64, latency_us=400.0),  # old line: no dtype, no experts
+        line(impl="naive_torch_fp8", dtype="fp8", preset="dsv4-flash", experts=256, ep=1, tokens=64,
+             latency_us=320.0),
+        # T=512: naive fp8 missing; the first naive bf16 line is superseded by the later one.
+        line(impl="naive_torch", dtype="bf16", preset="dsv4-flash", experts=256, ep=1, tokens=512,
+             latency_us=999.0),
+        line(impl="megamoe", preset="dsv4-flash", experts=256, ep=1, tokens=512,
+             latency_us=200.0, floor_us=100.0),  # no dtype: bf16
+        line(impl="megamoe", dtype="fp8", preset="dsv4-flash", experts=256, ep=1, tokens=512,
+             latency_us=125.0, floor_us=62.5),
+        line(impl="naive_torch", dtype="bf16", preset="dsv4-flash", experts=256, ep=1, tokens=512,
+             latency_us=600.0),
+        # Same preset and ep, 32 experts (megamoe --experts 32): its own table.
+        line(impl="megamoe", dtype="fp8", preset="dsv4-flash", experts=32, ep=1, tokens=64,
+             latency_us=30.0, floor_us=15.0),
+        # Only a staged fp8 variant, and naive fp8, in dsv3 ep 8.
+        line(impl="megamoe", dtype="fp8", variant="staged", preset="dsv3", experts=256, ep=8, tokens=1,
+             latency_us=50.0, floor_us=25.0),
+        line(impl="naive_torch_fp8", preset="dsv3", ep=8, tokens=1, latency_us=500.0),  # no dtype: fp8
+        # Junk that must be skipped.
+        "not json",
+        line(impl="megamoe", preset="dsv3", ep="x", tokens=1, latency_us=1.0),
+        line(impl="megamoe", dtype="bf16", preset="dsv3", experts=256, ep=8, tokens=1, latency_us=float("nan")),
+        "",
+    ]
+    # Through a real file, as main() reads it.
+    fd, path = tempfile.mkstemp(suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        saved, sys.stderr = sys.stderr, io.StringIO()
+        try:
+            table = load([path])
+            warnings = sys.stderr.getvalue()
+        finally:
+            sys.stderr = saved
+    finally:
+        os.unlink(path)
+    text = render(table)
+
+    def check(cond, what):
+        if not cond:
+            raise AssertionError("%s\n--- table ---\n%s" % (what, text))
+
+    check(warnings.count("warning:") == 2 and "not JSON" in warnings and "ep/tokens" in warnings,
+          "expected two warnings (junk lines), got:\n" + warnings)
+    check(set(table) == {("dsv4-flash", 1, 256), ("dsv4-flash", 1, 32), ("dsv3", 8, 256)},
+          "groups: %r" % sorted(table, key=str))
+
+    t = _cells(text, "preset dsv4-flash, ep 1, experts 256")
+    r = t[64]
+    check(r["megamoe bf16 us"] == "100.0", "megamoe bf16 at T=64")
+    check(r["megamoe bf16/staged us"] == "130.0", "megamoe staged at T=64")
+    check(r["megamoe fp8 us"] == "80.0", "megamoe fp8 at T=64")
+    check(r["naive bf16 us"] == "400.0", "naive bf16 (line without dtype/experts) at T=64")
+    check(r["naive fp8 us"] == "320.0", "naive fp8 at T=64")
+    check(r["bf16 vs naive"] == "4.00x", "bf16 speedup at T=64")
+    check(r["fp8 vs naive"] == "4.00x", "fp8 speedup at T=64")
+    check(r["fp8 vs bf16"] == "1.25x", "fp8 vs bf16 at T=64")
+    check(r["bf16 floor us"] == "50.0" and r["bf16 /floor"] == "2.00x", "bf16 floor at T=64")
+    check(r["fp8 floor us"] == "40.0" and r["fp8 /floor"] == "2.00x", "fp8 floor at T=64")
+    r = t[512]
+    check(r["naive bf16 us"] == "600.0", "last line wins at T=512")
+    check(r["naive fp8 us"] == "-" and r["fp8 vs naive"] == "-", "missing naive fp8 at T=512")
+    check(r["fp8 vs bf16"] == "1.60x" and r["bf16 vs naive"] == "3.00x", "speedups at T=512")
+    check(r["megamoe bf16/staged us"] == "-", "missing staged at T=512")
+    header = text.split("\n")[text.split("\n").index(
+        [ln for ln in text.split("\n") if ln.startswith("preset dsv4-flash, ep 1, experts 256")][0]) + 1]
+    order = [header.index(c) for c in ("megamoe bf16 us", "megamoe bf16/staged us", "megamoe fp8 us",
+                                       "naive bf16 us", "naive fp8 us")]
+    check(order == sorted(order), "column order")
+
+    t = _cells(text, "preset dsv4-flash, ep 1, experts 32")
+    check(t[64]["megamoe fp8 us"] == "30.0" and "fp8 vs naive" not in t[64], "32-expert table")
+
+    t = _cells(text, "preset dsv3, ep 8, experts 256 (speedups and floors use fp8 = megamoe/staged)")
+    r = t[1]
+    check(r["megamoe fp8/staged us"] == "50.0" and r["naive fp8 us"] == "500.0", "dsv3 latencies")
+    check(r["fp8 vs naive"] == "10.00x" and r["fp8 /floor"] == "2.00x", "staged variant as primary")
+    check(r["megamoe bf16 us"] == "-", "NaN latency shows as -")
+    check(r.get("bf16 vs naive") is None, "no bf16 speedup without naive bf16")
+
+    sys.stdout.write(text)
+    print("self-test passed")
+    return 0
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Compare megamoe with the naive PyTorch EP layer.")
-    p.add_argument("files", nargs="+", help="JSONL files with naive_torch and/or megamoe lines")
+    p = argparse.ArgumentParser(description="Compare megamoe with the naive PyTorch EP layers.")
+    p.add_argument("files", nargs="*", help="JSONL files with naive_torch[_fp8] and/or megamoe lines")
+    p.add_argument("--self-test", action="store_true", help="check the tables on synthetic lines")
     args = p.parse_args(argv)
+    if args.self_test:
+        return self_test()
+    if not args.files:
+        p.error("give at least one JSONL file (or --self-test)")
     table = load(args.files)
     if not table:
-        print("no naive_torch or megamoe results found", file=sys.stderr)
+        print("no latency results (megamoe, naive_torch, naive_torch_fp8, ...) found", file=sys.stderr)
         return 1
     sys.stdout.write(render(table))
     return 0

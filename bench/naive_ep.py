@@ -13,9 +13,18 @@ kernels, one process per GPU:
   4. unsort and all_to_all_single the rows back;
   5. y[t] = sum_k w[t,k] * row[t,k], accumulated in fp32, stored bf16.
 
+--dtype fp8 (impl "naive_torch_fp8") is the same layer with FP8 experts, as a
+user would write it with stock PyTorch today: identical dispatch and combine
+(bf16 rows on the wire, the same host sync), then the received rows are
+quantised to e4m3 with one fp32 scale per row, FC1 and FC2 run as
+torch._scaled_grouped_mm with rowwise scales (weights quantised once at setup,
+one fp32 scale per output channel), SwiGLU in fp32 in between, and the SwiGLU
+output is re-quantised rowwise for FC2.  Needs an SM90/SM100 GPU.
+
 Launch:
   torchrun --standalone --nproc_per_node W bench/naive_ep.py \
       --preset dsv4-flash --tokens 1,64,512,1024,2048,4096,8192 --json out.jsonl
+  (add --dtype fp8 for the FP8 baseline)
 
 CPU debugging (gloo backend, tiny shapes):
   torchrun --standalone --nproc_per_node 2 bench/naive_ep.py \
@@ -50,6 +59,16 @@ PRESETS = {
 }
 
 REL_TOL = 2e-2
+# FP8 tolerance.  Rowwise e4m3 keeps 3 mantissa bits (relative rounding error
+# up to 2^-4, ~2.7% rms), and this layer rounds four operands (x, w1, SwiGLU
+# output, w2) before the fp32 reference's math.  A NumPy emulation of exactly
+# this pipeline on the presets' shapes (random data, same weight scaling)
+# gives a per-token relative L2 error of 0.064-0.067 on average and at most
+# 0.092 over 400 tokens (tiny preset, the noisiest); 6e-2 would fail on
+# correct code.  0.12 leaves headroom while still catching real bugs (a wrong
+# scale, expert or row permutation gives errors of order 1).
+FP8_REL_TOL = 0.12
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
 
 def log0(*args):
@@ -151,17 +170,195 @@ class ExpertMLP:
 
 
 # --------------------------------------------------------------------------
+# FP8 (e4m3, rowwise scales) grouped GEMM
+#
+# torch._scaled_grouped_mm(mat_a, mat_b, scale_a, scale_b, offs=None,
+#                          bias=None, scale_result=None, out_dtype=None,
+#                          use_fast_accum=False)
+# (ATen: aten/src/ATen/native/cuda/GroupedBlas.cpp, _scaled_grouped_mm_cuda;
+#  cuda/ScaledGroupMM.cu, f8f8bf16_grouped_mm, CUTLASS SM90 kernel;
+#  cuda/GroupMMCommon.cuh, prepare_grouped_gemm_data; usage as in
+#  test/test_scaled_matmul_cuda.py, test_scaled_grouped_gemm_2d_3d.)
+# The "2d x 3d" MoE form, rowwise ("per row of A, per output column of B"):
+#   mat_a   [M_total, K] float8_e4m3fn, row-major (must NOT be transposed);
+#   mat_b   [G, K, N]    float8_e4m3fn, column-major (MUST be transposed):
+#           the transpose(-2, -1) view of a contiguous [G, N, K] tensor;
+#   scale_a [M_total]    fp32, contiguous (1-D: one per row of mat_a);
+#   scale_b [G, N]       fp32, last dim contiguous (one per row of [G, N, K]);
+#   offs    [G] int32    cumulative END row of each group (required here);
+#   out     [M_total, N] bf16, out[r, n] = scale_a[r] * scale_b[g, n] *
+#           sum_k a[r, k] b[g, k, n], accumulated in fp32 (rows past offs[-1]
+#           are left unwritten).  out_dtype must be bf16; bias and
+#           scale_result must be None.
+# Host-side checks: K % 16 == 0 and N % 16 == 0 (every preset qualifies),
+# fewer than 1024 groups, SM90 / SM100 only.  Per-group row counts: the 2d x 3d
+# row-major-A form has no alignment assert (the device-side "multiple of 16
+# bytes" asserts cover only the 2d x 2d and 3d x 2d forms) and empty groups
+# are accepted -- but PyTorch's own tests only use groups of 16 rows, so this
+# script does not take it on trust: probe_scaled_grouped_mm() tries
+# unaligned groups at start-up; if they fail and 16-row groups work, every
+# expert's rows are padded (zero rows, on the device, no extra host sync) to a
+# multiple of 16 (--group-align 16 forces that from the start).
+#
+# Fallback if _scaled_grouped_mm is missing or fails: one torch._scaled_mm per
+# non-empty expert (needs the group sizes on the host: one more sync):
+#   torch._scaled_mm(a [M, K] e4m3 row-major, b [K, N] e4m3 column-major,
+#                    scale_a=[M, 1] fp32, scale_b=[1, N] fp32,
+#                    out_dtype=torch.bfloat16, use_fast_accum=...)
+# (rowwise recipe: both scales 2-D and contiguous; K, N multiples of 16.)
+# --------------------------------------------------------------------------
+
+
+def quantize_rows(x):
+    """Rowwise e4m3: x [..., K] -> (q [..., K] float8_e4m3fn, scale [...] fp32).
+
+    x ~= q * scale[..., None]; scale is the dequantisation multiplier the
+    scaled GEMMs take (amax / 448).  All-zero rows get a tiny scale and q = 0.
+    """
+    amax = x.abs().amax(dim=-1).float()
+    scale = (amax / FP8_MAX).clamp_min(1e-12)
+    q = (x.float() / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def quantize_weights(w):
+    """[E, N, K] bf16 -> ([E, N, K] e4m3, [E, N] fp32), one expert at a time
+    (an fp32 temporary of the whole stack would not fit for the big presets)."""
+    E, N, K = w.shape
+    q = torch.empty(E, N, K, dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.empty(E, N, dtype=torch.float32, device=w.device)
+    q_bytes = q.view(torch.uint8)
+    for e in range(E):
+        qe, se = quantize_rows(w[e])
+        q_bytes[e].copy_(qe.view(torch.uint8))
+        s[e].copy_(se)
+    return q, s
+
+
+def _fp8_probe_operands(device, sizes, K=64, N=48, extra_rows=8):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    a = torch.randn(sum(sizes) + extra_rows, K, generator=g).to(device)  # rows past offs[-1] too
+    w = torch.randn(len(sizes), N, K, generator=g).to(device)
+    qa, sa = quantize_rows(a)
+    qw, sw = quantize_rows(w)  # [G, N, K], [G, N]
+    ref = torch.zeros(sum(sizes), N, dtype=torch.float32, device=device)
+    start = 0
+    for gi, n in enumerate(sizes):
+        deq_a = qa[start:start + n].float() * sa[start:start + n].unsqueeze(1)
+        deq_w = qw[gi].float() * sw[gi].unsqueeze(1)
+        ref[start:start + n] = deq_a @ deq_w.t()
+        start += n
+    return qa, sa, qw, sw, ref
+
+
+def _probe_err(out, ref):
+    err = (out[:ref.shape[0]].float() - ref).norm() / ref.norm()
+    return err.item() if torch.isfinite(err) else float("inf")
+
+
+FP8_PROBE_UNALIGNED = [16, 0, 24, 5, 19]  # an empty group, counts not multiples of 16
+FP8_PROBE_ALIGNED = [16, 0, 32, 48]
+
+
+def probe_scaled_grouped_mm(device, sizes, fast_accum):
+    """Return (ok, why): does torch._scaled_grouped_mm (2d x 3d, rowwise) run
+    and agree with a dequantised fp32 matmul for these group sizes?"""
+    if not hasattr(torch, "_scaled_grouped_mm"):
+        return False, "torch._scaled_grouped_mm does not exist in this torch"
+    try:
+        qa, sa, qw, sw, ref = _fp8_probe_operands(device, sizes)
+        offs = torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
+        out = torch._scaled_grouped_mm(qa, qw.transpose(-2, -1), sa, sw, offs=offs,
+                                       out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+        err = _probe_err(out, ref)
+        if not err <= 1e-2:
+            return False, f"torch._scaled_grouped_mm disagrees with the reference (rel err {err:.3g}, groups {sizes})"
+        return True, ""
+    except Exception as exc:  # noqa: BLE001 - any failure means "try the next option"
+        return False, f"torch._scaled_grouped_mm failed (groups {sizes}): {type(exc).__name__}: {exc}"
+
+
+def probe_scaled_mm(device, fast_accum):
+    """Return (ok, why): does the per-expert torch._scaled_mm loop (rowwise) work?"""
+    if not hasattr(torch, "_scaled_mm"):
+        return False, "torch._scaled_mm does not exist in this torch"
+    try:
+        sizes = FP8_PROBE_UNALIGNED
+        qa, sa, qw, sw, ref = _fp8_probe_operands(device, sizes)
+        out = scaled_mm_loop(qa, sa, qw.transpose(-2, -1), sw, sizes, fast_accum)
+        err = _probe_err(out, ref)
+        if not err <= 1e-2:
+            return False, f"torch._scaled_mm disagrees with the reference (rel err {err:.3g})"
+        return True, ""
+    except Exception as exc:  # noqa: BLE001
+        return False, f"torch._scaled_mm failed: {type(exc).__name__}: {exc}"
+
+
+def scaled_mm_loop(q, s, wq_t, ws, counts_host, fast_accum):
+    """Fallback grouped GEMM: one rowwise torch._scaled_mm per non-empty group."""
+    out = torch.empty(q.shape[0], wq_t.shape[2], dtype=torch.bfloat16, device=q.device)
+    start = 0
+    for e, n in enumerate(counts_host):
+        if n:
+            out[start:start + n] = torch._scaled_mm(
+                q[start:start + n], wq_t[e],
+                scale_a=s[start:start + n].unsqueeze(1), scale_b=ws[e].unsqueeze(0),
+                out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
+        start += n
+    return out
+
+
+class Fp8ExpertMLP(ExpertMLP):
+    """The same bf16 weights as ExpertMLP (kept for the reference check) plus
+    their rowwise e4m3 copies, quantised once here (not timed)."""
+
+    def __init__(self, H, I, E_local, device, seed, use_grouped, fast_accum):
+        super().__init__(H, I, E_local, device, seed, use_grouped=False)
+        self.fp8_grouped = use_grouped
+        self.fast_accum = fast_accum
+        self.w1_q, self.w1_s = quantize_weights(self.w1)  # [E, 2I, H], [E, 2I]
+        self.w2_q, self.w2_s = quantize_weights(self.w2)  # [E, H, I],  [E, H]
+        self.w1_qt = self.w1_q.transpose(-2, -1)  # [E, H, 2I] column-major
+        self.w2_qt = self.w2_q.transpose(-2, -1)  # [E, I, H]  column-major
+
+    def _fp8_gemm(self, q, s, wq_t, ws, offs, counts_host):
+        if self.fp8_grouped:
+            return torch._scaled_grouped_mm(q, wq_t, s, ws, offs=offs,
+                                            out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum)
+        return scaled_mm_loop(q, s, wq_t, ws, counts_host, self.fast_accum)
+
+    def forward_fp8(self, q, s, offs, counts_host):
+        """q [R, H] e4m3 + s [R] fp32, rows grouped by local expert; offs int32
+        cumulative group ends.  Returns [R, H] bf16 (rows past offs[-1] unset)."""
+        I = self.I
+        h1 = self._fp8_gemm(q, s, self.w1_qt, self.w1_s, offs, counts_host)  # [R, 2I] bf16
+        act = F.silu(h1[:, :I].float()) * h1[:, I:].float()  # SwiGLU in fp32
+        q2, s2 = quantize_rows(act)
+        return self._fp8_gemm(q2, s2, self.w2_qt, self.w2_s, offs, counts_host)  # [R, H] bf16
+
+
+# --------------------------------------------------------------------------
 # The layer
 # --------------------------------------------------------------------------
 
 
 class NaiveEPLayer:
-    def __init__(self, H, I, E, K, world, rank, device, seed, use_grouped, group_align):
+    def __init__(self, H, I, E, K, world, rank, device, seed, use_grouped, group_align,
+                 dtype="bf16", fp8_fast_accum=False):
         self.H, self.I, self.E, self.K = H, I, E, K
         self.W, self.rank = world, rank
         self.E_local = E // world
         self.device = device
         self.group_align = group_align
+        self.dtype = dtype
+        if dtype == "fp8":
+            # Same seed, so the same bf16 weights as the bf16 layer, then quantised.
+            # use_grouped: torch._scaled_grouped_mm, else a torch._scaled_mm loop.
+            self.mlp = Fp8ExpertMLP(H, I, self.E_local, device, seed * 1000 + rank,
+                                    use_grouped, fp8_fast_accum)
+            # The fp8 padding is done on the device; only the loop needs host sizes.
+            self.need_host_counts = not use_grouped
+            return
         self.mlp = ExpertMLP(H, I, self.E_local, device, seed * 1000 + rank, use_grouped)
         # The per-expert loop needs host-side group sizes; the grouped path does not.
         self.need_host_counts = (not use_grouped) or group_align > 1
@@ -198,7 +395,9 @@ class NaiveEPLayer:
 
         # (3) sort by local expert, FC1 -> SwiGLU -> FC2.
         R = recv_x.shape[0]
-        if R > 0:
+        if R > 0 and self.dtype == "fp8":
+            result = self._mlp_fp8(recv_x, recv_e)  # (3) and the unsort of (4)
+        elif R > 0:
             perm = torch.argsort(recv_e, stable=True)
             counts = torch.bincount(recv_e, minlength=E_local)
             if self.group_align > 1:
@@ -224,6 +423,44 @@ class NaiveEPLayer:
         rows.index_copy_(0, order, back)
         y = torch.bmm(topk_w.to(torch.bfloat16).unsqueeze(1), rows.view(T, K, H))
         return y.view(T, H)
+
+    def _mlp_fp8(self, recv_x, recv_e):
+        """FP8 experts on the received rows; returns [R, H] bf16 in received order.
+
+        Every received row gets a slot in the expert-sorted GEMM operand; with
+        group_align a > 1 each expert's group is padded to a multiple of a rows
+        (zero rows, scale 1), all on the device: the buffer is sized for the
+        worst case, R + min(R, E_local) * (a - 1) rows, and the slots beyond
+        offs[-1] are simply not part of any group.  GEMM rows are independent,
+        so padding rows and the unwritten rows past offs[-1] never touch a
+        real row.  With a == 1 the slots are the inverse of the sort permutation.
+        """
+        R, H, E_local, a = recv_x.shape[0], self.H, self.E_local, self.group_align
+        dev = recv_x.device
+        perm = torch.argsort(recv_e, stable=True)
+        counts = torch.bincount(recv_e, minlength=E_local)
+        padded = (counts + (a - 1)) // a * a if a > 1 else counts
+        ends = torch.cumsum(padded, 0)
+        e_sorted = recv_e.index_select(0, perm).long()
+        rank_in_group = torch.arange(R, device=dev) - (torch.cumsum(counts, 0) - counts)[e_sorted]
+        slot = torch.empty_like(perm)
+        slot.index_copy_(0, perm, (ends - padded)[e_sorted] + rank_in_group)
+
+        q, s = quantize_rows(recv_x)  # [R, H] e4m3, [R] fp32
+        rows = R + min(R, E_local) * (a - 1) if a > 1 else R
+        if a > 1:
+            qp = torch.zeros(rows, H, dtype=torch.uint8, device=dev)
+            sp = torch.ones(rows, dtype=torch.float32, device=dev)
+        else:
+            qp = torch.empty(rows, H, dtype=torch.uint8, device=dev)
+            sp = torch.empty(rows, dtype=torch.float32, device=dev)
+        # fp8 data is moved as bytes (index kernels need not support float8).
+        qp.index_copy_(0, slot, q.view(torch.uint8))
+        sp.index_copy_(0, slot, s)
+        offs = ends.to(torch.int32)
+        counts_host = padded.tolist() if self.need_host_counts else None
+        out = self.mlp.forward_fp8(qp.view(torch.float8_e4m3fn), sp, offs, counts_host)
+        return out.index_select(0, slot)
 
     def _mlp_padded(self, recv_x, recv_e, perm, counts):
         """Variant that pads every expert group to a multiple of group_align rows."""
@@ -345,6 +582,48 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def select_fp8_gemm(args, device, W):
+    """Pick the fp8 GEMM path, the same on every rank.
+
+    Returns (use_grouped, group_align, gemm_name): torch._scaled_grouped_mm when
+    it works (with unaligned expert groups, else with groups padded to 16
+    rows), otherwise a per-expert torch._scaled_mm loop.  Fails if neither works.
+    """
+    fast = args.fp8_fast_accum
+    align = args.group_align
+    use_grouped, why = False, "--gemm loop"
+    if args.gemm != "loop":
+        if align == 1:
+            use_grouped, why = probe_scaled_grouped_mm(device, FP8_PROBE_UNALIGNED, fast)
+            if not use_grouped:
+                ok16, why16 = probe_scaled_grouped_mm(device, FP8_PROBE_ALIGNED, fast)
+                if ok16:
+                    log0(f"NOTE: expert groups padded to 16 rows: unaligned groups failed ({why})")
+                    use_grouped, align = True, 16
+                else:
+                    why = f"{why}; {why16}"
+        else:
+            use_grouped, why = probe_scaled_grouped_mm(device, FP8_PROBE_ALIGNED, fast)
+    # All ranks must take the same path: MIN of the grouped flag, MAX of the alignment.
+    flag = torch.tensor([1 if use_grouped else 0, -align], device=device)
+    if W > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    use_grouped, align = bool(flag[0].item()), -int(flag[1].item())
+    if not use_grouped and args.gemm == "grouped":
+        fail(f"--gemm grouped requested but {why or 'another rank failed the probe'}")
+    if use_grouped:
+        return True, align, "scaled_grouped_mm"
+    log0(f"NOTE: FALLBACK in use -- per-expert torch._scaled_mm loop instead of "
+         f"torch._scaled_grouped_mm ({why or 'another rank failed the probe'})")
+    ok, why_loop = probe_scaled_mm(device, fast)
+    flag = torch.tensor([1 if ok else 0], device=device)
+    if W > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not flag.item():
+        fail(f"no working fp8 GEMM: {why}; {why_loop or 'another rank failed the probe'}")
+    return False, align, "scaled_mm_loop"
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="dsv4-flash", choices=sorted(PRESETS))
@@ -360,11 +639,21 @@ def parse_args():
     p.add_argument("--check-tokens", type=int, default=8,
                    help="tokens per rank checked against the fp32 reference (0 disables)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"],
+                   help="fp8: e4m3 experts with rowwise scales (impl naive_torch_fp8), CUDA SM90/SM100 only")
+    p.add_argument("--experts", type=int, default=None,
+                   help="override the preset's expert count E (e.g. the experts one rank of a larger "
+                        "EP group holds, to match `megamoe bench --experts`)")
     p.add_argument("--gemm", default="auto", choices=["auto", "grouped", "loop"],
-                   help="auto: torch._grouped_mm if it works, else a per-expert mm loop")
+                   help="auto: torch._grouped_mm (fp8: torch._scaled_grouped_mm) if it works, "
+                        "else a per-expert mm (fp8: torch._scaled_mm) loop")
     p.add_argument("--group-align", type=int, default=1,
                    help="pad each expert group to a multiple of this many rows (1: no padding, "
-                        "which torch._grouped_mm 2d x 3d bf16 does not need)")
+                        "which torch._grouped_mm 2d x 3d bf16 does not need; for fp8, 1 means "
+                        "'none if the start-up probe accepts unaligned groups, else 16')")
+    p.add_argument("--fp8-fast-accum", action="store_true",
+                   help="fp8: use_fast_accum=True (Hopper fp8 accumulation without periodic fp32 "
+                        "promotion; faster, less accurate).  Default False, PyTorch's default")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                    help="cpu: gloo backend, for debugging the logic only")
     return p.parse_args()
@@ -376,6 +665,15 @@ def main():
         # Allowed for quick debugging, but say so.
         print("note: below the recommended --warmup 5 / --iters 20 / --input-sets 2", file=sys.stderr)
     H, I, E, K = PRESETS[args.preset]
+    if args.experts is not None:
+        if args.experts < K:
+            sys.exit(f"--experts {args.experts} is below top-k {K}")
+        E = args.experts
+    if args.group_align < 1:
+        sys.exit("--group-align must be >= 1")
+    if args.dtype == "fp8" and args.device != "cuda":
+        sys.exit("--dtype fp8 needs a CUDA GPU (SM90/SM100: torch._scaled_grouped_mm / torch._scaled_mm); "
+                 "--device cpu runs --dtype bf16 only")
     tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -409,26 +707,34 @@ def main():
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference stays fp32
 
-    if args.gemm == "loop":
-        use_grouped, why = False, "--gemm loop"
+    if args.dtype == "fp8":
+        use_grouped, group_align, gemm_name = select_fp8_gemm(args, device, W)
+        impl, tol = "naive_torch_fp8", FP8_REL_TOL
     else:
-        use_grouped, why = probe_grouped_mm(device)
-    # All ranks must take the same path.
-    flag = torch.tensor([1 if use_grouped else 0], device=device)
-    if W > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    use_grouped = bool(flag.item())
-    if not use_grouped and args.gemm == "grouped":
-        fail(f"--gemm grouped requested but {why or 'another rank failed the probe'}")
-    if not use_grouped:
-        log0(f"NOTE: FALLBACK in use -- per-expert torch.mm loop instead of torch._grouped_mm ({why or 'another rank failed the probe'})")
-    gemm_name = "grouped_mm" if use_grouped else "mm_loop"
+        if args.gemm == "loop":
+            use_grouped, why = False, "--gemm loop"
+        else:
+            use_grouped, why = probe_grouped_mm(device)
+        # All ranks must take the same path.
+        flag = torch.tensor([1 if use_grouped else 0], device=device)
+        if W > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        use_grouped = bool(flag.item())
+        if not use_grouped and args.gemm == "grouped":
+            fail(f"--gemm grouped requested but {why or 'another rank failed the probe'}")
+        if not use_grouped:
+            log0(f"NOTE: FALLBACK in use -- per-expert torch.mm loop instead of torch._grouped_mm ({why or 'another rank failed the probe'})")
+        gemm_name = "grouped_mm" if use_grouped else "mm_loop"
+        group_align = args.group_align
+        impl, tol = "naive_torch", REL_TOL
 
-    layer = NaiveEPLayer(H, I, E, K, W, rank, device, args.seed, use_grouped, args.group_align)
+    layer = NaiveEPLayer(H, I, E, K, W, rank, device, args.seed, use_grouped, group_align,
+                         dtype=args.dtype, fp8_fast_accum=args.fp8_fast_accum)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    log0(f"naive_torch EP layer: preset {args.preset} (H {H}, I {I}, E {E}, K {K}), ep {W}, "
-         f"{layer.E_local} experts/rank, gemm {gemm_name}, group_align {args.group_align}, "
-         f"torch {torch.__version__}, {dev_name}")
+    fp8_s = f", fast_accum {args.fp8_fast_accum}, tol {tol}" if args.dtype == "fp8" else ""
+    log0(f"{impl} EP layer: preset {args.preset} (H {H}, I {I}, E {E}, K {K}), ep {W}, "
+         f"{layer.E_local} experts/rank, dtype {args.dtype}, gemm {gemm_name}, group_align {group_align}"
+         f"{fp8_s}, torch {torch.__version__}, {dev_name}")
     log0(f"{'T':>6} {'median_us':>12} {'min_us':>12} {'check_err':>10}")
 
     for T in tokens:
@@ -439,9 +745,9 @@ def main():
         err = None
         if args.check_tokens > 0:
             err = check_forward(layer, *sets[0], args.check_tokens)
-            if not err <= REL_TOL:
+            if not err <= tol:
                 fail(f"T={T}: forward disagrees with the fp32 reference: "
-                     f"max relative error {err:.3g} > {REL_TOL}")
+                     f"max relative error {err:.3g} > {tol}")
 
         for i in range(args.warmup):
             layer.forward(*sets[i % len(sets)])
@@ -462,10 +768,13 @@ def main():
         err_s = "skipped" if err is None else f"{err:.2e}"
         log0(f"{T:>6} {med_us:>12.1f} {min_us:>12.1f} {err_s:>10}")
         if args.json and rank == 0:
-            rec = {"impl": "naive_torch", "preset": args.preset, "ep": W, "tokens": T,
+            rec = {"impl": impl, "dtype": args.dtype, "preset": args.preset, "experts": E,
+                   "ep": W, "tokens": T,
                    "latency_us": round(med_us, 2), "min_us": round(min_us, 2),
                    "gemm": gemm_name, "iters": args.iters, "device": dev_name,
                    "check_rel_err": err}
+            if args.dtype == "fp8":
+                rec.update({"group_align": group_align, "fast_accum": args.fp8_fast_accum})
             with open(args.json, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         del sets
