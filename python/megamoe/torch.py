@@ -287,6 +287,19 @@ class MoE:
                        max_tokens_per_rank=max_tokens_per_rank, ep_size=world, weight_dtype=weight_name,
                        swiglu_limit=swiglu_limit)
         device = torch.cuda.current_device()  # also initialises torch's CUDA context first
+        self.num_experts = num_experts
+        self.hidden = hidden
+        self.intermediate = intermediate
+        self.top_k = top_k
+        self.max_tokens_per_rank = max_tokens_per_rank
+        self.weight_dtype = weight_name
+        self.swiglu_limit = swiglu_limit
+        self.rank = rank
+        self.world_size = world
+        self.experts_per_rank = num_experts // world
+        self.first_expert = rank * self.experts_per_rank
+        self.device = torch.device("cuda", device)
+        self.num_sms = 0
         lib = _lib.get()
         self._lib = lib
         _destroy_deferred()
@@ -310,19 +323,7 @@ class MoE:
         info_rank, info_sms = ctypes.c_int(), ctypes.c_int()
         lib.check(lib.layer_info(self._handle, ctypes.byref(info_rank), ctypes.byref(info_sms)))
 
-        self.num_experts = num_experts
-        self.hidden = hidden
-        self.intermediate = intermediate
-        self.top_k = top_k
-        self.max_tokens_per_rank = max_tokens_per_rank
-        self.weight_dtype = weight_name
-        self.swiglu_limit = swiglu_limit
-        self.rank = rank
-        self.world_size = world
-        self.experts_per_rank = num_experts // world
-        self.first_expert = rank * self.experts_per_rank
-        self.device = torch.device("cuda", device)
-        self.num_sms = info_sms.value
+        self.num_sms = info_sms.value  # the SM budget in effect
         self._loaded = [False] * self.experts_per_rank
         self._state = _LayerState(self._handle, hidden, top_k, max_tokens_per_rank, fmt == _lib.FORMAT_FP8, device,
                                   lib)
@@ -360,6 +361,8 @@ class MoE:
         return self._lib.read_string(self._lib.layer_workspace_table, self._handle).decode("utf-8", "replace")
 
     def __repr__(self) -> str:
+        if not hasattr(self, "num_sms"):
+            return "MoE(<not created>)"
         return ("MoE(H=%d, I=%d, E=%d, K=%d, ep=%d, rank=%d, max_tokens_per_rank=%d, %s, swiglu_limit=%g, "
                 "num_sms=%d, %s)" % (self.hidden, self.intermediate, self.num_experts, self.top_k, self.world_size,
                                       self.rank, self.max_tokens_per_rank, self.weight_dtype, self.swiglu_limit,
@@ -464,8 +467,8 @@ class MoE:
         x [T, H] bf16 (or, on an fp8 layer, e4m3 with x_scale [T, H/128] fp32), T <= max_tokens_per_rank;
         topk_ids [T, K] int32 or int64 (global expert ids, -1: no expert); topk_weights [T, K] fp32.
         num_tokens: None, or an int32 [1] tensor on the device holding T, read on the device: then
-        every tensor holds max_tokens_per_rank rows, only the first T rows of y are written, and one
-        captured CUDA graph serves every batch size. Every rank calls forward, also with T = 0.
+        every tensor holds max_tokens_per_rank rows, y's rows past T are unspecified, rows past T
+        of the inputs are never read, and one captured CUDA graph serves every batch size. Every rank calls forward, also with T = 0.
         Expert ids outside [-1, E) are dropped and reported by check_errors()."""
         return _OP(self._handle, x, x_scale, topk_ids, topk_weights, float(routed_scaling_factor), num_tokens)
 
