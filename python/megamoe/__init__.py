@@ -1,0 +1,29 @@
+"""megamoe: an expert-parallel Mixture-of-Experts layer for Hopper GPUs (DeepSeek-V3/V4 class).
+
+    import megamoe                 # torch-free: version(), validate_shape(), workspace_table()
+    from megamoe.torch import MoE  # the PyTorch layer and the torch.ops.megamoe.forward op
+
+The native library libmegamoe.so is loaded with ctypes on first use (see megamoe._lib for where it is
+looked up: MEGAMOE_LIBRARY, then the installed package, then the checkout's build/lib).
+"""
+
+__version__ = "0.1.0"
+
+from .core import (  # noqa: E402
+    LibraryNotFoundError,
+    abi_version,
+    library_path,
+    validate_shape,
+    version,
+    workspace_table,
+)
+
+__all__ = [
+    "LibraryNotFoundError",
+    "__version__",
+    "abi_version",
+    "library_path",
+    "validate_shape",
+    "version",
+    "workspace_table",
+]
