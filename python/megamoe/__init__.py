@@ -7,7 +7,7 @@ The native library libmegamoe.so is loaded with ctypes on first use (see megamoe
 looked up: MEGAMOE_LIBRARY, then the installed package, then the checkout's build/lib).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .core import (  # noqa: E402
     LibraryNotFoundError,

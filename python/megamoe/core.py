@@ -21,7 +21,7 @@ def library_path() -> Path:
 
 
 def version() -> str:
-    """The version of the loaded libmegamoe.so, e.g. '0.1.0'."""
+    """The version of the loaded libmegamoe.so, e.g. '0.2.0'."""
     return _lib.get().version().decode("ascii")
 
 

@@ -1,6 +1,7 @@
 // The C interface (include/megamoe/c_api.h) over the public C++ API. Every entry point runs its body
 // inside `guarded`, which turns exceptions into a status and a thread-local message.
 #include "megamoe/c_api.h"
+#include "megamoe/version.h"
 
 #include <cuda_runtime_api.h>
 
@@ -18,9 +19,7 @@
 #include "megamoe/layout.h"
 #include "megamoe/shape.h"
 
-#ifndef MEGAMOE_VERSION_STRING
-#define MEGAMOE_VERSION_STRING "0.1.0"
-#endif
+
 
 struct megamoe_comm {
   std::shared_ptr<megamoe::Communicator> comm;
@@ -167,7 +166,7 @@ cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream);
 
 extern "C" {
 
-const char* megamoe_version(void) { return MEGAMOE_VERSION_STRING; }
+const char* megamoe_version(void) { return megamoe::kVersion; }
 
 int megamoe_abi_version(void) { return MEGAMOE_C_ABI_VERSION; }
 

@@ -99,7 +99,6 @@ struct SwigluBf16Epilogue {
     float limit;         // 0: no clamp
   };
   using SharedStorage = gemm::EpilogueChunk;
-  static constexpr bool kScaleSlotIsParity = true;  // interleaved gate/up columns
   static constexpr int kOutCols = gemm::kFc1BlockN / 2;
   static constexpr int kChunks = kOutCols / gemm::kEpilogueChunkCols;
 
