@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the pinned dependencies that a fresh machine lacks into .deps/ (ignored by git):
 #   CUTLASS/CuTe 4.2.0 headers from the PyPI wheel nvidia-cutlass==4.2.0.0 (headers only, --no-deps).
-# Checks the rest: CUDA 13 toolkit and NCCL 2.28.9 from /usr/local/cuda, GoogleTest from the system.
+# Checks the rest: CUDA 13 toolkit and NCCL 2.28.9 from /usr/local/cuda, GoogleTest from the system,
+# ninja and pytest from PyPI.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 deps="$root/.deps"
@@ -41,4 +42,6 @@ if [ ! -f /usr/include/gtest/gtest.h ]; then
   if [ "$(id -u)" = 0 ]; then apt-get install -y -q libgtest-dev >/dev/null; else sudo apt-get install -y -q libgtest-dev >/dev/null; fi
 fi
 command -v ninja >/dev/null || { echo "bootstrap: ninja not found; installing"; python3 -m pip install --quiet ninja; }
+# The Python package's tests run under ctest.
+python3 -c "import pytest" 2>/dev/null || { echo "bootstrap: installing pytest"; python3 -m pip install --quiet pytest; }
 echo "bootstrap: ok (CUTLASS $cutlass_version in $cutlass_dir, NCCL 2.28.9 and CUDA in $cuda_home)"

@@ -1,60 +1,117 @@
 #!/usr/bin/env bash
-# Everything that needs GPUs, in one run: the GPU test binaries, the timeout self-test, the SASS check,
-# the benchmark (with the naive PyTorch layer beside it) and the NVLink/barrier microbenchmark.
-# Logs go to $OUT (default ./out); a summary is printed last.
+# Everything that needs a GPU, in one run: the GPU test suites over NCCL (one process per GPU) and over
+# the loopback transport (W ranks on one GPU), the stress run, the sanitizers, the SASS check, the
+# refactor fingerprint, the Python package's tests and example, the benchmarks (ours, the naive
+# PyTorch layers, the card's ceilings) and their comparison. A summary is printed last; logs go to
+# $OUT (default ./out): summary.txt, bench.jsonl and logs.tar.gz (every step's log).
 #
-#   scripts/gpu-check.sh [steps...]     steps: sass gemm runtime layer selftest comm bench naive compare
-#                                       (default: all of them)
-# Environment: BIN (default build/bin; built with scripts/build.sh when missing), GPUS (default: all),
+#   scripts/gpu-check.sh [steps...]
+#     steps: machine ceilings sass gemm runtime layer stress sanitize selftest golden python example
+#            comm bench naive compare          (default: all of them, in that order)
+# Environment:
+#   BIN (default build/bin; built with scripts/build.sh when missing), LIB (default build/lib)
+#   OLD_BIN          a build of an earlier version (golden, bench-old: same run, both builds)
+#   GPUS             GPUs for the NCCL runs (default: all)
+#   LOOPBACK_RANKS   loopback rank counts (default "1 2 3 4 8")
+#   STRESS_STEPS     forwards of the stress run at W = 4 (default 10000)
 #   PRESETS (default dsv4-flash,dsv4-pro,dsv3), TOKENS (default 1,64,512,1024,2048,4096,8192),
-#   ITERS (default 30), GTEST_FILTER (optional, for the test binaries).
+#   DTYPES (default "fp8 bf16"), ITERS (default 30), EXPERTS_dsv4_flash etc. (default: the experts of
+#   one rank of EP 4 on one GPU: 64, 96, 64), GTEST_FILTER (optional, for the test binaries)
 set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source scripts/env.sh
 OUT=${OUT:-$root/out}
-mkdir -p "$OUT"
+mkdir -p "$OUT/logs"
 BIN=${BIN:-build/bin}
+LIB=${LIB:-build/lib}
 [ -x "$BIN/megamoe" ] || ./scripts/build.sh
 GPUS=${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+LOOPBACK_RANKS=${LOOPBACK_RANKS:-1 2 3 4 8}
+STRESS_STEPS=${STRESS_STEPS:-10000}
 PRESETS=${PRESETS:-dsv4-flash,dsv4-pro,dsv3}
 TOKENS=${TOKENS:-1,64,512,1024,2048,4096,8192}
+DTYPES=${DTYPES:-fp8 bf16}
 ITERS=${ITERS:-30}
-steps=${*:-sass gemm runtime layer selftest comm bench naive compare}
+steps=${*:-machine ceilings sass gemm runtime layer stress sanitize selftest golden python example comm bench naive compare}
 summary=()
 filter=()
 [ -n "${GTEST_FILTER:-}" ] && filter=(--gtest_filter="$GTEST_FILTER")
 
-step() {  # step NAME TIMEOUT_S COMMAND...: runs, logs to $OUT/NAME.log, records the outcome
+step() {  # step NAME TIMEOUT_S COMMAND...: runs, logs to $OUT/logs/NAME.log, records the outcome
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
-  echo "=== $name: $*" | tee "$OUT/$name.log"
-  timeout --kill-after=10 "$limit" "$@" >>"$OUT/$name.log" 2>&1
+  echo "=== $name: $*" | tee "$OUT/logs/$name.log"
+  timeout --kill-after=10 "$limit" "$@" >>"$OUT/logs/$name.log" 2>&1
   local rc=$?
-  tail -n 40 "$OUT/$name.log"
-  summary+=("$(printf '%-9s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$([ $rc = 0 ] && echo ok || echo FAILED)")")
+  tail -n 25 "$OUT/logs/$name.log"
+  summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$([ $rc = 0 ] && echo ok || echo FAILED)")")
   return 0
 }
 
-{ date -u; nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv; } > "$OUT/machine.txt" 2>&1
+experts_of() {  # one rank's share of EP 4 on one GPU
+  case $1 in dsv4-flash) echo "${EXPERTS_dsv4_flash:-64}" ;; dsv4-pro) echo "${EXPERTS_dsv4_pro:-96}" ;;
+             dsv3) echo "${EXPERTS_dsv3:-64}" ;; *) echo 0 ;; esac
+}
+experts_flag() { [ "$GPUS" = 1 ] && [ "$(experts_of "$1")" != 0 ] && echo "--experts $(experts_of "$1")"; }
+
 for s in $steps; do
   case $s in
+    machine)
+      step machine 60 bash -c "date -u; nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv; python3 -c 'import torch; print(torch.__version__)'" ;;
+    ceilings) step ceilings 120 python3 bench/ceilings.py ;;
     sass)
-      # The GEMMs must run on the tensor cores through wgmma: HGMMA in the SASS.
-      step sass 120 bash -c "cuobjdump -sass $BIN/megamoe | grep -c HGMMA | tee /dev/stderr | awk '{exit !(\$1 > 0)}'" ;;
-    gemm) MEGAMOE_TEST_GPUS=$GPUS step gemm 300 "$BIN/test_gpu_gemm" "${filter[@]}" ;;
-    runtime) MEGAMOE_TEST_GPUS=$GPUS step runtime 400 "$BIN/test_gpu_runtime" "${filter[@]}" ;;
-    layer) MEGAMOE_TEST_GPUS=$GPUS step layer 500 "$BIN/test_gpu_layer" "${filter[@]}" ;;
+      # The GEMMs must run on the tensor cores through wgmma: bf16 HGMMA and fp8 (E4M3) GMMA in the SASS.
+      step sass 120 bash -c "cuobjdump -sass $LIB/libmegamoe.so | grep -oE '[HQ]GMMA\.[0-9x]+\.F32\.[A-Z0-9.]+' | sort | uniq -c | tee /dev/stderr | grep -q BF16 && cuobjdump -sass $LIB/libmegamoe.so | grep -qE 'GMMA.*E4M3'" ;;
+    gemm) step gemm 300 env MEGAMOE_TEST_RANKS=1 "$BIN/test_gpu_gemm" "${filter[@]}" ;;
+    runtime|layer)
+      limit=$([ $s = layer ] && echo 500 || echo 300)
+      step "$s-nccl-$GPUS" "$limit" env MEGAMOE_TEST_GPUS="$GPUS" "$BIN/test_gpu_$s" "${filter[@]}"
+      for w in $LOOPBACK_RANKS; do
+        step "$s-loopback-$w" "$limit" env MEGAMOE_TEST_RANKS="$w" "$BIN/test_gpu_$s" "${filter[@]}"
+      done ;;
+    stress)
+      step stress-loopback-4 500 env MEGAMOE_TEST_RANKS=4 MEGAMOE_STRESS_STEPS="$STRESS_STEPS" "$BIN/test_gpu_layer" --gtest_filter='Stress.*' ;;
+    sanitize)
+      # The tiny-shape layer tests at W = 2 on the loopback transport (ncclMemAlloc is not permitted
+      # under the sanitizer on these machines); every tool must report 0 errors.
+      for tool in memcheck racecheck synccheck initcheck; do
+        step "sanitize-$tool" 400 env MEGAMOE_TEST_RANKS=2 MEGAMOE_BARRIER_TIMEOUT_S=60 compute-sanitizer --tool "$tool" \
+          --error-exitcode 1 "$BIN/test_gpu_layer" --gtest_filter="${SANITIZE_FILTER:-*Tiny*}"
+      done ;;
     selftest)
       if [ "$GPUS" -ge 2 ]; then
         # Must fail, within the timeout, naming the rank that never arrived.
-        step selftest 60 bash -c "! $BIN/megamoe selftest --gpus $GPUS --skip-barrier-rank $((GPUS - 1)) --timeout 2 && grep -q 'waiting for rank $((GPUS - 1))' '$OUT/selftest.log'"
+        step selftest 60 bash -c "! $BIN/megamoe selftest --gpus $GPUS --skip-barrier-rank $((GPUS - 1)) --timeout 2 && grep -q 'waiting for rank $((GPUS - 1))' '$OUT/logs/selftest.log'"
       fi ;;
+    golden)
+      # The BF16 layer's output on fixed inputs, from an earlier build and this one: identical lines.
+      if [ -n "${OLD_BIN:-}" ]; then
+        step golden 300 bash -c "$OLD_BIN/golden_forward > $OUT/logs/golden-old.txt && $BIN/golden_forward > $OUT/logs/golden-new.txt && diff $OUT/logs/golden-old.txt $OUT/logs/golden-new.txt && wc -l < $OUT/logs/golden-new.txt"
+      fi ;;
+    python)
+      step python 600 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" MEGAMOE_REQUIRE_LIBRARY=1 MEGAMOE_REQUIRE_GPU=1 \
+        PYTHONPATH=python python3 -m pytest -q -rs python/tests ;;
+    example)
+      step example 300 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" PYTHONPATH=python python3 examples/deepseek_moe_block.py ;;
     comm) step comm 120 "$BIN/megamoe" bench --comm --gpus "$GPUS" ;;
-    bench) step bench 400 "$BIN/megamoe" bench --gpus "$GPUS" --preset "$PRESETS" --tokens "$TOKENS" --iters "$ITERS" --stages --json "$OUT/bench.jsonl" ;;
+    bench)
+      for p in ${PRESETS//,/ }; do
+        for d in $DTYPES; do
+          step "bench-$p-$d" 400 "$BIN/megamoe" bench --gpus "$GPUS" --preset "$p" $(experts_flag "$p") --dtype "$d" \
+            --tokens "$TOKENS" --iters "$ITERS" --stages --json "$OUT/bench.jsonl"
+        done
+        if [ -n "${OLD_BIN:-}" ]; then  # the earlier build, same run (it knows bf16 only and no JSON variant)
+          step "bench-$p-bf16-old" 400 "$OLD_BIN/megamoe" bench --gpus "$GPUS" --preset "$p" $(experts_flag "$p") \
+            --tokens "$TOKENS" --iters "$ITERS"
+        fi
+      done ;;
     naive)
       for p in ${PRESETS//,/ }; do
-        step "naive-$p" 200 python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" bench/naive_ep.py --preset "$p" --tokens "$TOKENS" --json "$OUT/bench.jsonl"
+        for d in $DTYPES; do
+          step "naive-$p-$d" 300 python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" bench/naive_ep.py \
+            --preset "$p" $(experts_flag "$p") --dtype "$d" --tokens "$TOKENS" --json "$OUT/bench.jsonl"
+        done
       done ;;
     compare) step compare 30 python3 bench/compare.py "$OUT/bench.jsonl" ;;
     *) echo "unknown step $s"; exit 2 ;;
@@ -63,3 +120,4 @@ done
 echo
 echo "=== summary ($GPUS GPUs, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%F))"
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"

@@ -2,20 +2,28 @@
 // rank's expert weights from HBM once, doing its tensor-core FLOPs, and moving its rows over NVLink.
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "megamoe/shape.h"
 
 namespace megamoe {
 
-// Ceilings measured on our H100s (NOTES.md §6); each is a flag of `megamoe info` / `bench`.
+// What a card can do, as measured (docs/PERFORMANCE.md): a large device-to-device copy (bytes read +
+// written), 8192^3 bf16 and fp8 GEMMs on random data, NVLink SM stores to a peer. The defaults are an
+// H100 SXM's; each field is a flag of `megamoe info` / `bench`.
 struct Ceilings {
   double hbm_gbps = 3000.0;     // device-memory bandwidth, GB/s
   double bf16_tflops = 744.0;   // dense bf16 tensor-core rate
   double fp8_tflops = 1346.0;   // dense fp8 tensor-core rate
-  double nvlink_gbps = 385.0;   // one GPU's NVLink bandwidth in each direction, GB/s
+  double nvlink_gbps = 374.0;   // one GPU's NVLink bandwidth in each direction, GB/s
 };
+
+// The ceilings measured on a card, by the name CUDA reports for it (cudaDeviceProp::name), or
+// nullopt for a card not measured yet (then pass the flags).
+std::optional<Ceilings> measured_ceilings(std::string_view gpu_name);
 
 struct Roofline {
   int64_t tokens_per_rank = 0;

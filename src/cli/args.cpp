@@ -128,14 +128,28 @@ std::vector<int64_t> Args::integer_list(const std::string& name, const std::vect
   return out;
 }
 
-Ceilings parse_ceilings(const Args& a) {
-  Ceilings c;
-  c.hbm_gbps = a.number("hbm-gbps", c.hbm_gbps, kMinGbps, kMaxGbps);
-  c.bf16_tflops = a.number("bf16-tflops", c.bf16_tflops, kMinTflops, kMaxTflops);
-  c.fp8_tflops = a.number("fp8-tflops", c.fp8_tflops, kMinTflops, kMaxTflops);
-  c.nvlink_gbps = a.number("nvlink-gbps", c.nvlink_gbps, kMinGbps, kMaxGbps);
-  return c;
+CeilingFlags parse_ceiling_flags(const Args& a) {
+  CeilingFlags f;
+  auto get = [&](const char* name, double lo, double hi) -> std::optional<double> {
+    if (!a.has(name)) return std::nullopt;
+    return a.number(name, 0, lo, hi);
+  };
+  f.hbm_gbps = get("hbm-gbps", kMinGbps, kMaxGbps);
+  f.bf16_tflops = get("bf16-tflops", kMinTflops, kMaxTflops);
+  f.fp8_tflops = get("fp8-tflops", kMinTflops, kMaxTflops);
+  f.nvlink_gbps = get("nvlink-gbps", kMinGbps, kMaxGbps);
+  return f;
 }
+
+Ceilings CeilingFlags::over(Ceilings base) const {
+  base.hbm_gbps = hbm_gbps.value_or(base.hbm_gbps);
+  base.bf16_tflops = bf16_tflops.value_or(base.bf16_tflops);
+  base.fp8_tflops = fp8_tflops.value_or(base.fp8_tflops);
+  base.nvlink_gbps = nvlink_gbps.value_or(base.nvlink_gbps);
+  return base;
+}
+
+Ceilings parse_ceilings(const Args& a) { return parse_ceiling_flags(a).over(Ceilings{}); }
 
 InfoOptions parse_info_options(const Args& a) {
   if (!a.has("preset")) throw InvalidArgument("--preset: required (dsv3, dsv4-flash, dsv4-pro, tiny)");
@@ -226,6 +240,7 @@ BenchOptions parse_bench_options(const Args& a) {
   o.gemm_cluster_m = int(a.integer("gemm-cluster-m", 0, 0, 2));
   o.sms = int(a.integer("sms", 0, 1, kMaxSms));
   o.ceilings = parse_ceilings(a);
+  o.ceiling_flags = parse_ceiling_flags(a);
   // The rank count is known here inside a job or with --gpus; without either, bench_main checks the
   // shapes again once it has counted the GPUs.
   int64_t ranks = o.gpus > 0 ? o.gpus : 1;

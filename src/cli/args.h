@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <map>
 #include <set>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -53,6 +54,13 @@ inline constexpr double kMinGbps = 1.0, kMaxGbps = 1e6;
 inline constexpr double kMinTflops = 1.0, kMaxTflops = 1e5;
 // --hbm-gbps, --bf16-tflops, --fp8-tflops, --nvlink-gbps over the defaults of Ceilings.
 Ceilings parse_ceilings(const Args& a);
+// The same flags as given (unset: not on the command line), to lay over the ceilings of the card a
+// benchmark runs on (measured_ceilings).
+struct CeilingFlags {
+  std::optional<double> hbm_gbps, bf16_tflops, fp8_tflops, nvlink_gbps;
+  Ceilings over(Ceilings base) const;
+};
+CeilingFlags parse_ceiling_flags(const Args& a);
 
 // Token counts per rank the tool accepts (info's --max-tokens, bench's --tokens).
 inline constexpr int64_t kMaxInfoTokens = int64_t(1) << 30;
@@ -80,7 +88,8 @@ struct BenchOptions {
   bool stages = false;    // --stages: also time one eager forward stage by stage
   int gemm_cluster_m = 0;
   int sms = 0;            // --sms: the layer's SM budget (0 = all of the GPU's)
-  Ceilings ceilings;      // --hbm-gbps, --bf16-tflops, --fp8-tflops, --nvlink-gbps
+  Ceilings ceilings;      // --hbm-gbps, --bf16-tflops, --fp8-tflops, --nvlink-gbps over the defaults
+  CeilingFlags ceiling_flags;  // the same flags, over the ceilings of the GPU the benchmark runs on
 
   // The layer's capacity: the largest token count (at least 1).
   int64_t max_tokens() const;

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -72,6 +73,14 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
   MEGAMOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, comm.device()));
   cudaStream_t s;
   MEGAMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  // The floor uses the ceilings measured on this card (flags override them).
+  const std::optional<Ceilings> card = measured_ceilings(prop.name);
+  const Ceilings ceilings = o.ceiling_flags.over(card.value_or(Ceilings{}));
+  if (rank == 0) {
+    std::printf("ceilings (%s%s): HBM %.0f GB/s, bf16 %.0f TFLOP/s, fp8 %.0f TFLOP/s, NVLink %.0f GB/s\n", prop.name,
+                card ? ", measured" : ": not measured, H100 SXM defaults; pass --hbm-gbps etc.", ceilings.hbm_gbps,
+                ceilings.bf16_tflops, ceilings.fp8_tflops, ceilings.nvlink_gbps);
+  }
 
   for (const std::string& preset : presets) {
     const MoeShape shape = o.shape(preset, W);  // the preset, --experts, --dtype, max_tokens
@@ -142,7 +151,7 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
       const double slowest_median = comm.all_reduce_max(median(us));
       const double slowest_min = comm.all_reduce_max(*std::min_element(us.begin(), us.end()));
       for (auto& set : in) MEGAMOE_CUDA_CHECK(cudaGraphExecDestroy(set.graph));
-      std::string stage_line;
+      std::string stage_line, stage_json;
       if (o.stages) {  // one eager forward, timed stage by stage (slowest rank per stage)
         comm.host_barrier();
         layer.forward(in[0].x->ptr, in[0].ids->ptr, in[0].weights->ptr, in[0].y->ptr, T, s);
@@ -150,14 +159,23 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
         const float* f = &st.dispatch_claim_ms;
         double worst[7];
         for (int i = 0; i < 7; i++) worst[i] = comm.all_reduce_max(1e3 * f[i]);
-        char buf[256];
+        // Useful FLOPs of each GEMM (T*K rows per rank on average), over its eager stage time.
+        const double rows = double(T) * double(shape.top_k);
+        const double fc1_tflops = 2.0 * rows * double(shape.hidden) * 2.0 * double(shape.intermediate) / (worst[3] * 1e6);
+        const double fc2_tflops = 2.0 * rows * double(shape.intermediate) * double(shape.hidden) / (worst[4] * 1e6);
+        char buf[320];
         std::snprintf(buf, sizeof buf,
-                      "%8s   eager, us per stage: claim %.1f | barrier %.1f | schedule %.1f | fc1+pull %.1f | fc2 %.1f | "
-                      "barrier %.1f | combine %.1f\n",
-                      "", worst[0], worst[1], worst[2], worst[3], worst[4], worst[5], worst[6]);
+                      "%8s   eager, us per stage: claim %.1f | barrier %.1f | schedule %.1f | fc1+pull %.1f (%.0f TFLOP/s) | "
+                      "fc2 %.1f (%.0f TFLOP/s) | barrier %.1f | combine %.1f\n",
+                      "", worst[0], worst[1], worst[2], worst[3], fc1_tflops, worst[4], fc2_tflops, worst[5], worst[6]);
         stage_line = buf;
+        std::snprintf(buf, sizeof buf,
+                      ", \"stages_us\": {\"claim\": %.1f, \"dispatch_barrier\": %.1f, \"schedule\": %.1f, \"fc1\": %.1f, "
+                      "\"fc2\": %.1f, \"combine_barrier\": %.1f, \"combine\": %.1f}, \"fc1_tflops\": %.1f, \"fc2_tflops\": %.1f",
+                      worst[0], worst[1], worst[2], worst[3], worst[4], worst[5], worst[6], fc1_tflops, fc2_tflops);
+        stage_json = buf;
       }
-      const Roofline roof = roofline(shape, T);
+      const Roofline roof = roofline(shape, T, ceilings);
       const double tflops = roof.flops / (slowest_median * 1e6);
       if (rank == 0) {
         std::printf("%8lld %12.1f %12.1f %10.1f %12.1f %10.2f\n", (long long)T, slowest_median, slowest_min, tflops,
@@ -166,13 +184,15 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
         std::fflush(stdout);
         if (!json_path.empty()) {
           std::ofstream out(json_path, std::ios::app);
-          char line[512];
+          char line[1024];
           std::snprintf(line, sizeof line,
-                        "{\"impl\": \"megamoe\", \"preset\": \"%s\", \"experts\": %lld, \"ep\": %d, \"tokens\": %lld, \"latency_us\": %.2f, "
-                        "\"min_us\": %.2f, \"tflops\": %.2f, \"floor_us\": %.2f, \"vs_floor\": %.3f, \"gpu\": \"%s\", "
-                        "\"routing\": \"%s\"}\n",
-                        preset.c_str(), (long long)shape.num_experts, W, (long long)T, slowest_median, slowest_min, tflops, roof.floor_us,
-                        slowest_median / roof.floor_us, prop.name, std::string(to_string(routing)).c_str());
+                        "{\"impl\": \"megamoe\", \"variant\": \"staged\", \"dtype\": \"%s\", \"preset\": \"%s\", "
+                        "\"experts\": %lld, \"ep\": %d, \"tokens\": %lld, \"latency_us\": %.2f, \"min_us\": %.2f, "
+                        "\"tflops\": %.2f, \"floor_us\": %.2f, \"vs_floor\": %.3f, \"gpu\": \"%s\", \"routing\": \"%s\", "
+                        "\"sms\": %d%s}\n",
+                        std::string(to_string(shape.weight_format)).c_str(), preset.c_str(), (long long)shape.num_experts, W,
+                        (long long)T, slowest_median, slowest_min, tflops, roof.floor_us, slowest_median / roof.floor_us,
+                        prop.name, std::string(to_string(routing)).c_str(), layer.num_sms(), stage_json.c_str());
           out << line;
         }
       }
