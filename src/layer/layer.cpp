@@ -386,25 +386,28 @@ void Layer::load_expert_weights(int64_t first, int64_t count, const void* w1, co
 
 void Layer::forward(const ForwardArgs& args, cudaStream_t stream) { impl_->forward(args, stream); }
 
-void Layer::forward(const void* x, const int32_t* topk_ids, const float* topk_weights, void* y, int64_t num_tokens,
-                    cudaStream_t stream) {
+namespace {
+ForwardArgs shorthand_args(const void* x, const int32_t* topk_ids, const float* topk_weights, void* y) {
   ForwardArgs a;
   a.x = x;
   a.topk_ids = topk_ids;
   a.topk_weights = topk_weights;
   a.y = y;
+  return a;
+}
+}  // namespace
+
+void Layer::forward(const void* x, const int32_t* topk_ids, const float* topk_weights, void* y, int64_t num_tokens,
+                    cudaStream_t stream) {
+  ForwardArgs a = shorthand_args(x, topk_ids, topk_weights, y);
   a.num_tokens = num_tokens;
   impl_->forward(a, stream);
 }
 
 void Layer::forward(const void* x, const int32_t* topk_ids, const float* topk_weights, void* y,
                     const int32_t* num_tokens_device, cudaStream_t stream) {
-  ForwardArgs a;
-  a.x = x;
-  a.topk_ids = topk_ids;
-  a.topk_weights = topk_weights;
-  a.y = y;
   if (!num_tokens_device) throw InvalidArgument("num_tokens_device: null pointer (needs one int32)");
+  ForwardArgs a = shorthand_args(x, topk_ids, topk_weights, y);
   a.num_tokens_device = num_tokens_device;
   impl_->forward(a, stream);
 }
