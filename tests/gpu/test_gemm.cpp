@@ -389,7 +389,9 @@ MEGAMOE_GPU_TEST(Fp8Format, DeviceWeightQuantizerMatchesTheHostConvention) {
   std::vector<bf16_t> w = make_random_tokens(experts * rows, cols, test_seed());
   for (int64_t r = 0; r < 128; r++)
     for (int64_t c = 128; c < 256; c++) w[size_t(r * cols + c)] = bf16_t(0.0f);  // expert 0, block (0, 1)
-  w[size_t((128 + 5) * cols + 300)] = bf16_t(3000.0f);  // expert 0, block (1, 2): tiny values go subnormal / zero
+  // Expert 0, block (1, 2): one value of 60000 makes the scale ~134, so the others (|w| < 1) become
+  // e4m3 subnormals (below 2^-6) or zero.
+  w[size_t((128 + 5) * cols + 300)] = bf16_t(60000.0f);
   const Fp8Matrix want = quantize_blocks_fp8(w.data(), experts * rows, cols);
   DeviceBuffer<bf16_t> d_w(w);
   DeviceBuffer<uint8_t> d_codes(w.size());
