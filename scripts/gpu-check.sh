@@ -3,7 +3,8 @@
 # the loopback transport (W ranks on one GPU), the stress run, the sanitizers, the SASS check, the
 # refactor fingerprint, the Python package's tests and example, the benchmarks (ours, the naive
 # PyTorch layers, the card's ceilings) and their comparison. A summary is printed last; logs go to
-# $OUT (default ./out): summary.txt, bench.jsonl and logs.tar.gz (every step's log).
+# $OUT (default ./out): summary.txt, all.log (every step's log, appended as it ends), bench.jsonl and
+# logs.tar.gz (the same logs, one file a step).
 #
 #   scripts/gpu-check.sh [steps...]
 #     steps: machine ceilings sass gemm runtime layer stress sanitize selftest golden python example
@@ -14,6 +15,9 @@
 #   GPUS             GPUs for the NCCL runs (default: all)
 #   LOOPBACK_RANKS   loopback rank counts (default "1 2 3 4 8")
 #   STRESS_STEPS     forwards of the stress run at W = 4 (default 10000)
+#   SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck"), SANITIZE_RANKS (default 2),
+#   SANITIZE_FILTER (default the tiny-shape layer tests), SANITIZE_TIMEOUT (s per tool, default 300)
+#   MAX_STEP_S       caps every step's time limit (a first run on a new machine, a short budget)
 #   PRESETS (default dsv4-flash,dsv4-pro,dsv3), TOKENS (default 1,64,512,1024,2048,4096,8192),
 #   DTYPES (default "fp8 bf16"), ITERS (default 30), EXPERTS_dsv4_flash etc. (default: the experts of
 #   one rank of EP 4 on one GPU: 64, 96, 64), GTEST_FILTER (optional, for the test binaries)
@@ -23,6 +27,8 @@ cd "$root"
 source scripts/env.sh
 OUT=${OUT:-$root/out}
 mkdir -p "$OUT/logs"
+: > "$OUT/summary.txt"
+: > "$OUT/all.log"
 BIN=${BIN:-build/bin}
 LIB=${LIB:-build/lib}
 [ -x "$BIN/megamoe" ] || ./scripts/build.sh
@@ -38,14 +44,19 @@ summary=()
 filter=()
 [ -n "${GTEST_FILTER:-}" ] && filter=(--gtest_filter="$GTEST_FILTER")
 
-step() {  # step NAME TIMEOUT_S COMMAND...: runs, logs to $OUT/logs/NAME.log, records the outcome
+step() {  # step NAME TIMEOUT_S COMMAND...: runs, logs to $OUT/logs/NAME.log (+ all.log), records the outcome
   local name=$1 limit=$2; shift 2
+  [ -n "${MAX_STEP_S:-}" ] && [ "$limit" -gt "$MAX_STEP_S" ] && limit=$MAX_STEP_S
   local t0=$(date +%s)
   echo "=== $name: $*" | tee "$OUT/logs/$name.log"
   timeout --kill-after=10 "$limit" "$@" >>"$OUT/logs/$name.log" 2>&1
   local rc=$?
   tail -n 25 "$OUT/logs/$name.log"
-  summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$([ $rc = 0 ] && echo ok || echo FAILED)")")
+  cat "$OUT/logs/$name.log" >> "$OUT/all.log"  # one file that comes back even if the run is cut short
+  local line
+  line=$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$([ $rc = 0 ] && echo ok || echo FAILED)")
+  summary+=("$line")
+  echo "$line" >> "$OUT/summary.txt"
   return 0
 }
 
@@ -75,9 +86,9 @@ for s in $steps; do
     sanitize)
       # The tiny-shape layer tests at W = 2 on the loopback transport (ncclMemAlloc is not permitted
       # under the sanitizer on these machines); every tool must report 0 errors.
-      for tool in memcheck racecheck synccheck initcheck; do
-        step "sanitize-$tool" 400 env MEGAMOE_TEST_RANKS=2 MEGAMOE_BARRIER_TIMEOUT_S=60 compute-sanitizer --tool "$tool" \
-          --error-exitcode 1 "$BIN/test_gpu_layer" --gtest_filter="${SANITIZE_FILTER:-*Tiny*}"
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
+        step "sanitize-$tool" "${SANITIZE_TIMEOUT:-300}" env MEGAMOE_TEST_RANKS="${SANITIZE_RANKS:-2}" MEGAMOE_BARRIER_TIMEOUT_S=30 \
+          compute-sanitizer --tool "$tool" --error-exitcode 1 "$BIN/test_gpu_layer" --gtest_filter="${SANITIZE_FILTER:-Layer*.Tiny*:Layer*.Deterministic*}"
       done ;;
     selftest)
       if [ "$GPUS" -ge 2 ]; then
@@ -119,5 +130,5 @@ for s in $steps; do
 done
 echo
 echo "=== summary ($GPUS GPUs, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%F))"
-printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+printf '%s\n' "${summary[@]}"
 tar -czf "$OUT/logs.tar.gz" -C "$OUT" logs && rm -rf "$OUT/logs"

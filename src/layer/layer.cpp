@@ -73,7 +73,9 @@ std::string describe_device_status(const DeviceStatus& s, int rank, double timeo
     const uint32_t pair = 0xFFFFFFFFu - uint32_t(s.bad_expert_record >> 32);
     const int32_t id = int32_t(uint32_t(s.bad_expert_record & 0xFFFFFFFFu));
     const int64_t k = top_k > 0 ? top_k : 1;
-    add("topk_ids[" + std::to_string(pair / k) + ", " + std::to_string(pair % k) + "] = " + std::to_string(id) +
+    // int64 ids outside the int32 range are recorded saturated.
+    const std::string value = id == INT32_MAX ? ">= 2147483647" : id == INT32_MIN ? "<= -2147483648" : std::to_string(id);
+    add("topk_ids[" + std::to_string(pair / k) + ", " + std::to_string(pair % k) + "] = " + value +
         " is not an expert id (must be -1 or in [0, num_experts)); that slot was dropped");
   }
   if (s.error_flags & kRowArrivalTimeout)
@@ -111,10 +113,7 @@ struct Layer::Impl {
     MEGAMOE_CUDA_CHECK(cudaGetDevice(&device));
     int device_sms = 0;
     MEGAMOE_CUDA_CHECK(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, device));
-    if (o.num_sms < 0 || o.num_sms > device_sms)
-      throw InvalidArgument("options.num_sms = " + std::to_string(o.num_sms) + ": must be in [0 (all), " +
-                            std::to_string(device_sms) + "] (the SMs of GPU " + std::to_string(device) + ")");
-    num_sms = o.num_sms ? o.num_sms : device_sms;
+    num_sms = o.num_sms ? o.num_sms : device_sms;  // checked by Layer::Layer
     barrier = workspace.barrier_view(timeout_s);
     view = workspace.view();
     view.wait_timeout_ns = uint64_t(timeout_s * 1e9);
@@ -361,6 +360,13 @@ struct Layer::Impl {
 
 Layer::Layer(const MoeShape& shape, Communicator& comm, const LayerOptions& options) {
   validate(shape);
+  // Checked before the collective allocation, so a rank with a bad value fails alone, not in a wait.
+  int device = 0, device_sms = 0;
+  MEGAMOE_CUDA_CHECK(cudaGetDevice(&device));
+  MEGAMOE_CUDA_CHECK(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, device));
+  if (options.num_sms < 0 || options.num_sms > device_sms)
+    throw InvalidArgument("options.num_sms = " + std::to_string(options.num_sms) + ": must be in [0 (all), " +
+                          std::to_string(device_sms) + "] (the SMs of GPU " + std::to_string(device) + ")");
   if (options.gemm_cluster_m < 0 || options.gemm_cluster_m > 2)
     throw InvalidArgument("options.gemm_cluster_m = " + std::to_string(options.gemm_cluster_m) + ": must be 0 (auto), 1 or 2");
   impl_ = std::make_unique<Impl>(shape, comm, options);
