@@ -6,7 +6,7 @@
 // Operands (the mainloop policy):
 //   Bf16Operands: bf16 x bf16, fp32 accumulators, one 64 x BN wgmma per 16-wide k slice.
 //   Fp8Operands:  e4m3 x e4m3 with DeepSeek block scales: A has one fp32 scale per row and 128
-//     columns (TMA'd beside the A tile), B one per 128 x 128 block (read from global memory). Hopper's
+//     columns, B one per 128 x 128 block (both read by the consumers from global memory). Hopper's
 //     fp8 wgmma accumulates with reduced precision, so each 128-deep k block is computed into a
 //     zeroed partial accumulator and added, scaled by a_scale[row] * b_scale[block], into the fp32
 //     tile ("promotion"); the partial covers 128 columns at a time to fit the registers.
@@ -73,7 +73,11 @@ struct GroupedProblem {
   int32_t n;  // B rows per expert (output columns)
   int32_t k;  // reduction length (multiple of kBlockK)
   GroupedSchedule schedule;
-  WeightScales weight_scales;  // fp8 only
+  // fp8 only: the A scales, [k/128, a_scale_pitch] (each 128-column block's scales of all rows
+  // contiguous), and the weight scales.
+  const float* a_scales;
+  int32_t a_scale_pitch;
+  WeightScales weight_scales;
 };
 
 // What feeds the A operand besides TMA. NoFeed: A is already in memory (FC2). A Feed runs on warps
@@ -101,8 +105,7 @@ struct GroupedGemmConfig {
   static constexpr int kMmaPasses = kBlockN / kMmaN;
   static constexpr uint32_t kBytesA = kBlockM * kBlockK * sizeof(Element);
   static constexpr uint32_t kBytesB = kBlockN * kBlockK * sizeof(Element);
-  static constexpr uint32_t kBytesScaleA = kBlockScaled ? kBlockM * sizeof(float) : 0;
-  static constexpr size_t kStageBytes = kBytesA + kBytesB + kBytesScaleA + 16 /* two mbarriers */;
+  static constexpr size_t kStageBytes = kBytesA + kBytesB + 16 /* two mbarriers */;
   static constexpr int kStages = stages_for(kStageBytes, sizeof(EpilogueStorage) + 128);
 
   using SwizzleAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
@@ -123,7 +126,6 @@ template <class Config, class EpilogueStorage>
 struct alignas(1024) GroupedGemmSharedStorage {
   alignas(1024) typename Config::Element a[cute::cosize_v<typename Config::SmemLayoutA>];
   alignas(1024) typename Config::Element b[cute::cosize_v<typename Config::SmemLayoutB>];
-  alignas(128) float a_scale[Config::kBlockScaled ? Config::kStages : 1][Config::kBlockM];
   alignas(128) EpilogueStorage epilogue;
   alignas(8) uint64_t full[Config::kStages];
   alignas(8) uint64_t empty[Config::kStages];
@@ -155,7 +157,7 @@ struct TileValues {
 template <class Config, class Epilogue, class Feed>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
-                        const __grid_constant__ CUtensorMap tma_a_scale, GroupedProblem problem,
+                        GroupedProblem problem,
                         typename Epilogue::Params epilogue_params, typename Feed::Params feed) {
   using namespace cute;
   using Storage = GroupedGemmSharedStorage<Config, typename Epilogue::SharedStorage>;
@@ -208,13 +210,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         for (int kb = 0; kb < k_blocks; kb++, ++write) {
           const int stage = write.index();
           cutlass::arch::ClusterBarrier::wait(&smem.empty[stage], write.phase());
-          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
-              &smem.full[stage], Config::kBytesA + Config::kBytesB + Config::kBytesScaleA);
+          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full[stage],
+                                                                         Config::kBytesA + Config::kBytesB);
           SM90_TMA_LOAD_2D::copy(&tma_a, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_LAST),
                                  smem.a + stage * BM * BK, kb * BK, c.row_begin);
-          if constexpr (Config::kBlockScaled)
-            SM90_TMA_LOAD_2D::copy(&tma_a_scale, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_LAST),
-                                   smem.a_scale[stage], c.row_begin, kb);
           typename Config::Element* b_dst = smem.b + stage * BN * BK + cluster_rank * (BN / kCluster) * BK;
           if constexpr (kCluster > 1) {
             SM90_TMA_LOAD_MULTICAST_2D::copy(&tma_b, &smem.full[stage], uint16_t((1 << kCluster) - 1),
@@ -307,7 +306,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
           const float b_scale1 = kTwoWeightBlocks ? __ldg(b_scale_base + size_t(ws.slot_stride) * k_blocks + kb) : b_scale0;
           cutlass::arch::ClusterTransactionBarrier::wait(&smem.full[stage], read.phase());
           if (wg_has_rows) {
-            const float a_scale0 = smem.a_scale[stage][row0], a_scale1 = smem.a_scale[stage][row0 + 8];
+            // This thread's two row scales of the k block, read after the stage's barrier (FC1's feed
+            // writes them in this kernel: the barrier orders them before us), from L2 (__ldcg: no stale
+            // L1 line of an earlier forward), while the wgmma runs. Rows past the expert's are unused.
+            const float* a_scales = problem.a_scales + size_t(kb) * problem.a_scale_pitch + c.row_begin;
+            const float a_scale0 = row0 < c.rows_valid ? __ldcg(a_scales + row0) : 0.0f;
+            const float a_scale1 = row0 + 8 < c.rows_valid ? __ldcg(a_scales + row0 + 8) : 0.0f;
             CUTE_UNROLL
             for (int pass = 0; pass < kPasses; pass++) {
               tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
@@ -361,8 +365,7 @@ void preload_grouped_gemm() {
 // Launches on `num_sms` SMs (rounded down to whole clusters). The kernel must have been preloaded
 // (preload_grouped_gemm) once in this process.
 template <class Config, class Epilogue, class Feed = NoFeed>
-void launch_grouped_gemm(const CUtensorMap& tma_a, const CUtensorMap& tma_b, const CUtensorMap& tma_a_scale,
-                         const GroupedProblem& problem, const typename Epilogue::Params& params, int num_sms,
+void launch_grouped_gemm(const CUtensorMap& tma_a, const CUtensorMap& tma_b, const GroupedProblem& problem, const typename Epilogue::Params& params, int num_sms,
                          cudaStream_t stream, const char* name, const typename Feed::Params& feed = {}) {
   auto kernel = grouped_gemm_kernel<Config, Epilogue, Feed>;
   cudaLaunchConfig_t config{};
@@ -377,7 +380,7 @@ void launch_grouped_gemm(const CUtensorMap& tma_a, const CUtensorMap& tma_b, con
   cluster.val.clusterDim.z = 1;
   config.attrs = &cluster;
   config.numAttrs = 1;
-  MEGAMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, tma_a, tma_b, tma_a_scale, problem, params, feed));
+  MEGAMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, tma_a, tma_b, problem, params, feed));
   ::megamoe::detail::check_launch(name);
 }
 

@@ -48,12 +48,6 @@ CUtensorMap make_operand_map(const void* base, CUtensorMapDataType type, uint64_
                 CU_TENSOR_MAP_SWIZZLE_128B, "a GEMM operand");
 }
 
-CUtensorMap make_scale_map(const float* base, uint64_t rows, uint64_t col_blocks, uint32_t box_rows) {
-  // As a matrix: col_blocks rows of `rows` scales; a box is box_rows scales of one block column.
-  return encode(base, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, col_blocks, rows, box_rows, 1, CU_TENSOR_MAP_SWIZZLE_NONE,
-                "a scale matrix");
-}
-
 WeightMaps make_weight_maps(const void* base, CUtensorMapDataType type, uint64_t rows, uint64_t cols, int block_n) {
   WeightMaps maps{};
   for (int cluster_m : {1, 2}) maps.for_cluster_m[cluster_m - 1] = make_operand_map(base, type, rows, cols, weight_box_rows(block_n, cluster_m));

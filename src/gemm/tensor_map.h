@@ -11,10 +11,6 @@ namespace megamoe::gemm {
 CUtensorMap make_operand_map(const void* base, CUtensorMapDataType type, uint64_t rows, uint64_t cols,
                              uint32_t box_rows);
 
-// Per-row fp32 scales stored block-column-major, [col_blocks, rows] (each 128-column block's scales
-// of all rows contiguous): boxes of box_rows scales of one block column.
-CUtensorMap make_scale_map(const float* base, uint64_t rows, uint64_t col_blocks, uint32_t box_rows);
-
 // A weight matrix as TMA sees it for each cluster size (the box holds the CTA's share of the tile).
 struct WeightMaps {
   CUtensorMap for_cluster_m[2];  // [0]: single CTAs, [1]: CTA pairs

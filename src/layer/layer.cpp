@@ -123,10 +123,6 @@ struct Layer::Impl {
     const uint64_t El = uint64_t(s.experts_per_rank()), H = uint64_t(s.hidden), I = uint64_t(s.intermediate);
     gemms.pool = gemm::make_operand_map(v.ws.token_pool, type, uint64_t(v.pool_rows), H, gemm::kBoxRowsA);
     gemms.fc1_out = gemm::make_operand_map(v.ws.fc1_out, type, uint64_t(v.pool_rows), I, gemm::kBoxRowsA);
-    if (fp8) {
-      gemms.pool_scale = gemm::make_scale_map(v.ws.token_pool_scale, uint64_t(v.scale_pitch), H / 128, gemm::kBoxRowsA);
-      gemms.fc1_out_scale = gemm::make_scale_map(v.ws.fc1_out_scale, uint64_t(v.scale_pitch), I / 128, gemm::kBoxRowsA);
-    }
     gemms.w1 = gemm::make_weight_maps(w1.ptr, type, El * 2 * I, H, gemm::kFc1BlockN);
     gemms.w2 = gemm::make_weight_maps(w2.ptr, type, El * H, I, gemm::fc2_block_n(s.hidden));
     gemms.w1_scale = w1_scale.ptr;

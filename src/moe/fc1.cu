@@ -183,6 +183,8 @@ void launch(const LayerView& v, const ExpertGemmOperands& g, int num_sms, cudaSt
   problem.n = 2 * v.intermediate;
   problem.k = v.hidden;
   problem.schedule = gemm::GroupedSchedule{v.ws.expert_row_offset, v.ws.expert_tile_offset, v.experts_per_rank};
+  problem.a_scales = v.ws.token_pool_scale;
+  problem.a_scale_pitch = v.scale_pitch;
   // Tile n_block covers outputs [128 n_block, +128): gate block row n_block, up block row I/128 + n_block.
   problem.weight_scales = gemm::WeightScales{g.w1_scale, v.intermediate / 128, 1};
   typename Epilogue::Params params{};
@@ -207,7 +209,7 @@ void launch(const LayerView& v, const ExpertGemmOperands& g, int num_sms, cudaSt
                             v.wait_timeout_ns,
                             v.status()};
   gemm::launch_grouped_gemm<Fc1Config<Operands, kClusterM>, Epilogue, PullRowsFeed>(
-      g.pool, g.w1.get(kClusterM), g.pool_scale, problem, params, num_sms, stream, "fc1 grouped_gemm_kernel", feed);
+      g.pool, g.w1.get(kClusterM), problem, params, num_sms, stream, "fc1 grouped_gemm_kernel", feed);
 }
 
 template <class Operands, int kClusterM>

@@ -57,11 +57,13 @@ void launch(const LayerView& v, const ExpertGemmOperands& g, int num_sms, cudaSt
   problem.n = v.hidden;
   problem.k = v.intermediate;
   problem.schedule = gemm::GroupedSchedule{v.ws.expert_row_offset, v.ws.expert_tile_offset, v.experts_per_rank};
+  problem.a_scales = v.ws.fc1_out_scale;
+  problem.a_scale_pitch = v.scale_pitch;
   // Tile n_block covers columns [kBlockN n_block, +kBlockN): weight block rows kBlockN/128 n_block + slot.
   problem.weight_scales = gemm::WeightScales{g.w2_scale, 1, kBlockN / 128};
   typename Epilogue::Params params{v.ws.pool_source, v.peers, v.ws.combine_recv, v.hidden};
   gemm::launch_grouped_gemm<Fc2Config<Operands, kBlockN, kClusterM>, Epilogue>(
-      g.fc1_out, g.w2.get(kClusterM), g.fc1_out_scale, problem, params, num_sms, stream, "fc2 grouped_gemm_kernel");
+      g.fc1_out, g.w2.get(kClusterM), problem, params, num_sms, stream, "fc2 grouped_gemm_kernel");
 }
 
 template <class Operands>

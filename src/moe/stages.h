@@ -15,10 +15,8 @@ namespace megamoe::moe {
 
 // The GEMMs' TMA descriptors and weight scales, built once by the layer.
 struct ExpertGemmOperands {
-  CUtensorMap pool;           // token_pool [pool_rows, H] (FC1's A)
-  CUtensorMap pool_scale;     // fp8: token_pool_scale [H/128, scale_pitch]
-  CUtensorMap fc1_out;        // fc1_out [pool_rows, I] (FC2's A)
-  CUtensorMap fc1_out_scale;  // fp8: fc1_out_scale [I/128, scale_pitch]
+  CUtensorMap pool;           // token_pool [pool_rows, H] (FC1's A; fp8: its scales in the workspace)
+  CUtensorMap fc1_out;        // fc1_out [pool_rows, I] (FC2's A; likewise)
   gemm::WeightMaps w1;        // interleaved gate/up rows [E_local * 2I, H]
   gemm::WeightMaps w2;        // [E_local * H, I]
   const float* w1_scale;      // fp8: [E_local, 2I/128, H/128]

@@ -174,10 +174,6 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, uint64_t seed) {
   moe::ExpertGemmOperands g{};
   g.pool = gemm::make_operand_map(pool.get(), type, uint64_t(pool_rows), uint64_t(H), gemm::kBoxRowsA);
   g.fc1_out = gemm::make_operand_map(fc1_out.get(), type, uint64_t(pool_rows), uint64_t(I), gemm::kBoxRowsA);
-  if (fp8) {
-    g.pool_scale = gemm::make_scale_map(pool_scale.get(), uint64_t(scale_pitch), uint64_t(H / 128), gemm::kBoxRowsA);
-    g.fc1_out_scale = gemm::make_scale_map(fc1_scale.get(), uint64_t(scale_pitch), uint64_t(I / 128), gemm::kBoxRowsA);
-  }
   g.w1 = gemm::make_weight_maps(w1_interleaved.get(), type, uint64_t(E) * 2 * I, uint64_t(H), gemm::kFc1BlockN);
   g.w2 = gemm::make_weight_maps(w2.get(), type, uint64_t(E) * H, uint64_t(I), gemm::fc2_block_n(H));
   g.w1_scale = fp8 ? w1_scale.get() : nullptr;
