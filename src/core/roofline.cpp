@@ -10,15 +10,16 @@
 namespace megamoe {
 
 std::optional<Ceilings> measured_ceilings(std::string_view gpu_name) {
-  // H100 80GB HBM3 (SXM): 4 x H100, 2026-11-27. H200: one H200, 2026-11-29 (NVLink not measured on an
-  // H200 yet: the H100's, same NVLink generation). docs/PERFORMANCE.md has the commands and dates.
+  // H100 80GB HBM3 (SXM): 4 x H100, 2026-11-27. H200: one H200, 2026-11-29, bench/ceilings.py (fp8: the
+  // faster of the two accumulation modes; NVLink not measured on an H200 yet: the H100's, same NVLink
+  // generation). docs/PERFORMANCE.md has the commands and dates.
   struct Card {
     std::string_view name;
     Ceilings ceilings;
   };
   static constexpr Card kCards[] = {
       {"NVIDIA H100 80GB HBM3", {3000.0, 744.0, 1346.0, 374.0}},
-      {"NVIDIA H200", {4220.0, 749.0, 1337.0, 374.0}},
+      {"NVIDIA H200", {4270.0, 768.7, 1426.5, 374.0}},
   };
   for (const Card& c : kCards)
     if (c.name == gpu_name) return c.ceilings;
