@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "argument_error.h"
+#include "parallel_for.h"
 
 namespace megamoe {
 namespace {
@@ -28,32 +29,6 @@ int resolve_thread_count(int requested) {
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
-// Runs body(i) for every i in [0, count) on up to num_threads threads, handing out indices in order;
-// rethrows the first exception a body threw.
-void parallel_for(int64_t count, int num_threads, const std::function<void(int64_t)>& body) {
-  const int64_t num_workers = std::min<int64_t>(num_threads, count);
-  if (num_workers <= 1) {
-    for (int64_t i = 0; i < count; ++i) body(i);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  std::exception_ptr first_error;
-  std::mutex error_mutex;
-  auto work = [&] {
-    try {
-      for (int64_t i = next++; i < count; i = next++) body(i);
-    } catch (...) {
-      const std::lock_guard lock(error_mutex);
-      if (!first_error) first_error = std::current_exception();
-      next = count;
-    }
-  };
-  std::vector<std::thread> helpers;
-  for (int64_t w = 1; w < num_workers; ++w) helpers.emplace_back(work);
-  work();
-  for (std::thread& helper : helpers) helper.join();
-  if (first_error) std::rethrow_exception(first_error);
-}
 
 // DeepSeek's fp8 rounding of one scale block: scale = amax / 448 in fp32 (1 for an all-zero block),
 // value -> e4m3(value / scale) * scale. at(i) is a float& to the block's i-th value.

@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/parallel_for.h"
 #include "megamoe/bf16.h"
 
 namespace megamoe::test {
@@ -183,31 +184,6 @@ inline std::vector<float> dequantize_blocks_fp8(const Fp8Matrix& m, int64_t rows
 
 // ---- CPU work
 
-// body(i) for every i in [0, count) on up to `threads` threads; rethrows the first exception.
-inline void parallel_for(int64_t count, int threads, const std::function<void(int64_t)>& body) {
-  const int64_t workers = std::min<int64_t>(std::max(threads, 1), count);
-  if (workers <= 1) {
-    for (int64_t i = 0; i < count; i++) body(i);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  auto work = [&] {
-    try {
-      for (int64_t i = next++; i < count; i = next++) body(i);
-    } catch (...) {
-      const std::lock_guard lock(error_mutex);
-      if (!error) error = std::current_exception();
-      next = count;
-    }
-  };
-  std::vector<std::thread> helpers;
-  for (int64_t w = 1; w < workers; w++) helpers.emplace_back(work);
-  work();
-  for (std::thread& t : helpers) t.join();
-  if (error) std::rethrow_exception(error);
-}
 
 inline double silu_times(double gate, double up, double limit) {
   if (limit > 0.0) {
