@@ -103,7 +103,8 @@ struct DeviceArray {  // an owned device allocation of the layer
 }  // namespace
 
 struct Layer::Impl {
-  Impl(const MoeShape& s, Communicator& c, const LayerOptions& o)
+  // `budget_sms`: LayerOptions::num_sms resolved and checked by Layer::Layer.
+  Impl(const MoeShape& s, Communicator& c, const LayerOptions& o, int budget_sms)
       : shape(s), comm(c), timeout_s(default_timeout_s(o.barrier_timeout_s)), debug(o.debug_checks || env_debug()),
         fp8(s.weight_format == WeightFormat::kFp8), workspace(s, c),
         w1(size_t(s.experts_per_rank()) * 2 * s.intermediate * s.hidden * element_bytes()),
@@ -111,9 +112,7 @@ struct Layer::Impl {
         w1_scale(fp8 ? size_t(s.experts_per_rank()) * (2 * s.intermediate / 128) * (s.hidden / 128) : 0),
         w2_scale(fp8 ? size_t(s.experts_per_rank()) * (s.hidden / 128) * (s.intermediate / 128) : 0) {
     MEGAMOE_CUDA_CHECK(cudaGetDevice(&device));
-    int device_sms = 0;
-    MEGAMOE_CUDA_CHECK(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, device));
-    num_sms = o.num_sms ? o.num_sms : device_sms;  // checked by Layer::Layer
+    num_sms = budget_sms;
     barrier = workspace.barrier_view(timeout_s);
     view = workspace.view();
     view.wait_timeout_ns = uint64_t(timeout_s * 1e9);
@@ -267,25 +266,25 @@ struct Layer::Impl {
     const size_t eb = element_bytes();
     void* w1_dst = w1.ptr + size_t(first) * 2 * I * H * eb;
     void* w2_dst = w2.ptr + size_t(first) * H * I * eb;
+    float* w1_scale_dst = fp8 ? w1_scale.ptr + size_t(first) * (w1_blocks / n) : nullptr;
+    float* w2_scale_dst = fp8 ? w2_scale.ptr + size_t(first) * (w2_blocks / n) : nullptr;
     if (fp8 && !given_fp8) {
       // A bf16 checkpoint on an fp8 layer: quantise on the device (w1 through a scratch buffer, which
       // the interleave then reorders).
       void* scratch = nullptr;
       MEGAMOE_CUDA_CHECK(cudaMallocAsync(&scratch, w1_elems, stream));
-      moe::launch_quantize_weights(w.w1, int64_t(n), int64_t(2 * I), int64_t(H), scratch,
-                                   w1_scale.ptr + size_t(first) * (w1_blocks / n), stream);
+      moe::launch_quantize_weights(w.w1, int64_t(n), int64_t(2 * I), int64_t(H), scratch, w1_scale_dst, stream);
       moe::launch_interleave_gate_up(scratch, w1_dst, count, int64_t(I), int64_t(H), stream);
       MEGAMOE_CUDA_CHECK(cudaFreeAsync(scratch, stream));
-      moe::launch_quantize_weights(w.w2, int64_t(n), int64_t(H), int64_t(I), w2_dst,
-                                   w2_scale.ptr + size_t(first) * (w2_blocks / n), stream);
+      moe::launch_quantize_weights(w.w2, int64_t(n), int64_t(H), int64_t(I), w2_dst, w2_scale_dst, stream);
     } else {
       moe::launch_interleave_gate_up(w.w1, w1_dst, count, int64_t(I), int64_t(H * eb), stream);
       MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(w2_dst, w.w2, w2_elems * eb, cudaMemcpyDeviceToDevice, stream));
       if (fp8) {
-        MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(w1_scale.ptr + size_t(first) * (w1_blocks / n), w.w1_scale, w1_blocks * 4,
-                                           cudaMemcpyDeviceToDevice, stream));
-        MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(w2_scale.ptr + size_t(first) * (w2_blocks / n), w.w2_scale, w2_blocks * 4,
-                                           cudaMemcpyDeviceToDevice, stream));
+        MEGAMOE_CUDA_CHECK(
+            cudaMemcpyAsync(w1_scale_dst, w.w1_scale, w1_blocks * 4, cudaMemcpyDeviceToDevice, stream));
+        MEGAMOE_CUDA_CHECK(
+            cudaMemcpyAsync(w2_scale_dst, w.w2_scale, w2_blocks * 4, cudaMemcpyDeviceToDevice, stream));
       }
     }
     for (int64_t x = first; x < first + count; x++) expert_loaded[size_t(x)] = true;
@@ -365,7 +364,7 @@ Layer::Layer(const MoeShape& shape, Communicator& comm, const LayerOptions& opti
                           std::to_string(device_sms) + "] (the SMs of GPU " + std::to_string(device) + ")");
   if (options.gemm_cluster_m < 0 || options.gemm_cluster_m > 2)
     throw InvalidArgument("options.gemm_cluster_m = " + std::to_string(options.gemm_cluster_m) + ": must be 0 (auto), 1 or 2");
-  impl_ = std::make_unique<Impl>(shape, comm, options);
+  impl_ = std::make_unique<Impl>(shape, comm, options, options.num_sms ? options.num_sms : device_sms);
 }
 
 Layer::~Layer() = default;
