@@ -1,7 +1,9 @@
-// megamoe info: the shape, its workspace table and the roofline floor per tokens-per-rank value.
+// megamoe info: the shape, its workspace table, the roofline floor per tokens-per-rank value and the
+// grouped GEMM's heuristics.
 #include <cstdio>
 
 #include "cli/args.h"
+#include "gemm/config.h"
 #include "megamoe/error.h"
 #include "megamoe/layout.h"
 #include "megamoe/roofline.h"
@@ -20,6 +22,7 @@ int info_main(int argc, char** argv) {
               c.hbm_gbps, shape.weight_format == WeightFormat::kFp8 ? "fp8" : "bf16",
               shape.weight_format == WeightFormat::kFp8 ? c.fp8_tflops : c.bf16_tflops, c.nvlink_gbps,
               roofline_table(shape, o.tokens, c).c_str());
+  std::printf("\n%s\n", gemm::describe_gemm_heuristics().c_str());
   return 0;
 }
 

@@ -47,8 +47,9 @@ inline constexpr uint32_t weight_box_rows(int block_n, int cluster_m) { return u
 // The heuristics above as text, for `megamoe info`.
 inline std::string describe_gemm_heuristics() {
   return "grouped GEMM: 128-row tiles (2 consumer warpgroups x 64 rows), FC1 256 interleaved gate/up columns, "
-         "FC2 " "256 columns (128 when hidden % 256 != 0); stages: as many as fit in 227 KiB beside the epilogue; "
-         "CTA pairs sharing weight tiles when expected rows per expert + 2 sqrt(expected) > 128";
+         "FC2 256 columns (128 when hidden % 256 != 0); k blocks of 64 (bf16) or 128 (fp8, promoted per block, "
+         "128 columns per partial); stages: as many as fit in 227 KiB beside the epilogue; CTA pairs sharing "
+         "weight tiles when expected rows per expert + 2 sqrt(expected) > 128";
 }
 
 }  // namespace megamoe::gemm
