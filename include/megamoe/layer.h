@@ -107,6 +107,12 @@ class Layer {
   // cleared. After graph replays, synchronise the replay stream first.
   void check_errors();
 
+  // Waits for everything enqueued on `stream` so far (eager forwards, graph replays), then
+  // check_errors(). Bounded: if the device has recorded a timeout or a stalled GEMM pipeline and the
+  // stream is still busy a few seconds later, it stops waiting and throws the error (the layer is
+  // dead; its kernels may never finish, so a caller should exit rather than free its buffers).
+  void synchronize(cudaStream_t stream);
+
   // Stage-by-stage device time of the last eager forward, when LayerOptions::stage_timing is on
   // (events between stages; not recorded while a graph is being captured).
   struct StageTimes {

@@ -126,7 +126,11 @@ struct DeviceStatus {
   int32_t aborted;             // set on a timeout: later barrier waits return at once
   int32_t waited_for_expert;   // kRowArrivalTimeout: the local expert whose rows never all arrived
   uint64_t barrier_epoch;      // device barrier: barriers this rank has completed (never reset)
-  uint64_t reserved[4];
+  uint64_t waited_for_epoch;   // kBarrierTimeout: the barrier's number (this rank's epoch + 1)
+  uint64_t peer_epoch_seen;    // kBarrierTimeout: the last barrier waited_for_rank had signalled
+  // kPipelineStall: which grouped GEMM (1 FC1, 2 FC2), which wait (0: the producer for a free stage,
+  // 1: a consumer for a full one), which CTA, which work item.
+  int32_t stalled_gemm, stalled_wait, stalled_cta, stalled_item;
 };
 static_assert(sizeof(DeviceStatus) == 72);
 
@@ -135,6 +139,7 @@ enum DeviceErrorCode : int32_t {
   kBadTokenCount = 2,     // a device-side token count outside [0, max_tokens_per_rank]; treated as 0
   kBarrierTimeout = 4,    // a peer did not arrive in time; outputs are garbage, the layer is dead
   kRowArrivalTimeout = 8, // FC1 waited too long for an expert's rows; outputs are garbage, the layer is dead
+  kPipelineStall = 16,    // a GEMM's shared-memory pipeline stopped moving; outputs are garbage, the layer is dead
 };
 
 enum BarrierId : int32_t { kDispatchBarrier = 0, kCombineBarrier = 1, kTestBarrier = 2, kBenchBarrier = 3 };

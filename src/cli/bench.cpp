@@ -7,6 +7,7 @@
 // slowest rank's median.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -58,6 +59,19 @@ void load_random_weights(Layer& layer, const MoeShape& shape, uint64_t seed, cud
     bench::fill_random_bf16(w2.ptr, size_t(n) * H * I, seed + uint64_t(first) * 2 + 1, 1.0f / std::sqrt(float(I)), s);
     layer.load_expert_weights(first, n, w1.ptr, w2.ptr, s);
     MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(s));
+  }
+}
+
+// A rank whose layer died (a peer never arrived, a stalled pipeline) reports and exits at once: its
+// kernels may never finish, so unwinding (graph, buffer and layer destructors) could hang.
+static void synchronize_or_exit(Layer& layer, cudaStream_t stream) {
+  try {
+    layer.synchronize(stream);
+  } catch (const RuntimeError& e) {
+    std::fprintf(stderr, "megamoe bench: %s\n", e.what());
+    std::fflush(stderr);
+    std::fflush(stdout);
+    std::_Exit(1);
   }
 }
 
@@ -122,8 +136,7 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
         MEGAMOE_CUDA_CHECK(cudaGraphDestroy(g));
       }
       for (int w = 0; w < 3 * sets; w++) MEGAMOE_CUDA_CHECK(cudaGraphLaunch(in[size_t(w % sets)].graph, s));
-      MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(s));
-      layer.check_errors();
+      synchronize_or_exit(layer, s);
       comm.host_barrier();
       std::vector<cudaEvent_t> ev(2 * size_t(iters));
       for (auto& e : ev) MEGAMOE_CUDA_CHECK(cudaEventCreate(&e));
@@ -132,8 +145,7 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
         MEGAMOE_CUDA_CHECK(cudaGraphLaunch(in[size_t(i % sets)].graph, s));
         MEGAMOE_CUDA_CHECK(cudaEventRecord(ev[2 * size_t(i) + 1], s));
       }
-      MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(s));
-      layer.check_errors();
+      synchronize_or_exit(layer, s);
       std::vector<double> us(static_cast<size_t>(iters));
       for (int i = 0; i < iters; i++) {
         float ms = 0;

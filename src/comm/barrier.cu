@@ -59,7 +59,9 @@ std::string format_seconds(double seconds) {
 std::string describe_barrier_timeout(const DeviceStatus& s, int rank, double timeout_s) {
   if (!(s.error_flags & kBarrierTimeout)) return "";
   return "rank " + std::to_string(rank) + ": " + barrier_name(s.timed_out_barrier) + " barrier timed out after " +
-         format_seconds(timeout_s) + " s waiting for rank " + std::to_string(s.waited_for_rank);
+         format_seconds(timeout_s) + " s waiting for rank " + std::to_string(s.waited_for_rank) + " (barrier #" +
+         std::to_string(s.waited_for_epoch) + " of this rank; rank " + std::to_string(s.waited_for_rank) +
+         " had reached #" + std::to_string(s.peer_epoch_seen) + ")";
 }
 
 StandaloneDeviceBarrier::StandaloneDeviceBarrier(Communicator& comm, double timeout_s)

@@ -29,6 +29,8 @@ __device__ __forceinline__ void device_barrier_cta(const DeviceBarrierView& b, i
         [&] {
           b.status->timed_out_barrier = barrier_id;
           b.status->waited_for_rank = peer;
+          b.status->waited_for_epoch = epoch;
+          b.status->peer_epoch_seen = ld_acquire_sys(mine);
           atomicOr(&b.status->error_flags, kBarrierTimeout);
         });
   }

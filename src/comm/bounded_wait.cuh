@@ -23,7 +23,7 @@ __device__ __forceinline__ bool bounded_wait(DeviceStatus* status, uint64_t time
       if (atomicCAS(&status->aborted, 0, 1) == 0) record_timeout();
       return false;
     }
-    __nanosleep(sleep_ns);
+    if (sleep_ns) __nanosleep(sleep_ns);
   }
   return true;
 }

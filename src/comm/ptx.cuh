@@ -23,6 +23,19 @@ __device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
 
 __device__ __forceinline__ int32_t ld_volatile(const int32_t* p) { return *reinterpret_cast<const volatile int32_t*>(p); }
 
+// One bounded poll of a shared-memory mbarrier: true once the phase of parity `phase` has completed
+// (the hardware may suspend the thread for a while before answering false).
+__device__ __forceinline__ bool mbarrier_try_wait_parity(const uint64_t* barrier, uint32_t phase) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(barrier));
+  uint32_t done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+      : "=r"(done)
+      : "r"(address), "r"(phase)
+      : "memory");
+  return done != 0;
+}
+
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

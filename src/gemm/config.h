@@ -36,6 +36,9 @@ inline constexpr int stages_for(size_t stage_bytes, size_t other_bytes) {
 // dsv3 at 128 expected rows per expert 3566 -> 2661 us, dsv4-pro 7591 -> 5639 us; docs/PERFORMANCE.md).
 // With uniform routing an expert's row count is about Poisson(expected), so pair when expected rows
 // plus two standard deviations reach a second tile.
+// Room in the GEMM stall log (GroupedProblem::stall_log) for any grid of a Hopper part.
+inline constexpr int kStallLogCtas = 1024;
+
 inline int cluster_m_for(double expected_rows_per_expert) {
   const double high = expected_rows_per_expert + 2.0 * std::sqrt(std::max(expected_rows_per_expert, 0.0));
   return high > kBlockM ? 2 : 1;

@@ -13,8 +13,11 @@ namespace megamoe::gemm {
 inline constexpr int kConsumerThreads = 256;
 inline constexpr int kConsumerBarrierId = 1;  // 0 is __syncthreads
 
-// Barrier among the 256 consumer threads only (the producer warpgroup runs on).
+// Barrier among the 256 consumer threads only (the producer warpgroup runs on). bar.sync is .aligned:
+// the lanes of a warp must reach it together, so the warp reconverges first (the stores before it
+// diverge per row).
 __device__ __forceinline__ void consumer_sync() {
+  __syncwarp();
   cutlass::arch::NamedBarrier::sync(kConsumerThreads, kConsumerBarrierId);
 }
 

@@ -32,9 +32,11 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "comm/ptx.cuh"
 #include "gemm/config.h"
 #include "gemm/epilogue.cuh"
 #include "gemm/scheduler.cuh"
+#include "megamoe/layout.h"
 #include "runtime/cuda_check.h"
 
 namespace megamoe::gemm {
@@ -78,7 +80,57 @@ struct GroupedProblem {
   const float* a_scales;
   int32_t a_scale_pitch;
   WeightScales weight_scales;
+  // Where a stalled pipeline is recorded (null: wait without bound) and after how long.
+  DeviceStatus* status;
+  uint64_t timeout_ns;
+  int32_t gemm_id;  // DeviceStatus::stalled_gemm
+  // Optional (null: none), for the layer's stall report: a warp whose wait times out writes {item,
+  // k block, stage, phase + 2 * which} at [CTA * 12 + warp]; the producer also copies its CTA's
+  // mbarrier words to [kStallLogCtas * 12 + CTA * 8] (16 words). Unwritten entries read -1.
+  int4* stall_log;
 };
+
+// Waits for the phase of parity `phase` of a pipeline mbarrier. A stage that never fills or frees (a
+// bug, or a fault elsewhere) is recorded as kPipelineStall after the timeout and marks the layer
+// dead (later waits for peers return at once); this wait itself goes on, since giving up would leave
+// TMA writes in flight into shared memory. Layer::synchronize stops waiting for such a stream and
+// reports the record. `which`: 0 the producer waiting for a free stage, 1 a consumer for a full one.
+__device__ __forceinline__ void wait_stage(const GroupedProblem& problem, const uint64_t* barrier, uint32_t phase,
+                                           int which, int item, int kb, int stage,
+                                           const uint64_t* barrier_words = nullptr, int num_barrier_words = 0) {
+  if (comm::mbarrier_try_wait_parity(barrier, phase)) return;  // the usual case: no timer read (warp-uniform)
+  const uint64_t start = comm::global_timer_ns();
+  bool recorded = problem.status == nullptr;
+  while (!comm::mbarrier_try_wait_parity(barrier, phase)) {
+    if (!recorded && comm::global_timer_ns() - start > problem.timeout_ns) {
+      recorded = true;
+      const bool log = problem.stall_log && blockIdx.x < kStallLogCtas;
+      if (log && threadIdx.x % 32 == 0)
+        problem.stall_log[blockIdx.x * 12 + threadIdx.x / 32] = make_int4(item, kb, stage, int(phase) + 2 * which);
+      if (log && barrier_words) {  // the producer: the raw words of this CTA's barriers
+        uint64_t* dump = reinterpret_cast<uint64_t*>(problem.stall_log + kStallLogCtas * 12 + blockIdx.x * 8);
+        for (int i = 0; i < num_barrier_words && i < 16; i++) {
+          const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(barrier_words + i));
+          uint64_t word;
+          asm volatile("ld.volatile.shared.u64 %0, [%1];" : "=l"(word) : "r"(address));
+          dump[i] = word;
+        }
+      }
+      DeviceStatus* s = problem.status;
+      if (atomicCAS(&s->aborted, 0, 1) == 0) {
+        s->stalled_gemm = problem.gemm_id;
+        s->stalled_wait = which;
+        s->stalled_cta = int(blockIdx.x);
+        s->stalled_item = item;
+        __threadfence_system();
+        atomicOr(&s->error_flags, kPipelineStall);
+      }
+    }
+  }
+  // The timeout bookkeeping diverges; a consumer's wgmma (.aligned) follows. (The producer is one
+  // lane: its warp meets again after the producer loop.)
+  if (which == 1) __syncwarp();
+}
 
 // What feeds the A operand besides TMA. NoFeed: A is already in memory (FC2). A Feed runs on warps
 // 1-3 of the producer warpgroup (copy_rows(params, worker, workers)) and makes the TMA thread wait
@@ -182,6 +234,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     cutlass::arch::fence_barrier_init();
   }
   if constexpr (kCluster > 1) {
+    __syncwarp();              // warp 0 diverged for the initialisation; the barrier is .aligned
     cluster_arrive_relaxed();  // barriers initialised before any peer multicasts or arrives on them
     cluster_wait();
   } else {
@@ -209,7 +262,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         const int b_row = c.expert * problem.n + c.n_block * BN + cluster_rank * (BN / kCluster);
         for (int kb = 0; kb < k_blocks; kb++, ++write) {
           const int stage = write.index();
-          cutlass::arch::ClusterBarrier::wait(&smem.empty[stage], write.phase());
+          wait_stage(problem, &smem.empty[stage], write.phase(), 0, item, kb, stage, smem.full, 2 * kStages);
           cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full[stage],
                                                                          Config::kBytesA + Config::kBytesB);
           SM90_TMA_LOAD_2D::copy(&tma_a, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_LAST),
@@ -225,6 +278,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         }
       }
     }
+    // Warp 0 reconverges here: its lanes 1-31 wait for the TMA thread. The cluster barrier below is
+    // .aligned (every lane of a warp must execute it together); lanes arriving while lane 0 still
+    // issues loads stalled the pipeline of CTA pairs about once in a few hundred forwards.
+    __syncwarp();
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
     const int consumer_tid = threadIdx.x - 128;
@@ -263,7 +320,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         int previous_stage = -1;
         for (int kb = 0; kb < k_blocks; kb++, ++read) {
           const int stage = read.index();
-          cutlass::arch::ClusterTransactionBarrier::wait(&smem.full[stage], read.phase());
+          wait_stage(problem, &smem.full[stage], read.phase(), 1, item, kb, stage);
           if (wg_has_rows) {
             warpgroup_fence_operand(accum[0]);
             warpgroup_arrive();
@@ -304,7 +361,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
           const int stage = read.index();
           const float b_scale0 = __ldg(b_scale_base + kb);
           const float b_scale1 = kTwoWeightBlocks ? __ldg(b_scale_base + size_t(ws.slot_stride) * k_blocks + kb) : b_scale0;
-          cutlass::arch::ClusterTransactionBarrier::wait(&smem.full[stage], read.phase());
+          wait_stage(problem, &smem.full[stage], read.phase(), 1, item, kb, stage);
           if (wg_has_rows) {
             // This thread's two row scales of the k block, read after the stage's barrier (FC1's feed
             // writes them in this kernel: the barrier orders them before us), from L2 (__ldcg: no stale

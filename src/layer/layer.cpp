@@ -5,9 +5,13 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <climits>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <optional>
+#include <thread>
 #include <vector>
 
 #include "comm/barrier.h"
@@ -29,6 +33,18 @@ double default_timeout_s(double requested) {
     return t;
   }
   return 10.0;
+}
+
+// MEGAMOE_WATCHDOG_S: Layer::synchronize reports the device state when the stream is still busy
+// after this many seconds with no error recorded (a debugging aid for hangs; 0 or unset: off).
+double env_watchdog_s() {
+  const char* v = std::getenv("MEGAMOE_WATCHDOG_S");
+  if (!v) return 0;
+  char* end = nullptr;
+  const double t = std::strtod(v, &end);
+  if (*v == '\0' || *end != '\0' || !(t >= 0) || !std::isfinite(t))
+    throw InvalidArgument(std::string("MEGAMOE_WATCHDOG_S = '") + v + "': must be a number of seconds >= 0");
+  return t;
 }
 
 bool env_debug() {
@@ -81,6 +97,10 @@ std::string describe_device_status(const DeviceStatus& s, int rank, double timeo
   if (s.error_flags & kRowArrivalTimeout)
     add("FC1 timed out after " + comm::format_seconds(timeout_s) + " s waiting for the rows of local expert " +
         std::to_string(s.waited_for_expert) + " to be copied in");
+  if (s.error_flags & kPipelineStall)
+    add(std::string(s.stalled_gemm == 1 ? "FC1" : "FC2") + " GEMM stalled: CTA " + std::to_string(s.stalled_cta) +
+        " waited " + comm::format_seconds(timeout_s) + " s for a shared-memory stage to " +
+        (s.stalled_wait == 0 ? "free (producer)" : "fill (consumer)") + " at work item " + std::to_string(s.stalled_item));
   if (s.error_flags & kBadTokenCount)
     add("num_tokens read from device memory = " + std::to_string(s.bad_token_count) +
         ": must be in [0, max_tokens_per_rank]; the forward ran with 0 tokens");
@@ -90,9 +110,11 @@ std::string describe_device_status(const DeviceStatus& s, int rank, double timeo
 template <class T>
 struct DeviceArray {  // an owned device allocation of the layer
   T* ptr = nullptr;
-  explicit DeviceArray(size_t count) {
+  size_t count = 0;
+  explicit DeviceArray(size_t n) : count(n) {
     if (count) MEGAMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr), count * sizeof(T)));
   }
+  size_t bytes() const { return count * sizeof(T); }
   ~DeviceArray() {
     if (ptr) cudaFree(ptr);
   }
@@ -116,6 +138,8 @@ struct Layer::Impl {
     barrier = workspace.barrier_view(timeout_s);
     view = workspace.view();
     view.wait_timeout_ns = uint64_t(timeout_s * 1e9);
+    MEGAMOE_CUDA_CHECK(cudaMemset(stall_log.ptr, 0xff, stall_log.bytes()));
+    view.stall_log = reinterpret_cast<int4*>(stall_log.ptr);
 
     const moe::LayerView& v = view;
     const CUtensorMapDataType type = fp8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
@@ -313,16 +337,104 @@ struct Layer::Impl {
                           "] = " + std::to_string(value) + ": every block scale must be finite and > 0");
   }
 
-  void check_errors() {
-    if (last_stream_set) MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(last_stream));
+  DeviceStatus read_status() const {
     DeviceStatus s{};
     MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(&s, workspace.status(), sizeof s, cudaMemcpyDeviceToHost, status_stream));
     MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(status_stream));
-    const std::string message = describe_device_status(s, comm.rank(), timeout_s, shape.top_k);
+    return s;
+  }
+
+  // Waits for `stream`, but not forever: the status is read on its own stream while the work runs, and
+  // once it shows a fatal error (a timeout or a stalled pipeline: a kernel of this rank may then never
+  // finish) the wait ends a few seconds later, leaving the error for check_errors to report.
+  void bounded_sync(cudaStream_t stream) const {
+    constexpr auto kDrainGrace = std::chrono::seconds(3);
+    std::optional<std::chrono::steady_clock::time_point> fatal_since;
+    const auto start = std::chrono::steady_clock::now();
+    for (int polls = 0;; polls++) {
+      const cudaError_t e = cudaStreamQuery(stream);
+      if (e == cudaSuccess) return;
+      if (e != cudaErrorNotReady) MEGAMOE_CUDA_CHECK(e);
+      if (polls % 256 == 255) {  // every ~50 ms
+        const auto now = std::chrono::steady_clock::now();
+        if (watchdog_s > 0 && !fatal_since && now - start > std::chrono::duration<double>(watchdog_s))
+          throw RuntimeError(describe_busy_state(watchdog_s));
+        if (fatal_since) {
+          if (now - *fatal_since > kDrainGrace) return;
+        } else {
+          const int32_t flags = read_status().error_flags;
+          if (flags & kPipelineStall) return;  // that kernel waits on: nothing will drain
+          if (flags & (kBarrierTimeout | kRowArrivalTimeout)) fatal_since = now;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(polls < 1000 ? 20 : 200));
+    }
+  }
+
+  // What a rank whose stream does not finish is doing, read without waiting for it.
+  std::string describe_busy_state(double waited_s) const {
+    const DeviceStatus st = read_status();
+    const int W = comm.world_size(), El = int(shape.experts_per_rank());
+    std::vector<uint64_t> flags(size_t(W), 0);
+    std::vector<int32_t> arrived(size_t(El), 0), offsets(size_t(El) + 1, 0);
+    auto get = [&](void* dst, const void* src, size_t bytes) {
+      MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, status_stream));
+    };
+    get(flags.data(), view.ws.barrier_flags, flags.size() * 8);
+    get(arrived.data(), view.ws.expert_arrived_rows, arrived.size() * 4);
+    get(offsets.data(), view.ws.expert_row_offset, offsets.size() * 4);
+    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(status_stream));
+    long long arrived_total = 0;
+    for (int32_t a : arrived) arrived_total += a;
+    std::string out = "rank " + std::to_string(comm.rank()) + ": the stream is still busy after " +
+                      comm::format_seconds(waited_s) + " s and the device recorded no error (MEGAMOE_WATCHDOG_S): " +
+                      "barriers completed " + std::to_string(st.barrier_epoch) + ", aborted " +
+                      std::to_string(st.aborted) + ", error flags " + std::to_string(st.error_flags) +
+                      "; barriers signalled here by rank";
+    for (int r = 0; r < W; r++) out += " " + std::to_string(r) + ": " + std::to_string(flags[size_t(r)]);
+    out += "; FC1 rows copied in " + std::to_string(arrived_total) + " of " + std::to_string(offsets[size_t(El)]);
+    return out + describe_stall_log();
+  }
+
+  // For a stalled GEMM: every warp of the stalled CTA and its pair that timed out in a pipeline wait
+  // (work item, k block, stage, phase; wait 0 the producer's for a free stage, 1 a consumer's for a
+  // full one), and the raw words of their stages' mbarriers (full..., empty...).
+  std::string describe_stall_log() const {
+    std::vector<int32_t> log(stall_log.count, 0);
+    MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(log.data(), stall_log.ptr, stall_log.bytes(), cudaMemcpyDeviceToHost, status_stream));
+    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(status_stream));
+    const DeviceStatus st = read_status();
+    std::string out;
+    const int first_cta = st.stalled_cta & ~1;
+    for (int cta = first_cta; cta < first_cta + 2 && cta < gemm::kStallLogCtas; cta++) {
+      for (int w = 0; w < 12; w++) {
+        const int32_t* e = &log[size_t(cta * 12 + w) * 4];
+        if (e[0] < 0) continue;
+        out += "\n  CTA " + std::to_string(cta) + " warp " + std::to_string(w) + " waited (wait " + std::to_string(e[3] / 2) +
+               ") at item " + std::to_string(e[0]) + ", k block " + std::to_string(e[1]) + ", stage " +
+               std::to_string(e[2]) + ", phase " + std::to_string(e[3] % 2);
+      }
+      const uint64_t* words = reinterpret_cast<const uint64_t*>(&log[size_t(gemm::kStallLogCtas * 12 + cta * 8) * 4]);
+      if (words[0] == ~uint64_t(0)) continue;
+      out += "\n  CTA " + std::to_string(cta) + " mbarriers:";
+      char buf[24];
+      for (int i = 0; i < 16 && words[i] != ~uint64_t(0); i++) {
+        std::snprintf(buf, sizeof buf, " %016llx", static_cast<unsigned long long>(words[i]));
+        out += buf;
+      }
+    }
+    return out;
+  }
+
+  void check_errors() {
+    if (last_stream_set) bounded_sync(last_stream);
+    const DeviceStatus s = read_status();
+    std::string message = describe_device_status(s, comm.rank(), timeout_s, shape.top_k);
+    if (s.error_flags & kPipelineStall) message += describe_stall_log();
     if (message.empty()) return;
     // Bad ids and token counts affected only their own forward: clear them. A timeout stays.
     DeviceStatus cleared = s;
-    cleared.error_flags &= kBarrierTimeout | kRowArrivalTimeout;
+    cleared.error_flags &= kBarrierTimeout | kRowArrivalTimeout | kPipelineStall;
     cleared.bad_expert_record = 0;
     cleared.bad_token_count = 0;
     MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(workspace.status(), &cleared, offsetof(DeviceStatus, timed_out_barrier),
@@ -335,6 +447,7 @@ struct Layer::Impl {
   Communicator& comm;
   double timeout_s;
   bool debug;
+  double watchdog_s = env_watchdog_s();
   bool fp8;
   Workspace workspace;
   moe::LayerView view{};  // the workspace's view plus the layer's wait bound
@@ -342,6 +455,7 @@ struct Layer::Impl {
   comm::DeviceBarrierView barrier{};
   DeviceArray<uint8_t> w1, w2;  // w1: gate/up interleaved rows
   DeviceArray<float> w1_scale, w2_scale;
+  DeviceArray<int32_t> stall_log{size_t(gemm::kStallLogCtas) * 20 * 4};  // GroupedProblem::stall_log, -1: none
   moe::ExpertGemmOperands gemms{};
   std::vector<bool> expert_loaded;
   bool weights_loaded = false;
@@ -414,6 +528,10 @@ void Layer::forward(const void* x, const int32_t* topk_ids, const float* topk_we
 }
 
 void Layer::check_errors() { impl_->check_errors(); }
+void Layer::synchronize(cudaStream_t stream) {
+  impl_->bounded_sync(stream);
+  impl_->check_errors();
+}
 
 Layer::StageTimes Layer::last_stage_times() const {
   const Impl& m = *impl_;

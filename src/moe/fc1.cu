@@ -187,6 +187,10 @@ void launch(const LayerView& v, const ExpertGemmOperands& g, int num_sms, cudaSt
   problem.a_scale_pitch = v.scale_pitch;
   // Tile n_block covers outputs [128 n_block, +128): gate block row n_block, up block row I/128 + n_block.
   problem.weight_scales = gemm::WeightScales{g.w1_scale, v.intermediate / 128, 1};
+  problem.status = v.status();
+  problem.stall_log = v.stall_log;
+  problem.timeout_ns = v.wait_timeout_ns;
+  problem.gemm_id = 1;
   typename Epilogue::Params params{};
   if constexpr (Operands::kBlockScaled) {
     params = {v.ws.fc1_out, v.ws.fc1_out_scale, v.intermediate, v.scale_pitch, v.swiglu_limit};

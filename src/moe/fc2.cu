@@ -61,6 +61,10 @@ void launch(const LayerView& v, const ExpertGemmOperands& g, int num_sms, cudaSt
   problem.a_scale_pitch = v.scale_pitch;
   // Tile n_block covers columns [kBlockN n_block, +kBlockN): weight block rows kBlockN/128 n_block + slot.
   problem.weight_scales = gemm::WeightScales{g.w2_scale, 1, kBlockN / 128};
+  problem.status = v.status();
+  problem.stall_log = v.stall_log;
+  problem.timeout_ns = v.wait_timeout_ns;
+  problem.gemm_id = 2;
   typename Epilogue::Params params{v.ws.pool_source, v.peers, v.ws.combine_recv, v.hidden};
   gemm::launch_grouped_gemm<Fc2Config<Operands, kBlockN, kClusterM>, Epilogue>(
       g.fc1_out, g.w2.get(kClusterM), problem, params, num_sms, stream, "fc2 grouped_gemm_kernel");

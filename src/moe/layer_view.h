@@ -33,6 +33,7 @@ struct LayerView {
   float swiglu_limit;       // 0: no clamp
   bool fp8;                 // activations and weights in e4m3 with block scales
   uint64_t wait_timeout_ns; // bound of every spin-wait (the layer's barrier timeout)
+  int4* stall_log;          // GEMM waits that timed out (GroupedProblem::stall_log); may be null
 
   WorkspaceRegions ws;      // this rank's regions (local addresses; peers' through `peers.map`)
   PeerPointers peers;       // every rank's symmetric arena

@@ -144,7 +144,8 @@ int spawn_ranks(char** argv, int num_gpus) {
 
   std::vector<int> exit_code(size_t(num_gpus), -1);
   int failed_rank = -1, failed_code = 0, running = num_gpus;
-  auto kill_started = std::chrono::steady_clock::time_point{};
+  auto kill_started = std::chrono::steady_clock::time_point{}, failed_at = kill_started;
+  constexpr auto kReportGrace = std::chrono::seconds(3);
   bool killing = false;
   auto stop_others = [&](int sig) {
     for (int r = 0; r < num_gpus; r++)
@@ -172,10 +173,15 @@ int spawn_ranks(char** argv, int num_gpus) {
       if (code != 0 && code != 77 && failed_rank < 0 && !killing) {
         failed_rank = r;
         failed_code = WIFEXITED(status) ? code : 1;
-        stop_others(SIGTERM);
-        killing = true;
-        kill_started = std::chrono::steady_clock::now();
+        failed_at = std::chrono::steady_clock::now();
       }
+    }
+    // The other ranks get a moment to report their own errors (a timeout on one rank is often
+    // followed by its peers' within a second: their messages say who waited for whom).
+    if (failed_rank >= 0 && !killing && std::chrono::steady_clock::now() - failed_at > kReportGrace) {
+      stop_others(SIGTERM);
+      killing = true;
+      kill_started = std::chrono::steady_clock::now();
     }
     if (g_forwarded_signal && !killing) {
       stop_others(g_forwarded_signal);

@@ -151,9 +151,14 @@ MEGAMOE_RANK_TEST(Runtime, SkippedBarrierTimesOutNamingTheMissingRank) {
       }
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       std::printf("rank %d reported after %.2f s: %s\n", comm().rank(), s, message.c_str());
-      EXPECT_EQ(message, "rank " + std::to_string(comm().rank()) +
-                             ": test barrier timed out after 2 s waiting for rank " + std::to_string(missing));
-      EXPECT_EQ(barrier.read_status(stream()).waited_for_rank, missing);
+      // A fresh barrier: this rank waited in its first barrier, the missing rank had signalled none.
+      EXPECT_EQ(message, "rank " + std::to_string(comm().rank()) + ": test barrier timed out after 2 s waiting for rank " +
+                             std::to_string(missing) + " (barrier #1 of this rank; rank " + std::to_string(missing) +
+                             " had reached #0)");
+      const DeviceStatus status = barrier.read_status(stream());
+      EXPECT_EQ(status.waited_for_rank, missing);
+      EXPECT_EQ(status.waited_for_epoch, 1u);
+      EXPECT_EQ(status.peer_epoch_seen, 0u);
     }
     comm().host_barrier();  // the waiting ranks are done before the barrier's memory goes
   }
