@@ -19,7 +19,8 @@
 //     share is multicast to every CTA of the cluster, which all work on the same expert and N block
 //     (the cluster's unit is kClusterM * 128 rows), so weights cross L2 once per cluster;
 //   warpgroups 1-2 (consumers): each owns 64 of the tile's 128 rows, issues wgmma (SS, fp32
-//     accumulators) per stage and releases it on the "empty" mbarrier of every CTA of the cluster,
+//     accumulators) per stage, and each of its warps releases the stage on the "empty" mbarrier of
+//     every CTA of the cluster,
 //     then runs the Epilogue on its accumulators while the producer already loads the next tile.
 //     A warpgroup whose 64 rows hold none of the expert's rows skips the math.
 #pragma once
@@ -141,6 +142,7 @@ struct NoFeed {
   __device__ static void wait_rows(const Params&, int) {}
 };
 inline constexpr int kFeedWarpsPerCta = 3;
+inline constexpr int kConsumerWarps = 8;  // two consumer warpgroups
 
 template <class Operands_, int kBlockN_, int kClusterM_, class EpilogueStorage>
 struct GroupedGemmConfig {
@@ -227,9 +229,13 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; s++) {
       cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1);
-      // A stage is free again once both consumer warpgroups of every CTA in the cluster are done with
-      // it: each CTA's weight share lands in all of them.
-      cutlass::arch::ClusterBarrier::init(&smem.empty[s], 2 * kCluster);
+      // A stage is free again once every consumer warp of every CTA in the cluster is done with it
+      // (each CTA's weight share lands in all of them). Every warp signals for itself: a warpgroup
+      // that skips the math has nothing else keeping its four warps together, and a release by one
+      // warp for all four let the producer refill a stage that a lagging warp of the same warpgroup
+      // had not yet waited for; that warp then waited for a phase already gone, and the pipeline
+      // stalled (2 x H200, EP 2: in about half of the benchmark runs of a few hundred forwards).
+      cutlass::arch::ClusterBarrier::init(&smem.empty[s], kConsumerWarps * kCluster);
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -286,7 +292,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
     const int consumer_tid = threadIdx.x - 128;
     const int consumer_wg = consumer_tid / 128;
-    const bool releases = consumer_tid % 128 == 0;  // one arrival per consumer warpgroup
+    const bool releases = consumer_tid % 32 == 0;  // one arrival per consumer warp (see the empty barriers)
     auto release = [&](int s) {
       if constexpr (kCluster > 1) {
         for (int peer = 0; peer < kCluster; peer++) cutlass::arch::ClusterBarrier::arrive(&smem.empty[s], peer, releases);

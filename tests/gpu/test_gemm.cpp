@@ -1,13 +1,17 @@
 // The grouped GEMMs on their own (one GPU, no communication): FC1 + SwiGLU and FC2, BF16 and FP8
 // (DeepSeek block scales), against CPU loops, for expert row counts on every tile boundary
 // (0, 1, 63, 64, 65, 127, 128, 129, 300 rows), a hidden size that is not a multiple of 256, many
-// experts and the SwiGLU clamp, with single CTAs and with CTA pairs sharing weight tiles. The stage
+// experts, the SwiGLU clamp and a thousand launches of tiles whose warpgroups skip the math, with
+// single CTAs and with CTA pairs sharing weight tiles. The stage
 // launchers get a hand-built LayerView of one rank: FC1's feed copies the rows from the "symmetric"
 // staging area into the pool (checked too), FC2 scatters its rows into combine_recv.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <iterator>
 #include <mutex>
+
+#include <unistd.h>
 
 #include "gemm/config.h"
 #include "gemm/scheduler.h"
@@ -40,7 +44,35 @@ struct GemmCase {
   int hidden, intermediate;
   std::vector<int> rows_per_expert;
   float swiglu_limit;
+  int launches = 1;  // FC1 + FC2 launched this many times on the same inputs; the last one is checked
 };
+
+// Waits for the stream; when the device records a stalled GEMM pipeline, reports it and ends the
+// process: the stalled kernel keeps waiting, so nothing after it could run.
+void sync_or_exit_on_stall(const DeviceStatus* status, const std::string& what) {
+  cudaStream_t probe;
+  MEGAMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&probe, cudaStreamNonBlocking));
+  for (int polls = 0;; polls++) {
+    const cudaError_t e = cudaStreamQuery(stream());
+    if (e == cudaSuccess) break;
+    if (e != cudaErrorNotReady) MEGAMOE_CUDA_CHECK(e);
+    if (polls % 100 == 99) {
+      DeviceStatus s{};
+      MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(&s, status, sizeof s, cudaMemcpyDeviceToHost, probe));
+      MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(probe));
+      if (s.error_flags & kPipelineStall) {
+        ADD_FAILURE() << what << ": FC" << s.stalled_gemm << " pipeline stalled (CTA " << s.stalled_cta << ", "
+                      << (s.stalled_wait ? "a consumer waiting for a full stage" : "the producer waiting for a free stage")
+                      << ", work item " << s.stalled_item << ")";
+        std::fflush(stdout);
+        std::_Exit(1);
+      }
+    }
+    usleep(100);
+  }
+  MEGAMOE_CUDA_CHECK(cudaStreamDestroy(probe));
+  sync_and_check(what);
+}
 
 size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
 
@@ -154,7 +186,7 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, uint64_t seed) {
   v.scale_pitch = scale_pitch;
   v.swiglu_limit = gc.swiglu_limit;
   v.fp8 = fp8;
-  v.wait_timeout_ns = 10'000'000'000ull;
+  v.wait_timeout_ns = 2'000'000'000ull;  // a healthy GEMM never waits 2 s for a stage
   v.ws.token_staging = staging;
   v.ws.token_staging_scale = fp8 ? staging_scale : nullptr;
   v.ws.combine_recv = combine_recv;
@@ -179,9 +211,14 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, uint64_t seed) {
   g.w1_scale = fp8 ? w1_scale.get() : nullptr;
   g.w2_scale = fp8 ? w2_scale.get() : nullptr;
 
-  moe::launch_fc1(v, g, cluster_m, device_sm_count(), stream());
-  moe::launch_fc2(v, g, cluster_m, device_sm_count(), stream());
-  sync_and_check("fc1 + fc2");
+  for (int launch = 0; launch < gc.launches; launch++) {
+    // FC1's feed counts each expert's rows in again; the layer zeroes the counters per forward.
+    MEGAMOE_CUDA_CHECK(cudaMemsetAsync(arrived.get(), 0, size_t(E) * sizeof(int32_t), stream()));
+    moe::launch_fc1(v, g, cluster_m, device_sm_count(), stream());
+    moe::launch_fc2(v, g, cluster_m, device_sm_count(), stream());
+    if (launch % 100 == 99) sync_or_exit_on_stall(status.get(), "fc1 + fc2, launch " + std::to_string(launch + 1));
+  }
+  sync_or_exit_on_stall(status.get(), "fc1 + fc2");
 
   const std::vector<uint8_t> sym = symmetric.download(), pool_h = pool.download(), h_gpu = fc1_out.download();
   const std::vector<float> pool_scale_h = pool_scale.download(), h_scale = fc1_scale.download();
@@ -380,15 +417,31 @@ GemmCase many_experts() {
   return {"96 experts", 512, 256, rows, 0.0f};
 }
 
+// Many tiles where a consumer warpgroup, or the second CTA of a pair, has no rows and skips the
+// math: nothing but the pipeline keeps its warps together. One warp releasing a stage for its
+// whole warpgroup let a lagging warp miss a phase and stall the pipeline (2 x H200, EP 2: about
+// half of the benchmark runs); a thousand launches each, with a short wait bound, catch a regression.
+GemmCase empty_half_tiles() {
+  const int pattern[] = {1, 40, 64, 65, 100, 129, 150, 192, 200, 256, 257, 300};
+  std::vector<int> rows;
+  for (int r = 0; r < 4; r++) rows.insert(rows.end(), std::begin(pattern), std::end(pattern));
+  GemmCase gc{"empty half tiles", 1024, 512, rows, 0.0f};
+  gc.launches = 1000;
+  return gc;
+}
+
 MEGAMOE_GPU_TEST(GroupedGemmBf16, TileBoundaries) { run_both_cluster_sizes(kTileBoundaries, false); }
 MEGAMOE_GPU_TEST(GroupedGemmBf16, SwigluClampAndLongK) { run_both_cluster_sizes(kClampAndLongK, false); }
 MEGAMOE_GPU_TEST(GroupedGemmBf16, HiddenNotAMultipleOf256) { run_both_cluster_sizes(kHidden384, false); }
 MEGAMOE_GPU_TEST(GroupedGemmBf16, ManyExperts) { run_both_cluster_sizes(many_experts(), false); }
 
+MEGAMOE_GPU_TEST(GroupedGemmBf16, EmptyHalfTilesThousandLaunches) { run_both_cluster_sizes(empty_half_tiles(), false); }
+
 MEGAMOE_GPU_TEST(GroupedGemmFp8, TileBoundaries) { run_both_cluster_sizes(kTileBoundaries, true); }
 MEGAMOE_GPU_TEST(GroupedGemmFp8, SwigluClampAndLongK) { run_both_cluster_sizes(kClampAndLongK, true); }
 MEGAMOE_GPU_TEST(GroupedGemmFp8, HiddenNotAMultipleOf256) { run_both_cluster_sizes(kHidden384, true); }
 MEGAMOE_GPU_TEST(GroupedGemmFp8, ManyExperts) { run_both_cluster_sizes(many_experts(), true); }
+MEGAMOE_GPU_TEST(GroupedGemmFp8, EmptyHalfTilesThousandLaunches) { run_both_cluster_sizes(empty_half_tiles(), true); }
 
 // The device weight quantiser (quantize_weights_fp8, used by the layer for bf16 weights on an fp8
 // layer) and the host one the tests use agree bit for bit: same scales, same codes (+0 and -0 alike),
