@@ -8,7 +8,8 @@
 #
 #   scripts/gpu-check.sh [steps...]
 #     steps: machine ceilings sass gemm runtime layer stress sanitize selftest golden python example
-#            comm bench naive compare          (default: all of them, in that order)
+#            python-dist example-dist comm bench naive compare   (default: all of them, in that order;
+#            python-dist and example-dist run under torchrun and only with 2 or more GPUs)
 # Environment:
 #   BIN (default build/bin; built with scripts/build.sh when missing), LIB (default build/lib)
 #   OLD_BIN          a build of an earlier version (golden, bench-old: same run, both builds)
@@ -39,7 +40,7 @@ PRESETS=${PRESETS:-dsv4-flash,dsv4-pro,dsv3}
 TOKENS=${TOKENS:-1,64,512,1024,2048,4096,8192}
 DTYPES=${DTYPES:-fp8 bf16}
 ITERS=${ITERS:-30}
-steps=${*:-machine ceilings sass gemm runtime layer stress sanitize selftest golden python example comm bench naive compare}
+steps=${*:-machine ceilings sass gemm runtime layer stress sanitize selftest golden python example python-dist example-dist comm bench naive compare}
 summary=()
 filter=()
 [ -n "${GTEST_FILTER:-}" ] && filter=(--gtest_filter="$GTEST_FILTER")
@@ -105,6 +106,18 @@ for s in $steps; do
         PYTHONPATH=python python3 -m pytest -q -rs python/tests ;;
     example)
       step example 300 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" PYTHONPATH=python python3 examples/deepseek_moe_block.py ;;
+    python-dist|example-dist)
+      # The PyTorch layer across GPUs: one process per GPU under torchrun, the op joins the group.
+      if [ "$GPUS" -ge 2 ]; then
+        if [ $s = python-dist ]; then
+          step "python-dist-$GPUS" 400 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" MEGAMOE_REQUIRE_LIBRARY=1 MEGAMOE_REQUIRE_GPU=1 \
+            PYTHONPATH=python python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" \
+            -m pytest -q -p no:cacheprovider python/tests/test_torch_distributed.py
+        else
+          step "example-dist-$GPUS" 300 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" PYTHONPATH=python \
+            python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" examples/deepseek_moe_block.py
+        fi
+      fi ;;
     comm) step comm 120 "$BIN/megamoe" bench --comm --gpus "$GPUS" ;;
     bench)
       for p in ${PRESETS//,/ }; do
