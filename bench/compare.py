@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compare megamoe against the naive PyTorch EP layers, bf16 and fp8.
+"""Compare megamoe against the naive PyTorch EP layers, bf16 and fp8, and against its own torch op.
 
 Reads one or more JSONL files (one JSON object per line) holding results of
 the benchmarks:
@@ -9,21 +9,28 @@ the benchmarks:
   megamoe:         {"impl": "megamoe", "dtype": "bf16"|"fp8", "variant": "staged"...,
                     "preset", "experts", "ep", "tokens", "latency_us", "tflops",
                     "floor_us", "vs_floor", ...}
+  the torch op:    {"impl": "megamoe-torch-op", "variant": "graph"|"eager", "dtype", ...}
+                   (bench/op_bench.py: the same layer through torch.ops.megamoe.forward)
 Lines without "impl", "preset" or "latency_us" are ignored; any other impl
 gets a column too.  Every line is keyed by (impl, dtype, variant); a missing dtype means bf16
 ("naive_torch_fp8" means fp8), a missing variant means "".  Lines without
 "experts" take the preset's expert count.  One table is printed per
 (preset, ep, experts), one row per T, with:
   - a latency column (us, median) for every (impl, dtype, variant) present,
-    megamoe first, then naive_torch, then anything else;
+    megamoe first, then naive_torch, then anything else (the torch op's
+    graph and eager lines: the op columns below);
   - speedups, where both sides are present:
       "bf16 vs naive" = naive bf16 / megamoe bf16,
       "fp8 vs naive"  = naive fp8  / megamoe fp8,
       "fp8 vs bf16"   = megamoe bf16 / megamoe fp8;
-  - the roofline floor and latency/floor of megamoe bf16 and megamoe fp8.
-For the speedups and floors, "megamoe <dtype>" is the variant "" line when
-there is one for that table, else the alphabetically first variant (named in
-the table's heading).  Missing values show as "-".  When a key appears more
+  - the roofline floor and latency/floor of megamoe bf16 and megamoe fp8;
+  - where the torch op's lines are present, right after megamoe's columns of
+    their dtype: "<dtype> op graph us" and "<dtype> op eager us" (the op's
+    latency under CUDA-graph replay and called eagerly) and "<dtype> op / C++"
+    = op graph / megamoe <dtype> (1 when the op adds nothing to the layer).
+For the speedups, floors and "op / C++", "megamoe <dtype>" is the variant ""
+line when there is one for that table, else the alphabetically first variant
+(named in the table's heading).  Missing values show as "-".  When a key appears more
 than once for the same T, the line read last wins (files are read in the
 order given).
 
@@ -43,6 +50,8 @@ import tempfile
 MEGAMOE = "megamoe"
 NAIVE = "naive_torch"
 NAIVE_FP8 = "naive_torch_fp8"
+OP = "megamoe-torch-op"
+OP_VARIANTS = ("graph", "eager")
 
 # Expert count of each preset (bench/naive_ep.py PRESETS, src/core presets),
 # for lines that do not carry "experts".
@@ -160,12 +169,19 @@ def _fmt(v, spec, suffix=""):
 
 
 def table_for(rows):
-    """(title notes, header, data rows) of one (preset, ep, experts) group."""
+    """(title note, header, data rows) of one (preset, ep, experts) group."""
     keys = sorted({k for by_key in rows.values() for k in by_key}, key=_key_order)
+    # The op's graph and eager lines get columns of their own, beside megamoe's.
+    op_keys = [k for k in keys if k[0] == OP and k[2] in OP_VARIANTS]
+    keys = [k for k in keys if k not in op_keys]
     mm16, mm8 = _primary(keys, MEGAMOE, "bf16"), _primary(keys, MEGAMOE, "fp8")
     nv16, nv8 = _naive_key(keys, "bf16"), _naive_key(keys, "fp8")
-    notes = ["%s = %s" % (dt, "megamoe/" + k[2]) for dt, k in (("bf16", mm16), ("fp8", mm8))
-             if k is not None and k[2]]
+    uses = ["%s = %s" % (dt, "megamoe/" + k[2]) for dt, k in (("bf16", mm16), ("fp8", mm8))
+            if k is not None and k[2]]
+    notes = ""
+    if uses:
+        what = "speedups, floors and op / C++" if op_keys else "speedups and floors"
+        notes = "%s use %s" % (what, ", ".join(uses))
 
     def lat(by_key, key):
         return _number(by_key.get(key, {}).get("latency_us")) if key else None
@@ -173,10 +189,34 @@ def table_for(rows):
     def floor(by_key, key):
         return _number(by_key.get(key, {}).get("floor_us")) if key else None
 
+    def op_cols(dt):
+        graph, eager, cpp = (OP, dt, "graph"), (OP, dt, "eager"), _primary(keys, MEGAMOE, dt)
+        out = []
+        if graph in op_keys:
+            out.append(("%s op graph us" % dt, lambda r: _fmt(lat(r, graph), ".1f")))
+            if cpp:
+                out.append(("%s op / C++" % dt, lambda r: _fmt(_ratio(lat(r, graph), lat(r, cpp)), ".3f", "x")))
+        if eager in op_keys:
+            out.append(("%s op eager us" % dt, lambda r: _fmt(lat(r, eager), ".1f")))
+        return out
+
+    op_dtypes = []  # in key order, each once
+    for k in op_keys:
+        if k[1] not in op_dtypes:
+            op_dtypes.append(k[1])
     # (header, function of the T's records -> text); a derived column only
     # appears when both of its sides are in this table.
     cols = [("T", None)]
-    for k in keys:
+    megamoe_keys = [k for k in keys if k[0] == MEGAMOE]
+    for i, k in enumerate(megamoe_keys):
+        cols.append((_label(k), lambda r, k=k: _fmt(lat(r, k), ".1f")))
+        last_of_dtype = i + 1 == len(megamoe_keys) or megamoe_keys[i + 1][1] != k[1]
+        if last_of_dtype and k[1] in op_dtypes:
+            cols.extend(op_cols(k[1]))
+            op_dtypes.remove(k[1])
+    for dt in op_dtypes:  # op lines without a megamoe line of their dtype
+        cols.extend(op_cols(dt))
+    for k in (k for k in keys if k[0] != MEGAMOE):
         cols.append((_label(k), lambda r, k=k: _fmt(lat(r, k), ".1f")))
     if mm16 and nv16:
         cols.append(("bf16 vs naive", lambda r: _fmt(_ratio(lat(r, nv16), lat(r, mm16)), ".2f", "x")))
@@ -203,7 +243,7 @@ def render(table):
         notes, header, data = table_for(table[group])
         title = "preset %s, ep %d, experts %s" % (preset, ep, "-" if experts is None else experts)
         if notes:
-            title += " (speedups and floors use " + ", ".join(notes) + ")"
+            title += " (" + notes + ")"
         out.append(title)
         widths = [max([len(header[i])] + [len(r[i]) for r in data]) for i in range(len(header))]
         fmt_row = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
@@ -273,6 +313,25 @@ def self_test():
         line(impl="megamoe", dtype="fp8", variant="staged", preset="dsv3", experts=256, ep=8, tokens=1,
              latency_us=50.0, floor_us=25.0),
         line(impl="naive_torch_fp8", preset="dsv3", ep=8, tokens=1, latency_us=500.0),  # no dtype: fp8
+        # dsv4-pro, ep 2: megamoe staged, both dtypes, and the torch op beside it (bf16: graph
+        # only; fp8: graph and eager; T=64: no fp8 op graph line).
+        line(impl="megamoe", dtype="bf16", variant="staged", preset="dsv4-pro", experts=384, ep=2, tokens=1,
+             latency_us=200.0, floor_us=100.0),
+        line(impl="megamoe", dtype="fp8", variant="staged", preset="dsv4-pro", experts=384, ep=2, tokens=1,
+             latency_us=160.0, floor_us=80.0),
+        line(impl="megamoe", dtype="fp8", variant="staged", preset="dsv4-pro", experts=384, ep=2, tokens=64,
+             latency_us=400.0, floor_us=200.0),
+        line(impl="megamoe-torch-op", variant="graph", dtype="bf16", preset="dsv4-pro", experts=384, ep=2, tokens=1,
+             latency_us=201.0),
+        line(impl="megamoe-torch-op", variant="graph", dtype="fp8", preset="dsv4-pro", experts=384, ep=2, tokens=1,
+             latency_us=158.4),
+        line(impl="megamoe-torch-op", variant="eager", dtype="fp8", preset="dsv4-pro", experts=384, ep=2, tokens=1,
+             latency_us=230.0),
+        line(impl="megamoe-torch-op", variant="eager", dtype="fp8", preset="dsv4-pro", experts=384, ep=2, tokens=64,
+             latency_us=450.0),
+        # The op alone (tiny, ep 1): its columns, no ratio.
+        line(impl="megamoe-torch-op", variant="graph", dtype="bf16", preset="tiny", experts=16, ep=1, tokens=8,
+             latency_us=20.0),
         # Junk that must be skipped.
         "not json",
         line(impl="megamoe", preset="dsv3", ep="x", tokens=1, latency_us=1.0),
@@ -300,7 +359,8 @@ def self_test():
 
     check(warnings.count("warning:") == 2 and "not JSON" in warnings and "ep/tokens" in warnings,
           "expected two warnings (junk lines), got:\n" + warnings)
-    check(set(table) == {("dsv4-flash", 1, 256), ("dsv4-flash", 1, 32), ("dsv3", 8, 256)},
+    check(set(table) == {("dsv4-flash", 1, 256), ("dsv4-flash", 1, 32), ("dsv3", 8, 256), ("dsv4-pro", 2, 384),
+                         ("tiny", 1, 16)},
           "groups: %r" % sorted(table, key=str))
 
     t = _cells(text, "preset dsv4-flash, ep 1, experts 256")
@@ -335,6 +395,29 @@ def self_test():
     check(r["fp8 vs naive"] == "10.00x" and r["fp8 /floor"] == "2.00x", "staged variant as primary")
     check(r["megamoe bf16 us"] == "-", "NaN latency shows as -")
     check(r.get("bf16 vs naive") is None, "no bf16 speedup without naive bf16")
+    check(not any(" op " in c for c in r), "no op columns without op lines")
+
+    title = "preset dsv4-pro, ep 2, experts 384 (speedups, floors and op / C++ use bf16 = megamoe/staged, " \
+            "fp8 = megamoe/staged)"
+    t = _cells(text, title)
+    r = t[1]
+    check(r["bf16 op graph us"] == "201.0" and r["bf16 op / C++"] == "1.005x", "bf16 op at T=1")
+    check("bf16 op eager us" not in r, "no bf16 eager column without bf16 eager lines")
+    check(r["fp8 op graph us"] == "158.4" and r["fp8 op / C++"] == "0.990x" and r["fp8 op eager us"] == "230.0",
+          "fp8 op at T=1")
+    check(not any(c.startswith("megamoe-torch-op") for c in r), "op lines only in their own columns")
+    r = t[64]
+    check(r["fp8 op graph us"] == "-" and r["fp8 op / C++"] == "-" and r["fp8 op eager us"] == "450.0",
+          "missing op graph at T=64")
+    lines_of = text.split("\n")
+    header = lines_of[lines_of.index(title) + 1]
+    order = [header.index(c) for c in ("megamoe bf16/staged us", "bf16 op graph us", "bf16 op / C++",
+                                       "megamoe fp8/staged us", "fp8 op graph us", "fp8 op / C++",
+                                       "fp8 op eager us", "fp8 vs bf16")]
+    check(order == sorted(order), "op columns beside megamoe's of their dtype")
+
+    t = _cells(text, "preset tiny, ep 1, experts 16")
+    check(t[8] == {"T": "8", "bf16 op graph us": "20.0"}, "op lines alone: %r" % t[8])
 
     sys.stdout.write(text)
     print("self-test passed")
@@ -342,8 +425,8 @@ def self_test():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Compare megamoe with the naive PyTorch EP layers.")
-    p.add_argument("files", nargs="*", help="JSONL files with naive_torch[_fp8] and/or megamoe lines")
+    p = argparse.ArgumentParser(description="Compare megamoe with the naive PyTorch EP layers and with its torch op.")
+    p.add_argument("files", nargs="*", help="JSONL files with megamoe, megamoe-torch-op and/or naive_torch[_fp8] lines")
     p.add_argument("--self-test", action="store_true", help="check the tables on synthetic lines")
     args = p.parse_args(argv)
     if args.self_test:

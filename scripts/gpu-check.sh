@@ -2,14 +2,16 @@
 # Everything that needs a GPU, in one run: the GPU test suites over NCCL (one process per GPU) and over
 # the loopback transport (W ranks on one GPU), the stress run, the sanitizers, the SASS check, the
 # refactor fingerprint, the Python package's tests and example, the benchmarks (ours, the naive
-# PyTorch layers, the card's ceilings) and their comparison. A summary is printed last; logs go to
-# $OUT (default ./out): summary.txt, all.log (every step's log, appended as it ends), bench.jsonl and
-# logs.tar.gz (the same logs, one file a step).
+# PyTorch layers, our PyTorch op, the card's ceilings) and their comparison. A summary is printed
+# last; logs go to $OUT (default ./out): summary.txt, all.log (every step's log, appended as it ends),
+# bench.jsonl and logs.tar.gz (the same logs, one file a step).
 #
 #   scripts/gpu-check.sh [steps...]
 #     steps: machine ceilings sass gemm runtime layer stress sanitize selftest golden python example
-#            python-dist example-dist comm bench naive compare   (default: all of them, in that order;
-#            python-dist and example-dist run under torchrun and only with 2 or more GPUs)
+#            python-dist example-dist comm bench naive op-bench compare   (default: all of them, in that
+#            order; python-dist and example-dist run under torchrun and only with 2 or more GPUs;
+#            op-bench times torch.ops.megamoe.forward as bench times the C++ layer, and compare puts
+#            the two side by side)
 # Environment:
 #   BIN (default build/bin; built with scripts/build.sh when missing), LIB (default build/lib)
 #   OLD_BIN          a build of an earlier version (golden, bench-old: same run, both builds)
@@ -40,7 +42,7 @@ PRESETS=${PRESETS:-dsv4-flash,dsv4-pro,dsv3}
 TOKENS=${TOKENS:-1,64,512,1024,2048,4096,8192}
 DTYPES=${DTYPES:-fp8 bf16}
 ITERS=${ITERS:-30}
-steps=${*:-machine ceilings sass gemm runtime layer stress sanitize selftest golden python example python-dist example-dist comm bench naive compare}
+steps=${*:-machine ceilings sass gemm runtime layer stress sanitize selftest golden python example python-dist example-dist comm bench naive op-bench compare}
 summary=()
 filter=()
 [ -n "${GTEST_FILTER:-}" ] && filter=(--gtest_filter="$GTEST_FILTER")
@@ -135,6 +137,16 @@ for s in $steps; do
         for d in $DTYPES; do
           step "naive-$p-$d" 300 python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" bench/naive_ep.py \
             --preset "$p" $(experts_flag "$p") --dtype "$d" --tokens "$TOKENS" --json "$OUT/bench.jsonl"
+        done
+      done ;;
+    op-bench)
+      # The same layer through the PyTorch op, same shapes and iterations as bench: the op's latency
+      # under graph replay should equal bench's (compare: "op / C++"); eager is reported beside it.
+      for p in ${PRESETS//,/ }; do
+        for d in $DTYPES; do
+          step "op-bench-$p-$d" 300 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" PYTHONPATH=python \
+            python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" bench/op_bench.py \
+            --preset "$p" $(experts_flag "$p") --dtype "$d" --tokens "$TOKENS" --iters "$ITERS" --json "$OUT/bench.jsonl"
         done
       done ;;
     compare) step compare 30 python3 bench/compare.py "$OUT/bench.jsonl" ;;
