@@ -136,6 +136,10 @@ MEGAMOE_C_EXPORT int megamoe_layer_forward(megamoe_layer* layer, const void* x, 
  * (bad expert id, device token count out of range, peer timeout). */
 MEGAMOE_C_EXPORT int megamoe_layer_check_errors(megamoe_layer* layer);
 
+/* Layer::synchronize: waits for everything enqueued on `stream` (a cudaStream_t; graph replays
+ * included) without blocking forever on a dead rank, then check_errors. */
+MEGAMOE_C_EXPORT int megamoe_layer_synchronize(megamoe_layer* layer, void* stream);
+
 /* The SM budget in effect and this layer's rank. */
 MEGAMOE_C_EXPORT int megamoe_layer_info(const megamoe_layer* layer, int* rank, int* num_sms);
 

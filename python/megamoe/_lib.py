@@ -93,6 +93,7 @@ _SIGNATURES = {
     "megamoe_layer_forward": (
         _c_int, [_c_ptr, _c_ptr, _c_ptr, _c_ptr, _c_int, _c_ptr, _c_ptr, _c_float, _c_i64, _c_ptr, _c_ptr]),
     "megamoe_layer_check_errors": (_c_int, [_c_ptr]),
+    "megamoe_layer_synchronize": (_c_int, [_c_ptr, _c_ptr]),
     "megamoe_layer_info": (_c_int, [_c_ptr, _p_int, _p_int]),
     "megamoe_layer_workspace_table": (_c_int, [_c_ptr, _c_ptr, _c_size, _p_size]),
     "megamoe_quantize_weights_fp8": (_c_int, [_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr]),

@@ -482,6 +482,15 @@ class MoE:
         self._require_not_capturing("check_errors")
         self._lib.check(self._lib.layer_check_errors(self._handle))
 
+    def synchronize(self, stream: Optional[torch.cuda.Stream] = None) -> None:
+        """Waits for everything enqueued on `stream` (default: the current stream), CUDA graph replays
+        included, then check_errors(). Unlike torch.cuda.synchronize() it does not block forever when
+        this rank's layer is dead (a peer that never arrived, a stalled GEMM pipeline): it raises."""
+        self._require_open()
+        self._require_not_capturing("synchronize")
+        stream = stream if stream is not None else torch.cuda.current_stream(self._state.device)
+        self._lib.check(self._lib.layer_synchronize(self._handle, ctypes.c_void_p(stream.cuda_stream)))
+
     # -- lifetime
 
     def close(self) -> None:

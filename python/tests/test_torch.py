@@ -299,6 +299,28 @@ def test_graph_replay_is_bit_identical(layers, gen, weight_dtype):
     del graph
 
 
+def test_synchronize_waits_for_graph_replays_and_reports(layers, gen):
+    """MoE.synchronize() covers replays on the current stream (check_errors() alone covers eager
+    forwards): a bad id written into the captured buffers is reported after the replay."""
+    layer = layers.get("bf16")
+    weights = Weights(gen, fp8=False)
+    weights.load(layer)
+    tokens = 40
+    x = uniform(gen, (tokens, H))
+    ids, w = routing(gen, tokens)
+    graph, y = capture(lambda: layer.forward(x, ids, w))
+    layer.synchronize()
+    ids[7, 0] = E + 3
+    graph.replay()
+    with pytest.raises(RuntimeError, match=r"topk_ids\[7, 0\] = %d" % (E + 3)):
+        layer.synchronize()
+    ids[7, 0] = -1
+    graph.replay()
+    layer.synchronize()
+    assert_close_per_token(y, reference(x, ids, w, weights, layer), BOUND["bf16"], "after synchronize")
+    del graph
+
+
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
 def test_graph_with_device_token_count(layers, gen, ids_dtype):
     layer = layers.get("bf16")

@@ -323,6 +323,14 @@ int megamoe_layer_check_errors(megamoe_layer* layer) {
   });
 }
 
+int megamoe_layer_synchronize(megamoe_layer* layer, void* stream) {
+  return guarded([&] {
+    megamoe_layer& l = require(layer, "layer");
+    DeviceGuard guard(l.device);
+    l.layer->synchronize(as_stream(stream));
+  });
+}
+
 int megamoe_layer_info(const megamoe_layer* layer, int* rank, int* num_sms) {
   return guarded([&] {
     const megamoe_layer& l = require(layer, "layer");

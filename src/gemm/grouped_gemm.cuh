@@ -91,45 +91,52 @@ struct GroupedProblem {
   int4* stall_log;
 };
 
+// The slow path of wait_stage: waits on, and after the timeout records the stall once.
+__device__ __forceinline__ void wait_stage_slow(const GroupedProblem& problem, const uint64_t* barrier, uint32_t phase,
+                                             int which, int item, int kb, int stage, const uint64_t* barrier_words,
+                                             int num_barrier_words) {
+  const uint64_t start = comm::global_timer_ns();
+  bool recorded = problem.status == nullptr;
+  while (!comm::mbarrier_try_wait_parity(barrier, phase)) {
+    if (recorded || comm::global_timer_ns() - start <= problem.timeout_ns) continue;
+    recorded = true;
+    const bool log = problem.stall_log && blockIdx.x < kStallLogCtas;
+    if (log && threadIdx.x % 32 == 0)
+      problem.stall_log[blockIdx.x * 12 + threadIdx.x / 32] = make_int4(item, kb, stage, int(phase) + 2 * which);
+    if (log && barrier_words) {  // the producer: the raw words of this CTA's barriers
+      uint64_t* dump = reinterpret_cast<uint64_t*>(problem.stall_log + kStallLogCtas * 12 + blockIdx.x * 8);
+      for (int i = 0; i < num_barrier_words && i < 16; i++) {
+        const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(barrier_words + i));
+        uint64_t word;
+        asm volatile("ld.volatile.shared.u64 %0, [%1];" : "=l"(word) : "r"(address));
+        dump[i] = word;
+      }
+    }
+    DeviceStatus* s = problem.status;
+    if (atomicCAS(&s->aborted, 0, 1) == 0) {
+      s->stalled_gemm = problem.gemm_id;
+      s->stalled_wait = which;
+      s->stalled_cta = int(blockIdx.x);
+      s->stalled_item = item;
+      __threadfence_system();
+      atomicOr(&s->error_flags, kPipelineStall);
+    }
+  }
+}
+
 // Waits for the phase of parity `phase` of a pipeline mbarrier. A stage that never fills or frees (a
 // bug, or a fault elsewhere) is recorded as kPipelineStall after the timeout and marks the layer
 // dead (later waits for peers return at once); this wait itself goes on, since giving up would leave
 // TMA writes in flight into shared memory. Layer::synchronize stops waiting for such a stream and
-// reports the record. `which`: 0 the producer waiting for a free stage, 1 a consumer for a full one.
+// reports the record. `which`: 0 the producer (one lane) waiting for a free stage, 1 a consumer
+// warp waiting for a full one: its lanes meet before and after, since the wgmma that follows is
+// .aligned and the wait's outcome could differ between lanes that arrive apart.
 __device__ __forceinline__ void wait_stage(const GroupedProblem& problem, const uint64_t* barrier, uint32_t phase,
                                            int which, int item, int kb, int stage,
                                            const uint64_t* barrier_words = nullptr, int num_barrier_words = 0) {
-  if (comm::mbarrier_try_wait_parity(barrier, phase)) return;  // the usual case: no timer read (warp-uniform)
-  const uint64_t start = comm::global_timer_ns();
-  bool recorded = problem.status == nullptr;
-  while (!comm::mbarrier_try_wait_parity(barrier, phase)) {
-    if (!recorded && comm::global_timer_ns() - start > problem.timeout_ns) {
-      recorded = true;
-      const bool log = problem.stall_log && blockIdx.x < kStallLogCtas;
-      if (log && threadIdx.x % 32 == 0)
-        problem.stall_log[blockIdx.x * 12 + threadIdx.x / 32] = make_int4(item, kb, stage, int(phase) + 2 * which);
-      if (log && barrier_words) {  // the producer: the raw words of this CTA's barriers
-        uint64_t* dump = reinterpret_cast<uint64_t*>(problem.stall_log + kStallLogCtas * 12 + blockIdx.x * 8);
-        for (int i = 0; i < num_barrier_words && i < 16; i++) {
-          const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(barrier_words + i));
-          uint64_t word;
-          asm volatile("ld.volatile.shared.u64 %0, [%1];" : "=l"(word) : "r"(address));
-          dump[i] = word;
-        }
-      }
-      DeviceStatus* s = problem.status;
-      if (atomicCAS(&s->aborted, 0, 1) == 0) {
-        s->stalled_gemm = problem.gemm_id;
-        s->stalled_wait = which;
-        s->stalled_cta = int(blockIdx.x);
-        s->stalled_item = item;
-        __threadfence_system();
-        atomicOr(&s->error_flags, kPipelineStall);
-      }
-    }
-  }
-  // The timeout bookkeeping diverges; a consumer's wgmma (.aligned) follows. (The producer is one
-  // lane: its warp meets again after the producer loop.)
+  if (which == 1) __syncwarp();
+  if (!comm::mbarrier_try_wait_parity(barrier, phase))
+    wait_stage_slow(problem, barrier, phase, which, item, kb, stage, barrier_words, num_barrier_words);
   if (which == 1) __syncwarp();
 }
 
@@ -174,6 +181,7 @@ struct GroupedGemmConfig {
                                                  cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
   static_assert(kBlockN == 128 || kBlockN == 256);
   static_assert(kStages >= 2);
+  static_assert(2 * kStages <= 16, "the stall log keeps 16 mbarrier words per CTA");
 };
 
 template <class Config, class EpilogueStorage>
@@ -405,11 +413,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     }
     // Epilogues may store to peers; the barrier that follows the kernel publishes them system-wide.
     __threadfence_system();
+    __syncwarp();  // the epilogue's stores diverge; the cluster barrier below is .aligned
   }
   // No CTA may leave while its cluster peer can still multicast into its shared memory or arrive on
   // its barriers.
   if constexpr (kCluster > 1) {
-    cluster_arrive_relaxed();
+    cute::cluster_arrive();  // release: this CTA's arrivals on its peer's barriers land before the peer may exit
     cluster_wait();
   }
 }

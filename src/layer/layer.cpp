@@ -363,7 +363,11 @@ struct Layer::Impl {
           if (now - *fatal_since > kDrainGrace) return;
         } else {
           const int32_t flags = read_status().error_flags;
-          if (flags & kPipelineStall) return;  // that kernel waits on: nothing will drain
+          if (flags & kPipelineStall) {  // that kernel waits on: nothing will drain
+            // The other stalled warps record themselves when their own timers expire, a moment later.
+            std::this_thread::sleep_for(std::chrono::seconds(1));
+            return;
+          }
           if (flags & (kBarrierTimeout | kRowArrivalTimeout)) fatal_since = now;
         }
       }
@@ -426,15 +430,18 @@ struct Layer::Impl {
     return out;
   }
 
-  void check_errors() {
-    if (last_stream_set) bounded_sync(last_stream);
+  // `waited`: the caller has already waited for the stream of interest (Layer::synchronize).
+  void check_errors(bool waited = false) {
+    if (last_stream_set && !waited) bounded_sync(last_stream);
     const DeviceStatus s = read_status();
     std::string message = describe_device_status(s, comm.rank(), timeout_s, shape.top_k);
     if (s.error_flags & kPipelineStall) message += describe_stall_log();
     if (message.empty()) return;
-    // Bad ids and token counts affected only their own forward: clear them. A timeout stays.
+    // Bad ids and token counts affected only their own forward: clear them. A timeout stays, and once
+    // one is recorded nothing is written back (kernels may still be running and setting bits).
+    if (s.error_flags & (kBarrierTimeout | kRowArrivalTimeout | kPipelineStall)) throw RuntimeError(message);
     DeviceStatus cleared = s;
-    cleared.error_flags &= kBarrierTimeout | kRowArrivalTimeout | kPipelineStall;
+    cleared.error_flags = 0;  // only bad ids and token counts can be set here
     cleared.bad_expert_record = 0;
     cleared.bad_token_count = 0;
     MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(workspace.status(), &cleared, offsetof(DeviceStatus, timed_out_barrier),
@@ -530,7 +537,7 @@ void Layer::forward(const void* x, const int32_t* topk_ids, const float* topk_we
 void Layer::check_errors() { impl_->check_errors(); }
 void Layer::synchronize(cudaStream_t stream) {
   impl_->bounded_sync(stream);
-  impl_->check_errors();
+  impl_->check_errors(/*waited=*/stream == impl_->last_stream);
 }
 
 Layer::StageTimes Layer::last_stage_times() const {
