@@ -43,6 +43,7 @@ if getattr(torch, "float8_e4m3fn", None) is None:
 import megamoe.torch as mt  # noqa: E402
 from megamoe import reference as ref  # noqa: E402
 from megamoe.torch import MoE  # noqa: E402
+from graph_capture import capture  # noqa: E402
 
 H, I, E, K, TMAX = 512, 256, 16, 4, 256
 BOUND = {"bf16": 2e-2, "fp8": 4e-2}
@@ -261,19 +262,6 @@ def test_zero_tokens(layers, gen):
 
 # ---------------------------------------------------------------------------------------------------
 # CUDA graphs
-
-
-def capture(fn):
-    """Captures fn() (after one warm-up call on a side stream) and returns (graph, its output)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 @pytest.mark.parametrize("weight_dtype", ["bf16", "fp8"])

@@ -30,9 +30,9 @@ except ImportError:
         pytest.fail("PyTorch is required here (MEGAMOE_REQUIRE_GPU=1)", pytrace=False)
     pytest.skip("PyTorch is not installed", allow_module_level=True)
 
-import megamoe.torch as mt  # noqa: E402
 from megamoe import reference as ref  # noqa: E402
 from megamoe.torch import MoE  # noqa: E402
+from graph_capture import capture  # noqa: E402
 
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))
 torch.cuda.set_device(LOCAL_RANK)
@@ -181,18 +181,6 @@ def test_every_token_to_one_rank(layers, shared_gen, rank_gen, target):
     y = layer.forward(x, ids, w)
     layer.synchronize()
     check(y, x, ids, w, weights, False, what="all to rank %d" % target)
-
-
-def capture(fn):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
 
 
 @pytest.mark.parametrize("weight_dtype", ["bf16", "fp8"])
