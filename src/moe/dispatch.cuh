@@ -1,10 +1,11 @@
 // Dispatch, as device functions (the kernels in dispatch.cu are thin wrappers around them): every
 // (token, k) pair travels to the rank that owns expert topk_ids[t,k].
 //
-// claim (on the source rank, before the dispatch barrier), per CTA of kClaimTokensPerCta tokens:
-//   - stages the CTA's tokens in the rank's symmetric token_staging (peers pull rows from there):
-//     bf16 rows as they are; for an fp8 layer quantised per 128 columns (moe/quantize.cuh), or
-//     copied when the caller passed them quantised;
+// claim (on the source rank, before the dispatch barrier):
+//   - every CTA of the grid stages a share of the tokens (kStageTokensPerCta at a time) in the rank's
+//     symmetric token_staging (peers pull rows from there): bf16 rows as they are; for an fp8 layer
+//     quantised per 128 columns (moe/quantize.cuh), or copied when the caller passed them quantised;
+//   then per chunk of kClaimTokensPerCta tokens, one CTA:
 //   - counts the CTA's pairs per expert and claims that many slots on the owner with one atomic on
 //     the owner's expert_recv_count[e_local] (slot order within an expert is arbitrary; the results
 //     do not depend on it, since every row is computed on its own);
@@ -25,6 +26,9 @@ namespace megamoe::moe {
 
 inline constexpr int kClaimThreads = 256;
 inline constexpr int kClaimTokensPerCta = 64;
+// Staging (and fp8 quantising) x is spread over more CTAs than the claims: a few tokens per CTA per
+// round, so that a 64-token batch is not staged by one CTA alone.
+inline constexpr int kStageTokensPerCta = 4;
 inline constexpr int kClaimPairsPerThread = kClaimTokensPerCta * int(kMaxTopK) / kClaimThreads;
 inline constexpr int kScheduleThreads = 512;
 
@@ -92,9 +96,9 @@ __device__ __forceinline__ void stage_tokens(const LayerView& v, const ForwardIn
   }
 }
 
-// One claim CTA (kClaimThreads threads) handles chunks of kClaimTokensPerCta tokens: blockIdx.x,
-// blockIdx.x + gridDim.x, ... (the grid stays within the SM budget); then the last CTA to finish
-// publishes this rank's list lengths.
+// One claim CTA (kClaimThreads threads) stages its share of the tokens, then handles chunks of
+// kClaimTokensPerCta tokens: blockIdx.x, blockIdx.x + gridDim.x, ... (the grid stays within the SM
+// budget); then the last CTA to finish publishes this rank's list lengths.
 template <bool kIdsInt64>
 __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInputs& in, int32_t* smem) {
   int32_t* expert_pairs = smem;                               // [E] pairs of this chunk per expert
@@ -108,11 +112,13 @@ __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInput
   const size_t list_capacity = size_t(v.max_tokens) * K;
   const int chunks = (num_tokens + kClaimTokensPerCta - 1) / kClaimTokensPerCta;
 
+  // Peers read token_staging only after the dispatch barrier, so any CTA may stage any token.
+  for (int first = int(blockIdx.x) * kStageTokensPerCta; first < num_tokens; first += int(gridDim.x) * kStageTokensPerCta)
+    stage_tokens(v, in, first, min(kStageTokensPerCta, num_tokens - first));
+
   for (int chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
     const int token_begin = chunk * kClaimTokensPerCta;
     const int cta_tokens = min(num_tokens, token_begin + kClaimTokensPerCta) - token_begin;
-
-    stage_tokens(v, in, token_begin, cta_tokens);
 
     for (int i = threadIdx.x; i < E; i += kClaimThreads) expert_pairs[i] = 0;
     for (int i = threadIdx.x; i < v.world_size; i += kClaimThreads) rank_pairs[i] = 0;
