@@ -485,7 +485,9 @@ class MoE:
     def synchronize(self, stream: Optional[torch.cuda.Stream] = None) -> None:
         """Waits for everything enqueued on `stream` (default: the current stream), CUDA graph replays
         included, then check_errors(). Unlike torch.cuda.synchronize() it does not block forever when
-        this rank's layer is dead (a peer that never arrived, a stalled GEMM pipeline): it raises."""
+        this rank's layer is dead (a peer that never arrived, a stalled GEMM pipeline): it raises.
+        After such an error a kernel of this rank may never finish, and anything that waits for the
+        device (close(), torch.cuda.synchronize(), interpreter exit) would hang: leave with os._exit."""
         self._require_open()
         self._require_not_capturing("synchronize")
         stream = stream if stream is not None else torch.cuda.current_stream(self._state.device)
