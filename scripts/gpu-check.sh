@@ -10,6 +10,7 @@
 #     steps: machine ceilings sass gemm runtime layer stress sanitize selftest golden python example
 #            python-dist example-dist comm bench naive op-bench compare   (default: all of them, in that
 #            order; python-dist and example-dist run under torchrun and only with 2 or more GPUs;
+#            `profile` (Nsight Compute on the grouped GEMMs) runs only when named;
 #            op-bench times torch.ops.megamoe.forward as bench times the C++ layer, and compare puts
 #            the two side by side)
 # Environment:
@@ -23,7 +24,8 @@
 #   MAX_STEP_S       caps every step's time limit (a first run on a new machine, a short budget)
 #   PRESETS (default dsv4-flash,dsv4-pro,dsv3), TOKENS (default 1,64,512,1024,2048,4096,8192),
 #   DTYPES (default "fp8 bf16"), ITERS (default 30), EXPERTS_dsv4_flash etc. (default: the experts of
-#   one rank of EP 4 on one GPU: 64, 96, 64), GTEST_FILTER (optional, for the test binaries)
+#   one rank of EP 4 on one GPU: 64, 96, 64), GTEST_FILTER (optional, for the test binaries),
+#   PROFILE_TOKENS   tokens of the profile step (default 64)
 set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -150,6 +152,18 @@ for s in $steps; do
         done
       done ;;
     compare) step compare 30 python3 bench/compare.py "$OUT/bench.jsonl" ;;
+    profile)
+      # Not in the default list: Nsight Compute on the grouped GEMMs (FC1, FC2) of one rank's share of
+      # EP 4 at PROFILE_TOKENS, FP8 and BF16, the sections that say what bounds a kernel (throughput,
+      # memory, warp stalls, issue). Text in profile-<dtype>.log; reports in $OUT/*.ncu-rep.
+      for d in $DTYPES; do
+        step "profile-$d" 300 ncu --target-processes all -k regex:grouped_gemm_kernel --launch-skip 8 --launch-count 4 \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+          --section WarpStateStats --section SchedulerStats --section LaunchStats --section Occupancy \
+          -f -o "$OUT/profile-$d" "$BIN/megamoe" bench --gpus 1 --preset dsv4-flash --experts 64 --dtype "$d" \
+          --tokens "${PROFILE_TOKENS:-64}" --iters 2
+        step "profile-$d-text" 60 ncu --import "$OUT/profile-$d.ncu-rep" --page details
+      done ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
 done
