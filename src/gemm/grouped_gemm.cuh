@@ -164,6 +164,8 @@ struct GroupedGemmConfig {
   // Columns one wgmma batch covers: the whole tile (bf16), or 128 (fp8: the partial accumulator).
   static constexpr int kMmaN = kBlockScaled ? 128 : kBlockN;
   static constexpr int kMmaPasses = kBlockN / kMmaN;
+  // FP8 tiles with <= 64 rows: both consumer warpgroups on those rows, one 128-column pass each.
+  static constexpr bool kSplitSmallTiles = kBlockScaled && kMmaPasses == 2 && kFp8SplitSmallTiles;
   static constexpr uint32_t kBytesA = kBlockM * kBlockK * sizeof(Element);
   static constexpr uint32_t kBytesB = kBlockN * kBlockK * sizeof(Element);
   static constexpr size_t kStageBytes = kBytesA + kBytesB + 16 /* two mbarriers */;
@@ -205,14 +207,20 @@ template <class Accum, class Coords, int kPasses, int kPassCols>
 struct TileValues {
   Accum (&accum)[kPasses];  // fragments of 128 x kPassCols
   const Coords& coords;
+  // A split tile (kFp8SplitSmallTiles): both warpgroups hold the tile's first 64 rows, one pass each;
+  // the second warpgroup's coordinates are those of rows 64-127, shifted up by row_shift = -64.
+  bool split_n = false;
+  int pass_begin = 0, pass_end = kPasses, row_shift = 0;
   template <class F>
   __device__ __forceinline__ void for_each_pair(F&& f) const {
 #pragma unroll
-    for (int pass = 0; pass < kPasses; pass++)
+    for (int pass = 0; pass < kPasses; pass++) {
+      if (pass < pass_begin || pass >= pass_end) continue;
 #pragma unroll
       for (int i = 0; i < cute::size(accum[pass]); i += 2)
-        f(int(cute::get<0>(coords(i))), pass * kPassCols + int(cute::get<1>(coords(i))), accum[pass](i),
+        f(int(cute::get<0>(coords(i))) + row_shift, pass * kPassCols + int(cute::get<1>(coords(i))), accum[pass](i),
           accum[pass](i + 1));
+    }
   }
 };
 
@@ -319,7 +327,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     using Fragment = decltype(partition_fragment_C(tiled_mma, Shape<Int<BM>, Int<kMmaN>>{}));
     Fragment accum[kPasses];
     Tensor tile_coords = thread_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<kMmaN>>{}));
-    const TileValues<Fragment, decltype(tile_coords), kPasses, kMmaN> values{accum, tile_coords};
+    // The A operand of the tile's first 64 rows, which both warpgroups use on split tiles.
+    Tensor tCrA_first = tiled_mma.get_thread_slice(consumer_tid % 128).make_fragment_A(
+        tiled_mma.get_thread_slice(consumer_tid % 128).partition_A(sA));
 
     PipelineState read;
     for (int item = cluster_id; item < num_items; item += num_clusters) {
@@ -364,7 +374,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         Fragment partial;
         CUTE_UNROLL
         for (int pass = 0; pass < kPasses; pass++) clear(accum[pass]);
-        const int row0 = int(get<0>(tile_coords(0)));  // this thread's rows: row0 and row0 + 8
+        // A split tile (kFp8SplitSmallTiles): <= 64 rows, each warpgroup computes them for one pass.
+        const bool split = Config::kSplitSmallTiles && has_rows && c.rows_valid <= 64;
+        // This thread's rows: row0 and row0 + 8.
+        const int row0 = int(get<0>(tile_coords(0))) - (split ? 64 * consumer_wg : 0);
         const WeightScales& ws = problem.weight_scales;
         const float* b_scale_base =
             ws.scales + (size_t(c.expert) * (problem.n / 128) + size_t(c.n_block) * ws.n_block_stride) * k_blocks;
@@ -376,7 +389,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
           const float b_scale0 = __ldg(b_scale_base + kb);
           const float b_scale1 = kTwoWeightBlocks ? __ldg(b_scale_base + size_t(ws.slot_stride) * k_blocks + kb) : b_scale0;
           wait_stage(problem, &smem.full[stage], read.phase(), 1, item, kb, stage);
-          if (wg_has_rows) {
+          if (wg_has_rows || split) {
             // This thread's two row scales of the k block, read after the stage's barrier (FC1's feed
             // writes them in this kernel: the barrier orders them before us), from L2 (__ldcg: no stale
             // L1 line of an earlier forward), while the wgmma runs. Rows past the expert's are unused.
@@ -385,18 +398,28 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
             const float a_scale1 = row0 + 8 < c.rows_valid ? __ldcg(a_scales + row0 + 8) : 0.0f;
             CUTE_UNROLL
             for (int pass = 0; pass < kPasses; pass++) {
+              if (split && pass != consumer_wg) continue;
               tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
               warpgroup_fence_operand(partial);
               warpgroup_arrive();
-              CUTE_UNROLL
-              for (int k = 0; k < size<2>(tCrA); k++) {
-                cute::gemm(tiled_mma, tCrA(_, _, k, stage), tCrB(_, _, k, stage * kPasses + pass), partial);
-                tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+              if (split) {  // (a branch, not a reference to either fragment: that would put them in memory)
+                CUTE_UNROLL
+                for (int k = 0; k < size<2>(tCrA); k++) {
+                  cute::gemm(tiled_mma, tCrA_first(_, _, k, stage), tCrB(_, _, k, stage * kPasses + pass), partial);
+                  tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+                }
+              } else {
+                CUTE_UNROLL
+                for (int k = 0; k < size<2>(tCrA); k++) {
+                  cute::gemm(tiled_mma, tCrA(_, _, k, stage), tCrB(_, _, k, stage * kPasses + pass), partial);
+                  tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+                }
               }
               warpgroup_commit_batch();
               warpgroup_wait<0>();
               warpgroup_fence_operand(partial);
-              if (pass == kPasses - 1) release(stage);  // the last wgmma that reads this stage is done
+              // The last wgmma of this warpgroup that reads this stage is done.
+              if (pass == (split ? consumer_wg : kPasses - 1)) release(stage);
               // Slot of a column: its parity (interleaved gate/up) or its 128-column pass.
               const float b_even = Epilogue::kScaleSlotIsParity ? b_scale0 : (pass ? b_scale1 : b_scale0);
               const float b_odd = Epilogue::kScaleSlotIsParity ? b_scale1 : b_even;
@@ -409,7 +432,13 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
           }
         }
       }
-      if (has_rows) Epilogue::apply(epilogue_params, smem.epilogue, values, c, consumer_tid);
+      if (has_rows) {
+        const bool split = Config::kSplitSmallTiles && c.rows_valid <= 64;
+        const TileValues<Fragment, decltype(tile_coords), kPasses, kMmaN> values{
+            accum, tile_coords, split, split ? consumer_wg : 0, split ? consumer_wg + 1 : kPasses,
+            split ? -64 * consumer_wg : 0};
+        Epilogue::apply(epilogue_params, smem.epilogue, values, c, consumer_tid);
+      }
     }
     // Epilogues may store to peers; the barrier that follows the kernel publishes them system-wide.
     __threadfence_system();

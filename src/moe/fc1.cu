@@ -149,9 +149,24 @@ struct SwigluFp8Epilogue {
       amax[r] = fmaxf(amax[r], fabsf(gate));
       rows[r] = row;
     });
+#pragma unroll
+    for (int r = 0; r < 2; r++) amax[r] = lanes_max(amax[r], 4);
+    if (values.split_n) {
+      // A split tile: this warpgroup holds 64 of a row's 128 outputs, the other warpgroup the rest.
+      // The staging tile is free scratch until store_staged's first barrier.
+      float* exchange = reinterpret_cast<float*>(s.tile);  // [warpgroup][64 rows]
+      const int wg = consumer_tid / 128;
+      gemm::consumer_sync();  // the previous tile's staged rows have been stored
+      if (consumer_tid % 4 == 0)
+#pragma unroll
+        for (int r = 0; r < 2; r++) exchange[wg * 64 + rows[r]] = amax[r];
+      gemm::consumer_sync();
+#pragma unroll
+      for (int r = 0; r < 2; r++) amax[r] = fmaxf(amax[r], exchange[(1 - wg) * 64 + rows[r]]);
+    }
     float scale[2];
 #pragma unroll
-    for (int r = 0; r < 2; r++) scale[r] = fp8_block_scale(lanes_max(amax[r], 4));
+    for (int r = 0; r < 2; r++) scale[r] = fp8_block_scale(amax[r]);
     gemm::store_staged<1>(
         s, consumer_tid, c.rows_valid,
         [&](int, unsigned char* tile) {
@@ -163,7 +178,7 @@ struct SwigluFp8Epilogue {
         [&](int row, int, int byte, int4 vector) {
           *reinterpret_cast<int4*>(p.out + size_t(c.row_begin + row) * p.out_cols + c.n_block * kOutCols + byte) = vector;
         });
-    if (consumer_tid % 4 == 0)
+    if (consumer_tid % 4 == 0 && !(values.split_n && consumer_tid >= 128))  // a split tile's rows: once
 #pragma unroll
       for (int r = 0; r < 2; r++)
         if (rows[r] < c.rows_valid) p.out_scale[size_t(c.n_block) * p.scale_pitch + c.row_begin + rows[r]] = scale[r];
