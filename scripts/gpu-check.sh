@@ -107,7 +107,7 @@ for s in $steps; do
       fi ;;
     python)
       step python 600 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" MEGAMOE_REQUIRE_LIBRARY=1 MEGAMOE_REQUIRE_GPU=1 \
-        PYTHONPATH=python python3 -m pytest -q -rs python/tests ;;
+        PYTHONPATH=python python3 -m pytest -v -rs python/tests ;;  # -v: every test and its result, for docs/GPU-RUNS.md
     example)
       step example 300 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" PYTHONPATH=python python3 examples/deepseek_moe_block.py ;;
     python-dist|example-dist)
@@ -116,7 +116,7 @@ for s in $steps; do
         if [ $s = python-dist ]; then
           step "python-dist-$GPUS" 400 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" MEGAMOE_REQUIRE_LIBRARY=1 MEGAMOE_REQUIRE_GPU=1 \
             PYTHONPATH=python python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" \
-            -m pytest -q -p no:cacheprovider python/tests/test_torch_distributed.py
+            -m pytest -v -p no:cacheprovider python/tests/test_torch_distributed.py
         else
           step "example-dist-$GPUS" 300 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" PYTHONPATH=python \
             python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" examples/deepseek_moe_block.py
