@@ -2,6 +2,7 @@
 #pragma once
 #include "comm/barrier.h"
 #include "comm/bounded_wait.cuh"
+#include "comm/peer.cuh"
 
 namespace megamoe::comm {
 
@@ -22,7 +23,7 @@ __device__ __forceinline__ void device_barrier_cta(const DeviceBarrierView& b, i
     // Everything this rank wrote before the barrier (earlier kernels included) is ordered before
     // the flag store, so a peer that sees the flag sees the data.
     __threadfence_system();
-    st_release_sys(b.peers.map(b.flags, peer) + b.rank, epoch);
+    peer_signal(b.peers, b.flags + b.rank, peer, epoch);
     const uint64_t* mine = b.flags + peer;
     bounded_wait(
         b.status, b.timeout_ns, [&] { return ld_acquire_sys(mine) >= epoch; },

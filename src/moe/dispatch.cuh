@@ -18,6 +18,7 @@
 #pragma once
 #include <cuda_bf16.h>
 
+#include "comm/peer.cuh"
 #include "gemm/scheduler.h"
 #include "moe/device_status.cuh"
 #include "moe/quantize.cuh"
@@ -149,8 +150,8 @@ __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInput
     for (int e = threadIdx.x; e < E; e += kClaimThreads) {
       const int n = expert_pairs[e];
       if (n) {
-        int32_t* counter = v.peers.map(v.ws.expert_recv_count + e % experts_per_rank, e / experts_per_rank);
-        expert_first_slot[e] = atomicAdd_system(counter, n);
+        expert_first_slot[e] =
+            comm::peer_fetch_add(v.peers, v.ws.expert_recv_count + e % experts_per_rank, e / experts_per_rank, n);
       }
     }
     for (int r = threadIdx.x; r < v.world_size; r += kClaimThreads) {
@@ -165,9 +166,9 @@ __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInput
       if (id >= 0) {
         const int owner = id / experts_per_rank;
         const int p = threadIdx.x + j * kClaimThreads;
-        RecvPair* list = v.peers.map(v.ws.recv_pairs, owner) + size_t(v.rank) * list_capacity;
-        list[rank_first_entry[owner] + pos_in_list[j]] =
-            RecvPair{id % experts_per_rank, expert_first_slot[id] + pos_in_expert[j], token_begin * K + p, 0};
+        RecvPair* entry = v.ws.recv_pairs + size_t(v.rank) * list_capacity + (rank_first_entry[owner] + pos_in_list[j]);
+        comm::peer_store(v.peers, entry, owner,
+                         RecvPair{id % experts_per_rank, expert_first_slot[id] + pos_in_expert[j], token_begin * K + p, 0});
       }
     }
     __syncthreads();  // the counters are reset for the next chunk only after every thread used them
@@ -181,7 +182,7 @@ __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInput
   if (is_last_cta) {
     __threadfence();
     for (int r = threadIdx.x; r < v.world_size; r += kClaimThreads)
-      v.peers.map(v.ws.source_pair_count, r)[v.rank] = atomicAdd(&v.ws.send_pair_count[r], 0);
+      comm::peer_store(v.peers, v.ws.source_pair_count + v.rank, r, atomicAdd(&v.ws.send_pair_count[r], 0));
     __threadfence_system();
   }
 }

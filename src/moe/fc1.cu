@@ -8,6 +8,7 @@
 // from the staging area of the rank the token came from (NVLink for remote ranks), in pool order, so
 // the first experts' tiles start while later rows are still in flight.
 #include "comm/bounded_wait.cuh"
+#include "comm/peer.cuh"
 #include "gemm/grouped_gemm.cuh"
 #include "moe/quantize.cuh"
 #include "moe/stages.h"
@@ -20,7 +21,7 @@ struct PullRowsFeed {
   struct Params {
     const PoolSource* pool_source;     // per pool row (dispatch_schedule)
     PeerPointers peers;                // every rank's symmetric arena
-    const uint8_t* token_staging;      // this rank's (peers' through peers.map)
+    const uint8_t* token_staging;      // this rank's copy (peers' through comm::peer_get_warp)
     const float* token_staging_scale;  // fp8: [max_tokens, H/128], this rank's
     uint8_t* token_pool;
     float* token_pool_scale;           // fp8: [H/128, scale_pitch]
@@ -30,7 +31,7 @@ struct PullRowsFeed {
     uint64_t timeout_ns;
     DeviceStatus* status;
   };
-  static constexpr int kVectorsInFlight = 4;  // 16-byte loads per lane issued before their stores
+  static constexpr int kVectorsInFlight = 4;  // remote 16-byte loads per lane issued before their stores
 
   // Worker w (one warp) copies pool rows w, w + workers, ...: all workers sweep the pool in order.
   __device__ static void copy_rows(const Params& p, int worker, int workers) {
@@ -42,24 +43,13 @@ struct PullRowsFeed {
       while (__ldg(p.expert_row_offset + expert + 1) <= row) expert++;
       const PoolSource src = p.pool_source[row];
       const int token = src.source_pair / p.top_k;
-      const int4* from = reinterpret_cast<const int4*>(p.peers.map(p.token_staging, src.rank)) + size_t(token) * row_vectors;
-      int4* to = reinterpret_cast<int4*>(p.token_pool) + size_t(row) * row_vectors;
-      for (int c0 = 0; c0 < row_vectors; c0 += 32 * kVectorsInFlight) {
-        int4 buf[kVectorsInFlight];
-#pragma unroll
-        for (int u = 0; u < kVectorsInFlight; u++) {
-          const int c = c0 + u * 32 + lane;
-          if (c < row_vectors) buf[u] = from[c];
-        }
-#pragma unroll
-        for (int u = 0; u < kVectorsInFlight; u++) {
-          const int c = c0 + u * 32 + lane;
-          if (c < row_vectors) to[c] = buf[u];
-        }
-      }
+      comm::peer_get_warp<kVectorsInFlight>(p.peers, reinterpret_cast<const int4*>(p.token_staging) + size_t(token) * row_vectors,
+                                            src.rank, reinterpret_cast<int4*>(p.token_pool) + size_t(row) * row_vectors,
+                                            row_vectors);
       if (p.scale_blocks) {  // fp8: the row's scales, into the pool's block-column-major scale matrix
-        const float* scales = p.peers.map(p.token_staging_scale, src.rank) + size_t(token) * p.scale_blocks;
-        for (int b = lane; b < p.scale_blocks; b += 32) p.token_pool_scale[size_t(b) * p.scale_pitch + row] = scales[b];
+        const float* scales = p.token_staging_scale + size_t(token) * p.scale_blocks;
+        for (int b = lane; b < p.scale_blocks; b += 32)
+          p.token_pool_scale[size_t(b) * p.scale_pitch + row] = comm::peer_load(p.peers, scales + b, src.rank);
       }
       __syncwarp();
       if (lane == 0) {

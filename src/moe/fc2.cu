@@ -1,6 +1,7 @@
 // FC2: each pool row's output goes straight back to the rank it came from, into that rank's
 // combine_recv[t*K+k] (an NVLink store for remote sources), so combine only has to sum. Rows are
 // bf16 for both layer formats (FP8 layers compute FC2 from e4m3 fc1_out with block scales).
+#include "comm/peer.cuh"
 #include "gemm/grouped_gemm.cuh"
 #include "moe/stages.h"
 #include "runtime/cuda_check.h"
@@ -13,7 +14,7 @@ struct ScatterEpilogue {
   struct Params {
     const PoolSource* pool_source;  // per pool row
     PeerPointers peers;             // every rank's symmetric arena
-    uint8_t* combine_recv;          // this rank's (the source's through peers.map)
+    uint8_t* combine_recv;          // this rank's copy (the source's through comm::peer_store)
     int32_t hidden;
   };
   struct SharedStorage {
@@ -40,9 +41,9 @@ struct ScatterEpilogue {
         },
         [&](int row, int chunk, int byte, int4 vector) {
           const PoolSource src = s.source[row];
-          __nv_bfloat16* dst = reinterpret_cast<__nv_bfloat16*>(p.peers.map(p.combine_recv, src.rank)) +
-                               size_t(src.source_pair) * p.hidden + c.n_block * kBlockN + chunk * gemm::kEpilogueChunkCols;
-          *reinterpret_cast<int4*>(reinterpret_cast<unsigned char*>(dst) + byte) = vector;
+          __nv_bfloat16* dst = reinterpret_cast<__nv_bfloat16*>(p.combine_recv) + size_t(src.source_pair) * p.hidden +
+                               c.n_block * kBlockN + chunk * gemm::kEpilogueChunkCols;
+          comm::peer_store(p.peers, reinterpret_cast<int4*>(reinterpret_cast<unsigned char*>(dst) + byte), src.rank, vector);
         });
   }
 };
