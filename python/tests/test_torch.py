@@ -12,7 +12,6 @@ Error bounds (per token: ||y[t] - ref[t]|| / ||ref[t]||, tokens without any expe
 Graph replays and torch.compile runs must be bit-identical to eager forwards on the same inputs.
 """
 
-import math
 import os
 import zlib
 
@@ -43,7 +42,7 @@ if getattr(torch, "float8_e4m3fn", None) is None:
 import megamoe.torch as mt  # noqa: E402
 from megamoe import reference as ref  # noqa: E402
 from megamoe.torch import MoE  # noqa: E402
-from graph_capture import capture  # noqa: E402
+from torch_helpers import ExpertWeights, capture, uniform  # noqa: E402
 
 H, I, E, K, TMAX = 512, 256, 16, 4, 256
 BOUND = {"bf16": 2e-2, "fp8": 4e-2}
@@ -95,30 +94,11 @@ def layers():
     cache.close()
 
 
-def uniform(gen, shape, scale=1.0, dtype=torch.bfloat16):
-    return ((torch.rand(shape, generator=gen, device=DEV) * 2 - 1) * scale).to(dtype)
-
-
-class Weights:
-    """Random bf16 master weights of all E experts, and what the layer computes with."""
+class Weights(ExpertWeights):
+    """All E experts' weights (torch_helpers.ExpertWeights) for this module's shape."""
 
     def __init__(self, gen, fp8):
-        self.w13 = uniform(gen, (E, 2 * I, H), 1 / math.sqrt(H))
-        self.w2 = uniform(gen, (E, H, I), 1 / math.sqrt(I))
-        self.fp8 = fp8
-        if fp8:
-            self.q13, self.s13 = ref.quantize_blocks_fp8(self.w13, 128, 128)
-            self.q2, self.s2 = ref.quantize_blocks_fp8(self.w2, 128, 128)
-            self.ref13 = ref.dequantize_blocks_fp8(self.q13, self.s13)
-            self.ref2 = ref.dequantize_blocks_fp8(self.q2, self.s2)
-        else:
-            self.ref13, self.ref2 = self.w13, self.w2
-
-    def load(self, layer, as_bf16=False):
-        if self.fp8 and not as_bf16:
-            layer.load_weights(self.q13, self.q2, self.s13, self.s2)
-        else:
-            layer.load_weights(self.w13, self.w2)
+        super().__init__(gen, fp8, E, H, I)
 
 
 def routing(gen, tokens, ids_dtype=torch.int32, mask_fraction=0.0):

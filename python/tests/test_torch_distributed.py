@@ -9,7 +9,6 @@ against the plain PyTorch reference over all experts. Every test is collective: 
 same tests in the same order. Outside torchrun (WORLD_SIZE < 2) the module reports itself skipped.
 """
 
-import math
 import os
 import zlib
 
@@ -32,7 +31,7 @@ except ImportError:
 
 from megamoe import reference as ref  # noqa: E402
 from megamoe.torch import MoE  # noqa: E402
-from graph_capture import capture  # noqa: E402
+from torch_helpers import ExpertWeights, capture, uniform  # noqa: E402
 
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))
 torch.cuda.set_device(LOCAL_RANK)
@@ -88,31 +87,11 @@ def layers():
         layer.close()
 
 
-def uniform(gen, shape, scale=1.0):
-    return ((torch.rand(shape, generator=gen, device=DEV) * 2 - 1) * scale).to(torch.bfloat16)
-
-
-class Weights:
-    """All E experts' bf16 master weights (the same on every rank) and what the layer computes with."""
+class Weights(ExpertWeights):
+    """All E experts' weights (torch_helpers.ExpertWeights) for this module's shape."""
 
     def __init__(self, gen, fp8):
-        self.w13 = uniform(gen, (E, 2 * I, H), 1 / math.sqrt(H))
-        self.w2 = uniform(gen, (E, H, I), 1 / math.sqrt(I))
-        self.fp8 = fp8
-        if fp8:
-            self.q13, self.s13 = ref.quantize_blocks_fp8(self.w13, 128, 128)
-            self.q2, self.s2 = ref.quantize_blocks_fp8(self.w2, 128, 128)
-            self.ref13, self.ref2 = ref.dequantize_blocks_fp8(self.q13, self.s13), ref.dequantize_blocks_fp8(self.q2, self.s2)
-        else:
-            self.ref13, self.ref2 = self.w13, self.w2
-
-    def load(self, layer):
-        mine = slice(layer.first_expert, layer.first_expert + layer.experts_per_rank)
-        if self.fp8:
-            layer.load_weights(self.q13[mine].contiguous(), self.q2[mine].contiguous(), self.s13[mine].contiguous(),
-                               self.s2[mine].contiguous())
-        else:
-            layer.load_weights(self.w13[mine].contiguous(), self.w2[mine].contiguous())
+        super().__init__(gen, fp8, E, H, I)
 
 
 def routing(gen, tokens, ids_dtype=torch.int32, all_to_rank=None):
