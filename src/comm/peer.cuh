@@ -5,7 +5,7 @@
 // Today every rank's copy is mapped into this GPU's address space (NCCL LSA windows over NVLink, or
 // slices of one allocation on the loopback transport), so each operation is a plain load, store or
 // atomic through that mapping. A transport without such a mapping (NCCL GIN across nodes) would
-// implement the same five operations as remote atomics, puts, gets and signals; the stages use
+// implement the same operations as remote atomics, puts, gets and signals; the stages use
 // nothing else: claim (fetch_add, store), schedule (local reads only), FC1's row pull (get),
 // FC2's row scatter (store), barriers (signal; the wait is on local memory).
 #pragma once
@@ -53,6 +53,15 @@ __device__ __forceinline__ void peer_get_warp(const PeerPointers& peers, const i
       if (c < vectors) to[c] = buf[u];
     }
   }
+}
+
+// One warp loads `count` values from `object` on `rank` and stores value i at to[i * to_stride] here
+// (a row's scales into a block-column-major matrix); the peer address is mapped once.
+template <class T>
+__device__ __forceinline__ void peer_get_warp_strided(const PeerPointers& peers, const T* object, int rank, T* to,
+                                                      size_t to_stride, int count) {
+  const T* from = peers.map(object, rank);
+  for (int i = int(threadIdx.x) % 32; i < count; i += 32) to[size_t(i) * to_stride] = from[i];
 }
 
 // Stores `value` into the flag `object` on `rank` with release semantics at system scope: a peer that

@@ -38,9 +38,13 @@ inline constexpr int stages_for(size_t stage_bytes, size_t other_bytes) {
 // plus two standard deviations reach a second tile.
 // FP8 tiles with <= 64 valid rows: split N instead of M between the two consumer warpgroups (both
 // on the same 64 rows, one 128-column pass each), so that at decode sizes the second warpgroup
-// works instead of idling (docs/PERFORMANCE.md, the FP8 plan). Off: written on 2026-11-29 without a
-// GPU; turn on once test_gpu_gemm and test_gpu_layer pass with it and the benchmark shows the gain.
-inline constexpr bool kFp8SplitSmallTiles = false;
+// works instead of idling (docs/PERFORMANCE.md, the FP8 plan). Off by default (CMake option
+// MEGAMOE_FP8_SPLIT_SMALL_TILES turns it on): written on 2026-11-29 without a GPU; make it the
+// default once test_gpu_gemm and test_gpu_layer pass with it and the benchmark shows the gain.
+#ifndef MEGAMOE_FP8_SPLIT_SMALL_TILES
+#define MEGAMOE_FP8_SPLIT_SMALL_TILES 0
+#endif
+inline constexpr bool kFp8SplitSmallTiles = MEGAMOE_FP8_SPLIT_SMALL_TILES != 0;
 
 // Room in the GEMM stall log (GroupedProblem::stall_log) for any grid of a Hopper part.
 inline constexpr int kStallLogCtas = 1024;

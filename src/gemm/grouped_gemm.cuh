@@ -213,13 +213,19 @@ struct TileValues {
   int pass_begin = 0, pass_end = kPasses, row_shift = 0;
   template <class F>
   __device__ __forceinline__ void for_each_pair(F&& f) const {
+    for_each_pair_with_half([&](int row, int col, float& v0, float& v1, int) { f(row, col, v0, v1); });
+  }
+  // The same, also passing which of its two rows (row0, row0 + 8) the pair is in, as a constant after
+  // unrolling: per-row state indexed by it stays in registers.
+  template <class F>
+  __device__ __forceinline__ void for_each_pair_with_half(F&& f) const {
 #pragma unroll
     for (int pass = 0; pass < kPasses; pass++) {
       if (pass < pass_begin || pass >= pass_end) continue;
 #pragma unroll
       for (int i = 0; i < cute::size(accum[pass]); i += 2)
         f(int(cute::get<0>(coords(i))) + row_shift, pass * kPassCols + int(cute::get<1>(coords(i))), accum[pass](i),
-          accum[pass](i + 1));
+          accum[pass](i + 1), (i >> 1) & 1);
     }
   }
 };

@@ -47,9 +47,8 @@ struct PullRowsFeed {
                                             src.rank, reinterpret_cast<int4*>(p.token_pool) + size_t(row) * row_vectors,
                                             row_vectors);
       if (p.scale_blocks) {  // fp8: the row's scales, into the pool's block-column-major scale matrix
-        const float* scales = p.token_staging_scale + size_t(token) * p.scale_blocks;
-        for (int b = lane; b < p.scale_blocks; b += 32)
-          p.token_pool_scale[size_t(b) * p.scale_pitch + row] = comm::peer_load(p.peers, scales + b, src.rank);
+        comm::peer_get_warp_strided(p.peers, p.token_staging_scale + size_t(token) * p.scale_blocks, src.rank,
+                                    p.token_pool_scale + row, size_t(p.scale_pitch), p.scale_blocks);
       }
       __syncwarp();
       if (lane == 0) {
@@ -129,12 +128,11 @@ struct SwigluFp8Epilogue {
   template <class Values>
   __device__ static void apply(const Params& p, SharedStorage& s, const Values& values, const gemm::TileCoord& c,
                                int consumer_tid) {
-    // A thread holds two rows (bit 3 of the row tells them apart); each row's 128 outputs are spread
+    // A thread holds two rows (row0 and row0 + 8: `r`); each row's 128 outputs are spread
     // over the 4 lanes of a quad.
     float amax[2] = {0.0f, 0.0f};
     int rows[2] = {0, 0};
-    values.for_each_pair([&](int row, int, float& gate, float& up) {
-      const int r = (row >> 3) & 1;
+    values.for_each_pair_with_half([&](int row, int, float& gate, float& up, int r) {
       gate = swiglu(gate, up, p.limit);  // h kept in place for the second pass
       amax[r] = fmaxf(amax[r], fabsf(gate));
       rows[r] = row;
@@ -160,9 +158,9 @@ struct SwigluFp8Epilogue {
     gemm::store_staged<1>(
         s, consumer_tid, c.rows_valid,
         [&](int, unsigned char* tile) {
-          values.for_each_pair([&](int row, int col, float& h, float&) {
+          values.for_each_pair_with_half([&](int row, int col, float& h, float&, int r) {
             tile[row * gemm::kEpilogueRowPitchBytes + col / 2] =
-                __nv_cvt_float_to_fp8(__fdiv_rn(h, scale[(row >> 3) & 1]), __NV_SATFINITE, __NV_E4M3);
+                __nv_cvt_float_to_fp8(__fdiv_rn(h, scale[r]), __NV_SATFINITE, __NV_E4M3);
           });
         },
         [&](int row, int, int byte, int4 vector) {
