@@ -27,12 +27,6 @@ __device__ __forceinline__ void peer_store(const PeerPointers& peers, T* object,
   *peers.map(object, rank) = value;
 }
 
-// Loads `object` from `rank`. Weak: only after the signal that published it has been acquired.
-template <class T>
-__device__ __forceinline__ T peer_load(const PeerPointers& peers, const T* object, int rank) {
-  return *peers.map(object, rank);
-}
-
 // One warp copies `vectors` 16-byte vectors from `object` on `rank` into this rank's `to`; each lane
 // has kInFlight loads outstanding before it stores them (the latency of a remote read is long).
 template <int kInFlight>
