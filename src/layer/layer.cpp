@@ -397,19 +397,18 @@ struct Layer::Impl {
                       "; barriers signalled here by rank";
     for (int r = 0; r < W; r++) out += " " + std::to_string(r) + ": " + std::to_string(flags[size_t(r)]);
     out += "; FC1 rows copied in " + std::to_string(arrived_total) + " of " + std::to_string(offsets[size_t(El)]);
-    return out + describe_stall_log();
+    return out + describe_stall_log(st.stalled_cta);
   }
 
   // For a stalled GEMM: every warp of the stalled CTA and its pair that timed out in a pipeline wait
   // (work item, k block, stage, phase; wait 0 the producer's for a free stage, 1 a consumer's for a
   // full one), and the raw words of their stages' mbarriers (full..., empty...).
-  std::string describe_stall_log() const {
+  std::string describe_stall_log(int stalled_cta) const {
     std::vector<int32_t> log(stall_log.count, 0);
     MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(log.data(), stall_log.ptr, stall_log.bytes(), cudaMemcpyDeviceToHost, status_stream));
     MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(status_stream));
-    const DeviceStatus st = read_status();
     std::string out;
-    const int first_cta = st.stalled_cta & ~1;
+    const int first_cta = stalled_cta & ~1;
     for (int cta = first_cta; cta < first_cta + 2 && cta < gemm::kStallLogCtas; cta++) {
       for (int w = 0; w < 12; w++) {
         const int32_t* e = &log[size_t(cta * 12 + w) * 4];
@@ -435,7 +434,7 @@ struct Layer::Impl {
     if (last_stream_set && !waited) bounded_sync(last_stream);
     const DeviceStatus s = read_status();
     std::string message = describe_device_status(s, comm.rank(), timeout_s, shape.top_k);
-    if (s.error_flags & kPipelineStall) message += describe_stall_log();
+    if (s.error_flags & kPipelineStall) message += describe_stall_log(s.stalled_cta);
     if (message.empty()) return;
     // Bad ids and token counts affected only their own forward: clear them. A timeout stays, and once
     // one is recorded nothing is written back (kernels may still be running and setting bits).
