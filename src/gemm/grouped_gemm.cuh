@@ -207,10 +207,10 @@ template <class Accum, class Coords, int kPasses, int kPassCols>
 struct TileValues {
   Accum (&accum)[kPasses];  // fragments of 128 x kPassCols
   const Coords& coords;
-  // A split tile (kFp8SplitSmallTiles): both warpgroups hold the tile's first 64 rows, one pass each;
-  // the second warpgroup's coordinates are those of rows 64-127, shifted up by row_shift = -64.
+  // A split tile (kFp8SplitSmallTiles): both warpgroups hold the tile's first 64 rows, warpgroup w
+  // pass w only; the second warpgroup's coordinates are those of rows 64-127, shifted up by 64.
   bool split_n = false;
-  int pass_begin = 0, pass_end = kPasses, row_shift = 0;
+  int warpgroup = 0;
   template <class F>
   __device__ __forceinline__ void for_each_pair(F&& f) const {
     for_each_pair_with_half([&](int row, int col, float& v0, float& v1, int) { f(row, col, v0, v1); });
@@ -221,10 +221,10 @@ struct TileValues {
   __device__ __forceinline__ void for_each_pair_with_half(F&& f) const {
 #pragma unroll
     for (int pass = 0; pass < kPasses; pass++) {
-      if (pass < pass_begin || pass >= pass_end) continue;
+      if (split_n && pass != warpgroup) continue;
 #pragma unroll
       for (int i = 0; i < cute::size(accum[pass]); i += 2)
-        f(int(cute::get<0>(coords(i))) + row_shift, pass * kPassCols + int(cute::get<1>(coords(i))), accum[pass](i),
+        f(int(cute::get<0>(coords(i))) - (split_n ? 64 * warpgroup : 0), pass * kPassCols + int(cute::get<1>(coords(i))), accum[pass](i),
           accum[pass](i + 1), (i >> 1) & 1);
     }
   }
@@ -345,6 +345,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       // skip the math; the epilogue stores only valid rows.
       const bool has_rows = c.rows_valid > 0;
       const bool wg_has_rows = c.rows_valid > 64 * consumer_wg;
+      // A split tile (kFp8SplitSmallTiles): <= 64 rows, each warpgroup computes them for one pass.
+      const bool split = Config::kSplitSmallTiles && has_rows && c.rows_valid <= 64;
       if constexpr (!Config::kBlockScaled) {
         tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
         int previous_stage = -1;
@@ -380,8 +382,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         Fragment partial;
         CUTE_UNROLL
         for (int pass = 0; pass < kPasses; pass++) clear(accum[pass]);
-        // A split tile (kFp8SplitSmallTiles): <= 64 rows, each warpgroup computes them for one pass.
-        const bool split = Config::kSplitSmallTiles && has_rows && c.rows_valid <= 64;
         // This thread's rows: row0 and row0 + 8.
         const int row0 = int(get<0>(tile_coords(0))) - (split ? 64 * consumer_wg : 0);
         const WeightScales& ws = problem.weight_scales;
@@ -439,10 +439,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         }
       }
       if (has_rows) {
-        const bool split = Config::kSplitSmallTiles && c.rows_valid <= 64;
-        const TileValues<Fragment, decltype(tile_coords), kPasses, kMmaN> values{
-            accum, tile_coords, split, split ? consumer_wg : 0, split ? consumer_wg + 1 : kPasses,
-            split ? -64 * consumer_wg : 0};
+        const TileValues<Fragment, decltype(tile_coords), kPasses, kMmaN> values{accum, tile_coords, split,
+                                                                                 consumer_wg};
         Epilogue::apply(epilogue_params, smem.epilogue, values, c, consumer_tid);
       }
     }
