@@ -53,14 +53,6 @@ except ImportError as e:  # reported by main() once the flags are checked
     TORCH_IMPORT_ERROR = e
 
 IMPL = "megamoe-torch-op"
-# name: (hidden, intermediate, experts, top_k, swiglu_limit), as make_preset (src/core/shape.cpp)
-# builds them: the limit is part of the layer megamoe bench times.
-PRESETS = {
-    "dsv3": (7168, 2048, 256, 8, 0.0),
-    "dsv4-flash": (4096, 2048, 256, 6, 10.0),
-    "dsv4-pro": (7168, 3072, 384, 6, 10.0),
-    "tiny": (256, 128, 16, 4, 0.0),
-}
 MAX_TOKENS = 1 << 20  # megamoe bench's --tokens bound (kMaxBenchTokens)
 NO_GPU_EXIT = 2  # as `megamoe bench` without a GPU
 
@@ -68,7 +60,8 @@ NO_GPU_EXIT = 2  # as `megamoe bench` without a GPU
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Details: the docstring of bench/op_bench.py.")
-    p.add_argument("--preset", default="dsv4-flash", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="dsv4-flash",
+                   help="a preset of the library (megamoe.preset: dsv3, dsv4-flash, dsv4-pro, tiny)")
     p.add_argument("--experts", type=int, default=None,
                    help="override the preset's expert count (e.g. the experts one rank of EP 4 holds, as "
                         "`megamoe bench --experts`)")
@@ -126,14 +119,17 @@ def bench_median(values):
 
 def main(argv=None):
     args = parse_args(argv)
-    hidden, intermediate, preset_experts, top_k, swiglu_limit = PRESETS[args.preset]
-    experts = args.experts or preset_experts
     world = int(os.environ.get("WORLD_SIZE", "1"))
     max_tokens = max(1, max(args.tokens))
 
-    # The shape is checked by the library before any GPU is touched, as megamoe bench checks it.
+    # The shape comes from the library's presets (the swiglu limit included: it is part of the layer
+    # megamoe bench times) and is checked by the library before any GPU is touched.
     megamoe = import_megamoe()
     try:
+        dims = megamoe.preset(args.preset)
+        hidden, intermediate, top_k = dims["hidden"], dims["intermediate"], dims["top_k"]
+        swiglu_limit = dims["swiglu_limit"]
+        experts = args.experts or dims["num_experts"]
         megamoe.validate_shape(hidden=hidden, intermediate=intermediate, num_experts=experts, top_k=top_k,
                                max_tokens_per_rank=max_tokens, ep_size=world, weight_dtype=args.dtype,
                                swiglu_limit=swiglu_limit)

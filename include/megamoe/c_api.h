@@ -70,6 +70,11 @@ MEGAMOE_C_EXPORT int megamoe_shape_validate(int64_t hidden, int64_t intermediate
                                             int64_t ep_size, int64_t max_tokens_per_rank, int weight_format,
                                             float swiglu_limit);
 
+/* A named preset's dimensions ("dsv3", "dsv4-flash", "dsv4-pro", "tiny"), as megamoe::make_preset
+ * builds them; MEGAMOE_INVALID_ARGUMENT naming the known presets for another name. */
+MEGAMOE_C_EXPORT int megamoe_preset(const char* name, int64_t* hidden, int64_t* intermediate, int64_t* num_experts,
+                                    int64_t* top_k, float* swiglu_limit);
+
 /* The workspace table of one rank for a shape (WorkspaceLayout::to_string; validates the shape). */
 MEGAMOE_C_EXPORT int megamoe_workspace_table(int64_t hidden, int64_t intermediate, int64_t num_experts, int64_t top_k,
                                              int64_t ep_size, int64_t max_tokens_per_rank, int weight_format,

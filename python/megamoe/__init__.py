@@ -1,6 +1,6 @@
 """megamoe: an expert-parallel Mixture-of-Experts layer for Hopper GPUs (DeepSeek-V3/V4 class).
 
-    import megamoe                 # torch-free: version(), validate_shape(), workspace_table()
+    import megamoe                 # torch-free: version(), preset(), validate_shape(), workspace_table()
     from megamoe.torch import MoE  # the PyTorch layer and the torch.ops.megamoe.forward op
 
 The native library libmegamoe.so is loaded with ctypes on first use (see megamoe._lib for where it is
@@ -13,6 +13,7 @@ from .core import (  # noqa: E402
     LibraryNotFoundError,
     abi_version,
     library_path,
+    preset,
     validate_shape,
     version,
     workspace_table,
@@ -23,6 +24,7 @@ __all__ = [
     "__version__",
     "abi_version",
     "library_path",
+    "preset",
     "validate_shape",
     "version",
     "workspace_table",

@@ -68,6 +68,7 @@ _c_size = ctypes.c_size_t
 _c_ptr = ctypes.c_void_p
 _c_str = ctypes.c_char_p
 _p_size = ctypes.POINTER(ctypes.c_size_t)
+_p_i64 = ctypes.POINTER(ctypes.c_int64)
 _p_int = ctypes.POINTER(ctypes.c_int)
 _p_ptr = ctypes.POINTER(ctypes.c_void_p)
 _SHAPE = [_c_i64, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, _c_int, _c_float]
@@ -78,6 +79,7 @@ _SIGNATURES = {
     "megamoe_abi_version": (_c_int, []),
     "megamoe_last_error": (_c_str, []),
     "megamoe_shape_validate": (_c_int, _SHAPE),
+    "megamoe_preset": (_c_int, [_c_str, _p_i64, _p_i64, _p_i64, _p_i64, ctypes.POINTER(_c_float)]),
     "megamoe_workspace_table": (_c_int, _SHAPE + [_c_ptr, _c_size, _p_size]),
     "megamoe_nccl_unique_id": (_c_int, [_c_ptr, _c_size, _p_size]),
     "megamoe_comm_create_nccl": (_c_int, [_c_int, _c_int, _c_int, _c_ptr, _c_size, _p_ptr]),

@@ -4,6 +4,7 @@ Nothing here touches CUDA: these functions work on a machine without a GPU (libm
 built; see megamoe._lib for where it is looked up).
 """
 
+import ctypes
 import math
 import operator
 from pathlib import Path
@@ -78,6 +79,20 @@ def _shape_args(hidden, intermediate, num_experts, top_k, ep_size, max_tokens_pe
         parse_weight_dtype(weight_dtype),
         limit,
     )
+
+
+def preset(name: str) -> dict:
+    """A named preset's dimensions as the library defines them ("dsv3", "dsv4-flash", "dsv4-pro",
+    "tiny"): hidden, intermediate, num_experts, top_k, swiglu_limit. ValueError for another name."""
+    if not isinstance(name, str):
+        raise ValueError("preset = %r: must be a string" % (name,))
+    lib = _lib.get()
+    dims = [ctypes.c_int64() for _ in range(4)]
+    limit = ctypes.c_float()
+    lib.check(lib.preset(name.encode("utf-8"), *[ctypes.byref(d) for d in dims], ctypes.byref(limit)))
+    hidden, intermediate, num_experts, top_k = (d.value for d in dims)
+    return {"hidden": hidden, "intermediate": intermediate, "num_experts": num_experts, "top_k": top_k,
+            "swiglu_limit": limit.value}
 
 
 def validate_shape(*, hidden, intermediate, num_experts, top_k, max_tokens_per_rank, ep_size=1,

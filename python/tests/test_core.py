@@ -51,6 +51,17 @@ def test_version(lib):
     assert megamoe.library_path().is_file()
 
 
+def test_preset_is_the_library_s(lib):
+    assert megamoe.preset("dsv4-flash") == {"hidden": 4096, "intermediate": 2048, "num_experts": 256, "top_k": 6,
+                                            "swiglu_limit": 10.0}
+    assert megamoe.preset("dsv3") == {"hidden": 7168, "intermediate": 2048, "num_experts": 256, "top_k": 8,
+                                      "swiglu_limit": 0.0}
+    with pytest.raises(ValueError, match="dsv2"):
+        megamoe.preset("dsv2")
+    with pytest.raises(ValueError, match="must be a string"):
+        megamoe.preset(None)
+
+
 def test_validate_shape_good(lib):
     megamoe.validate_shape(**SMALL)
     megamoe.validate_shape(**SMALL, weight_dtype="fp8", swiglu_limit=10.0)

@@ -180,6 +180,24 @@ int megamoe_shape_validate(int64_t hidden, int64_t intermediate, int64_t num_exp
   });
 }
 
+int megamoe_preset(const char* name, int64_t* hidden, int64_t* intermediate, int64_t* num_experts, int64_t* top_k,
+                   float* swiglu_limit) {
+  return guarded([&] {
+    if (!name) invalid("name: null pointer (a preset name)");
+    require_out(hidden, "hidden");
+    require_out(intermediate, "intermediate");
+    require_out(num_experts, "num_experts");
+    require_out(top_k, "top_k");
+    require_out(swiglu_limit, "swiglu_limit");
+    const megamoe::MoeShape shape = megamoe::make_preset(name, /*ep_size=*/1, /*max_tokens_per_rank=*/1);
+    *hidden = shape.hidden;
+    *intermediate = shape.intermediate;
+    *num_experts = shape.num_experts;
+    *top_k = shape.top_k;
+    *swiglu_limit = shape.swiglu_limit;
+  });
+}
+
 int megamoe_workspace_table(int64_t hidden, int64_t intermediate, int64_t num_experts, int64_t top_k, int64_t ep_size,
                             int64_t max_tokens_per_rank, int weight_format, float swiglu_limit, char* out, size_t cap,
                             size_t* len) {
