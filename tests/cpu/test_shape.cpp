@@ -25,6 +25,21 @@ MoeShape valid_shape() {
   return s;
 }
 
+// Every dimension at its own limit; max_tokens_per_rank as given.
+MoeShape shape_at_limits(int64_t max_tokens_per_rank) {
+  MoeShape s = valid_shape();
+  s.hidden = kMaxHidden;
+  s.intermediate = kMaxIntermediate;
+  s.num_experts = kMaxExperts;
+  s.top_k = kMaxTopK;
+  s.ep_size = kMaxEpSize;
+  s.max_tokens_per_rank = max_tokens_per_rank;
+  return s;
+}
+
+// The most tokens the int32 pair count allows.
+constexpr int64_t kMostTokensForPairs = (std::numeric_limits<int32_t>::max() - 256) / (kMaxTopK * kMaxEpSize);
+
 // validate(shape) throws InvalidArgument whose message holds every one of `parts`.
 template <typename... Parts>
 void expect_rejected(const MoeShape& shape, const Parts&... parts) {
@@ -173,19 +188,13 @@ TEST(Shape, HugeDimensionsAreRejectedNamingTheField) {
 }
 
 TEST(Shape, DimensionsAtTheirLimitsPass) {
-  MoeShape s = valid_shape();
-  s.hidden = kMaxHidden;
-  s.intermediate = kMaxIntermediate;
-  s.num_experts = kMaxExperts;
-  s.top_k = kMaxTopK;
-  s.ep_size = kMaxEpSize;
-  s.max_tokens_per_rank = 1;
+  MoeShape s = shape_at_limits(1);
   EXPECT_NO_THROW(validate(s));
   s.weight_format = WeightFormat::kFp8;
   EXPECT_NO_THROW(validate(s));
   // The most tokens the int32 pair count allows, with narrow rows: about 1.5 TiB of workspace.
   s.hidden = s.intermediate = 128;
-  s.max_tokens_per_rank = (std::numeric_limits<int32_t>::max() - 256) / (kMaxTopK * kMaxEpSize);
+  s.max_tokens_per_rank = kMostTokensForPairs;
   EXPECT_NO_THROW(validate(s));
 }
 
@@ -201,13 +210,7 @@ TEST(Shape, DimensionsBeyondTheirLimitsAreRejected) {
 TEST(Shape, WorkspaceAboveItsLimitIsRejectedNamingMaxTokens) {
   // Every field within its own limit, but together about 2^49 bytes per rank (token_pool and fc1_out
   // are 2^31 rows of 2^16 bf16 each).
-  MoeShape s = valid_shape();
-  s.hidden = kMaxHidden;
-  s.intermediate = kMaxIntermediate;
-  s.num_experts = kMaxExperts;
-  s.top_k = kMaxTopK;
-  s.ep_size = kMaxEpSize;
-  s.max_tokens_per_rank = (std::numeric_limits<int32_t>::max() - 256) / (kMaxTopK * kMaxEpSize);
+  MoeShape s = shape_at_limits(kMostTokensForPairs);
   expect_rejected(s, "max_tokens_per_rank = " + std::to_string(s.max_tokens_per_rank), "workspace would be",
                   "token_pool", "above the 64.00 TiB limit");
   // The largest workspace under the limit passes: 64 TiB / (2 * 2^16 * 2 B per pool row) rows at least.

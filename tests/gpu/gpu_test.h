@@ -78,23 +78,20 @@ void run_in_this_process(const std::function<void()>& body);
 #define MEGAMOE_REQUIRE_GPU() \
   do { if (!::megamoe::test::has_gpu()) GTEST_SKIP() << "no CUDA GPU on this machine"; } while (0)
 
-// A test whose body runs once per rank, with comm(), stream() and test_seed() of that rank.
-#define MEGAMOE_RANK_TEST(suite, name)                                            \
-  static void megamoe_rank_body_##suite##_##name();                              \
+// A test whose body `runner` runs (skipped without a GPU); the body follows the macro.
+#define MEGAMOE_TEST_RUN_BY(runner, suite, name)                                 \
+  static void megamoe_test_body_##suite##_##name();                              \
   TEST(suite, name) {                                                            \
     MEGAMOE_REQUIRE_GPU();                                                       \
-    ::megamoe::test::run_on_every_rank(&megamoe_rank_body_##suite##_##name);     \
+    runner(&megamoe_test_body_##suite##_##name);                                 \
   }                                                                              \
-  static void megamoe_rank_body_##suite##_##name()
+  static void megamoe_test_body_##suite##_##name()
+
+// A test whose body runs once per rank, with comm(), stream() and test_seed() of that rank.
+#define MEGAMOE_RANK_TEST(suite, name) MEGAMOE_TEST_RUN_BY(::megamoe::test::run_on_every_rank, suite, name)
 
 // A test whose body runs once per process, on this process's GPU, with stream() and test_seed().
-#define MEGAMOE_GPU_TEST(suite, name)                                            \
-  static void megamoe_gpu_body_##suite##_##name();                               \
-  TEST(suite, name) {                                                            \
-    MEGAMOE_REQUIRE_GPU();                                                       \
-    ::megamoe::test::run_in_this_process(&megamoe_gpu_body_##suite##_##name);    \
-  }                                                                              \
-  static void megamoe_gpu_body_##suite##_##name()
+#define MEGAMOE_GPU_TEST(suite, name) MEGAMOE_TEST_RUN_BY(::megamoe::test::run_in_this_process, suite, name)
 
 // A device allocation owned by the test, allocated and freed in stream order on the stream() of the
 // thread that created it; copies are asynchronous on that stream followed by a synchronisation of
