@@ -110,18 +110,13 @@ for s in $steps; do
         PYTHONPATH=python python3 -m pytest -v -rs python/tests ;;  # -v: every test and its result, for docs/GPU-RUNS.md
     example)
       step example 300 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" PYTHONPATH=python python3 examples/deepseek_moe_block.py ;;
-    python-dist|example-dist)
-      # The PyTorch layer across GPUs: one process per GPU under torchrun, the op joins the group.
-      if [ "$GPUS" -ge 2 ]; then
-        if [ $s = python-dist ]; then
-          step "python-dist-$GPUS" 400 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" MEGAMOE_REQUIRE_LIBRARY=1 MEGAMOE_REQUIRE_GPU=1 \
-            PYTHONPATH=python python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" \
-            -m pytest -v -p no:cacheprovider python/tests/test_torch_distributed.py
-        else
-          step "example-dist-$GPUS" 300 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" PYTHONPATH=python \
-            python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" examples/deepseek_moe_block.py
-        fi
-      fi ;;
+    python-dist)  # the PyTorch layer across GPUs: one process per GPU under torchrun, the op joins the group
+      [ "$GPUS" -ge 2 ] && step "python-dist-$GPUS" 400 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" MEGAMOE_REQUIRE_LIBRARY=1 \
+        MEGAMOE_REQUIRE_GPU=1 PYTHONPATH=python python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" \
+        -m pytest -v -p no:cacheprovider python/tests/test_torch_distributed.py ;;
+    example-dist)
+      [ "$GPUS" -ge 2 ] && step "example-dist-$GPUS" 300 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" PYTHONPATH=python \
+        python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" examples/deepseek_moe_block.py ;;
     comm) step comm 120 "$BIN/megamoe" bench --comm --gpus "$GPUS" ;;
     bench)
       for p in ${PRESETS//,/ }; do
