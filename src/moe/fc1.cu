@@ -78,7 +78,9 @@ __device__ __forceinline__ float swiglu(float gate, float up, float limit) {
     gate = fminf(gate, limit);
     up = fminf(fmaxf(up, -limit), limit);
   }
-  return gate / (1.0f + __expf(-gate)) * up;
+  // The fast division: silu is already approximate (__expf), and the IEEE one takes its slow path
+  // for every zero (rows past the expert's); a denominator of +inf (gate < -88) gives zero.
+  return __fdividef(gate, 1.0f + __expf(-gate)) * up;
 }
 
 struct SwigluBf16Epilogue {
@@ -160,7 +162,7 @@ struct SwigluFp8Epilogue {
         [&](int, unsigned char* tile) {
           values.for_each_pair_with_half([&](int row, int col, float& h, float&, int r) {
             tile[row * gemm::kEpilogueRowPitchBytes + col / 2] =
-                __nv_cvt_float_to_fp8(__fdiv_rn(h, scale[r]), __NV_SATFINITE, __NV_E4M3);
+                __nv_cvt_float_to_fp8(divide_by_scale(h, scale[r]), __NV_SATFINITE, __NV_E4M3);
           });
         },
         [&](int row, int, int byte, int4 vector) {
