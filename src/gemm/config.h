@@ -38,11 +38,11 @@ inline constexpr int stages_for(size_t stage_bytes, size_t other_bytes) {
 // plus two standard deviations reach a second tile.
 // FP8 tiles with <= 64 valid rows: split N instead of M between the two consumer warpgroups (both
 // on the same 64 rows, one 128-column pass each), so that at decode sizes the second warpgroup
-// works instead of idling (docs/PERFORMANCE.md, the FP8 plan). Off by default (CMake option
-// MEGAMOE_FP8_SPLIT_SMALL_TILES turns it on): written on 2026-11-29 without a GPU; make it the
-// default once test_gpu_gemm and test_gpu_layer pass with it and the benchmark shows the gain.
+// works instead of idling. On by default since its first GPU run (one H200, 64 experts: FC1 at 64
+// tokens 592 -> 375 us, docs/PERFORMANCE.md); CMake -DMEGAMOE_FP8_SPLIT_SMALL_TILES=OFF builds the
+// unsplit kernel for comparison.
 #ifndef MEGAMOE_FP8_SPLIT_SMALL_TILES
-#define MEGAMOE_FP8_SPLIT_SMALL_TILES 0
+#define MEGAMOE_FP8_SPLIT_SMALL_TILES 1
 #endif
 inline constexpr bool kFp8SplitSmallTiles = MEGAMOE_FP8_SPLIT_SMALL_TILES != 0;
 
@@ -60,8 +60,9 @@ inline constexpr uint32_t weight_box_rows(int block_n, int cluster_m) { return u
 // The heuristics above as text, for `megamoe info`.
 inline std::string describe_gemm_heuristics() {
   return "grouped GEMM: 128-row tiles (2 consumer warpgroups x 64 rows), FC1 256 interleaved gate/up columns, "
-         "FC2 256 columns (128 when hidden % 256 != 0); k blocks of 64 (bf16) or 128 (fp8, promoted per block, "
-         "128 columns per partial); stages: as many as fit in 227 KiB beside the epilogue; CTA pairs sharing "
+         "FC2 256 columns (128 when hidden % 256 != 0); k blocks of 64 (bf16) or 128 (fp8, promoted per block: "
+         "one waited-for 128-column partial per pass on single CTAs, two alternating 64-column partials "
+         "overlapped with the wgmma on CTA pairs; tiles of <= 64 rows split by columns between the warpgroups); stages: as many as fit in 227 KiB beside the epilogue; CTA pairs sharing "
          "weight tiles when expected rows per expert + 2 sqrt(expected) > 128";
 }
 
