@@ -9,7 +9,10 @@
 //     columns, B one per 128 x 128 block (both read by the consumers from global memory). Hopper's
 //     fp8 wgmma accumulates with reduced precision, so each 128-deep k block is computed into a
 //     zeroed partial accumulator and added, scaled by a_scale[row] * b_scale[block], into the fp32
-//     tile ("promotion"); the partial covers 128 columns at a time to fit the registers.
+//     tile ("promotion"). On CTA pairs (many rows per expert) partials cover 64 columns and
+//     alternate between two register sets, so that the wgmma of the next 64 columns runs while the
+//     previous partial is promoted; single CTAs promote one waited-for 128-column partial per pass
+//     (GroupedGemmConfig::kOverlapPromotion says why).
 //
 // One persistent CTA per SM, 384 threads, warp-specialised, in clusters of kClusterM CTAs (see
 // cluster_m_for in config.h for when 2 pays):
@@ -56,8 +59,11 @@ struct Fp8Operands {
   using Element = cute::float_e4m3_t;
   static constexpr int kBlockK = 128;  // one scale block deep, 128 bytes: one swizzle row
   static constexpr bool kBlockScaled = true;
+  // The accumulator fragments' shape (128 columns; no wgmma is issued with it) and the partial's.
   template <int kN>
   using MmaAtom = cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>;
+  static constexpr int kPartialN = 64;
+  using PartialAtom = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>;
   static_assert(kBlockK == 128, "a k block is one 128-deep scale block");
 };
 
@@ -161,10 +167,20 @@ struct GroupedGemmConfig {
   static constexpr int kClusterM = kClusterM_;
   static constexpr int kThreads = 384;
   static constexpr bool kBlockScaled = Operands::kBlockScaled;
-  // Columns one wgmma batch covers: the whole tile (bf16), or 128 (fp8: the partial accumulator).
+  // Columns of one accumulator fragment (the epilogue's pass): the whole tile (bf16), or 128 (fp8).
   static constexpr int kMmaN = kBlockScaled ? 128 : kBlockN;
   static constexpr int kMmaPasses = kBlockN / kMmaN;
-  // FP8 tiles with <= 64 rows: both consumer warpgroups on those rows, one 128-column pass each.
+  // FP8 promotion: overlapped with the next wgmma (two 64-column partials, see the kernel) on CTA
+  // pairs; single CTAs wait for each 128-column partial before promoting it. Measured on one H200
+  // (docs/PERFORMANCE.md, 64 experts): the overlap takes FC1 at 8192 tokens from 2810 to 2577 us
+  // but costs 4-17% up to 1024 tokens, where tiles are single CTAs, 4x the wgmma instructions and
+  // the spills of a fuller register file outweigh it.
+  static constexpr bool kOverlapPromotion = kBlockScaled && kClusterM > 1;
+  // Columns of one wgmma batch: the whole tile (bf16), the overlapped fp8 partial's 64 or the
+  // waited-for one's 128; B's shared-memory pages have that many rows.
+  static constexpr int kBatchN = !kBlockScaled ? kBlockN : (kOverlapPromotion ? 64 : 128);
+  static constexpr int kBatches = kBlockN / kBatchN;
+  // FP8 tiles with <= 64 rows: both consumer warpgroups on those rows, 128 columns each.
   static constexpr bool kSplitSmallTiles = kBlockScaled && kMmaPasses == 2 && kFp8SplitSmallTiles;
   static constexpr uint32_t kBytesA = kBlockM * kBlockK * sizeof(Element);
   static constexpr uint32_t kBytesB = kBlockN * kBlockK * sizeof(Element);
@@ -174,13 +190,19 @@ struct GroupedGemmConfig {
   using SwizzleAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutA = decltype(cute::tile_to_shape(
       SwizzleAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockK>, cute::Int<kStages>>{}));
-  // B as pages of kMmaN rows (a stage's tile is kMmaPasses consecutive pages: the same bytes, since
+  // B as pages of kBatchN rows (a stage's tile is kBatches consecutive pages: the same bytes, since
   // the K extent is one swizzle atom wide).
   using SmemLayoutB = decltype(cute::tile_to_shape(
-      SwizzleAtom{}, cute::Shape<cute::Int<kMmaN>, cute::Int<kBlockK>, cute::Int<kStages * kMmaPasses>>{}));
+      SwizzleAtom{}, cute::Shape<cute::Int<kBatchN>, cute::Int<kBlockK>, cute::Int<kStages * kBatches>>{}));
   // Two 64-row atoms along M: consumer warpgroup w computes rows [64w, 64w+64) of the tile.
   using TiledMma = decltype(cute::make_tiled_mma(typename Operands::template MmaAtom<kMmaN>{},
                                                  cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
+  // The wgmma issued per batch: TiledMma's, or the overlapped fp8 path's 64-column one.
+  using BatchMma = std::conditional_t<
+      kOverlapPromotion,
+      decltype(cute::make_tiled_mma(typename Fp8Operands::PartialAtom{},
+                                    cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{})),
+      TiledMma>;
   static_assert(kBlockN == 128 || kBlockN == 256);
   static_assert(kStages >= 2);
   static_assert(2 * kStages <= 16, "the stall log keeps 16 mbarrier words per CTA");
@@ -322,20 +344,20 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         if (releases) cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);
       }
     };
-    typename Config::TiledMma tiled_mma;
+    typename Config::TiledMma tiled_mma;    // the accumulators' layout (and bf16's wgmma)
+    typename Config::BatchMma batch_mma;    // the wgmma issued per batch (fp8: 64-column partials)
     auto thread_mma = tiled_mma.get_thread_slice(consumer_tid);
+    auto thread_batch = batch_mma.get_thread_slice(consumer_tid);
     Tensor sA = make_tensor(make_smem_ptr(smem.a), typename Config::SmemLayoutA{});  // (BM, BK, stages)
-    Tensor sB = make_tensor(make_smem_ptr(smem.b), typename Config::SmemLayoutB{});  // (kMmaN, BK, pages)
-    Tensor tCsA = thread_mma.partition_A(sA);
-    Tensor tCsB = thread_mma.partition_B(sB);
-    Tensor tCrA = thread_mma.make_fragment_A(tCsA);  // wgmma smem descriptors
-    Tensor tCrB = thread_mma.make_fragment_B(tCsB);
+    Tensor sB = make_tensor(make_smem_ptr(smem.b), typename Config::SmemLayoutB{});  // (kBatchN, BK, pages)
+    Tensor tCrA = thread_batch.make_fragment_A(thread_batch.partition_A(sA));  // wgmma smem descriptors
+    Tensor tCrB = thread_batch.make_fragment_B(thread_batch.partition_B(sB));
     using Fragment = decltype(partition_fragment_C(tiled_mma, Shape<Int<BM>, Int<kMmaN>>{}));
     Fragment accum[kPasses];
     Tensor tile_coords = thread_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<kMmaN>>{}));
     // The A operand of the tile's first 64 rows, which both warpgroups use on split tiles.
-    Tensor tCrA_first = tiled_mma.get_thread_slice(consumer_tid % 128).make_fragment_A(
-        tiled_mma.get_thread_slice(consumer_tid % 128).partition_A(sA));
+    Tensor tCrA_first = batch_mma.get_thread_slice(consumer_tid % 128).make_fragment_A(
+        batch_mma.get_thread_slice(consumer_tid % 128).partition_A(sA));
 
     PipelineState read;
     for (int item = cluster_id; item < num_items; item += num_clusters) {
@@ -345,7 +367,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       // skip the math; the epilogue stores only valid rows.
       const bool has_rows = c.rows_valid > 0;
       const bool wg_has_rows = c.rows_valid > 64 * consumer_wg;
-      // A split tile (kFp8SplitSmallTiles): <= 64 rows, each warpgroup computes them for one pass.
+      // A split tile (kFp8SplitSmallTiles): <= 64 rows, each warpgroup computes them for 128 columns.
       const bool split = Config::kSplitSmallTiles && has_rows && c.rows_valid <= 64;
       if constexpr (!Config::kBlockScaled) {
         tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
@@ -374,12 +396,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         warpgroup_fence_operand(accum[0]);
         if (previous_stage >= 0) release(previous_stage);
       } else {
-        // Block-scaled fp8: per k block, partial = A_kb * B_kb^T (128 columns at a time), then
-        // accum += partial * a_scale[row] * b_scale[slot of the column]. The SM90 accumulator layout
-        // of a 64 x N wgmma gives value i of a thread row (i >> 1 & 1) * 8 + its first row and column
-        // (i >> 2) * 8 + (i & 1) + its first column (even), so the scale of a value is known at compile
-        // time up to the two row scales and the two weight-block scales.
-        Fragment partial;
+        // Block-scaled fp8: per k block, partial = A_kb * B_kb^T for a batch of columns, then
+        // accum += partial * a_scale[row] * b_scale[slot of the column] ("promotion"). The SM90
+        // accumulator layout of a 64 x N wgmma gives value i of a thread row (i >> 1 & 1) * 8 + its
+        // first row and column (i >> 2) * 8 + (i & 1) + its first column (even), so the scale of a
+        // value is known at compile time up to the two row scales and the two weight-block scales.
         CUTE_UNROLL
         for (int pass = 0; pass < kPasses; pass++) clear(accum[pass]);
         // This thread's rows: row0 and row0 + 8.
@@ -390,35 +411,165 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         // A 128-column tile with block-row slots has one weight block; reading a second would run past
         // the last expert's scales.
         constexpr bool kTwoWeightBlocks = Epilogue::kScaleSlotIsParity || BN > 128;
-        for (int kb = 0; kb < k_blocks; kb++, ++read) {
-          const int stage = read.index();
-          const float b_scale0 = __ldg(b_scale_base + kb);
-          const float b_scale1 = kTwoWeightBlocks ? __ldg(b_scale_base + size_t(ws.slot_stride) * k_blocks + kb) : b_scale0;
-          wait_stage(problem, &smem.full[stage], read.phase(), 1, item, kb, stage);
-          if (wg_has_rows || split) {
-            // This thread's two row scales of the k block, read after the stage's barrier (FC1's feed
-            // writes them in this kernel: the barrier orders them before us), from L2 (__ldcg: no stale
-            // L1 line of an earlier forward), while the wgmma runs. Rows past the expert's are unused.
-            const float* a_scales = problem.a_scales + size_t(kb) * problem.a_scale_pitch + c.row_begin;
-            const float a_scale0 = row0 < c.rows_valid ? __ldcg(a_scales + row0) : 0.0f;
-            const float a_scale1 = row0 + 8 < c.rows_valid ? __ldcg(a_scales + row0 + 8) : 0.0f;
+        // Scales are read one k block ahead, so that their latency (L2, often more under load) hides
+        // behind wgmma instead of delaying a promotion. The A scales come after a stage's barrier:
+        // FC1's feed writes them in this kernel, and the producer issues a tile's first load only
+        // once all of its expert's rows (and scales) are in, so the first stage's barrier orders
+        // every k block's A scales of the tile before us. __ldcg: from L2, no stale L1 line of an
+        // earlier forward. Rows past the expert's are unused.
+        struct BlockScales {
+          float a0, a1, b0, b1;  // rows row0 and row0 + 8; weight slots 0 and 1
+        };
+        auto load_scales = [&](int kb) {
+          kb = min(kb, k_blocks - 1);  // (past the last block: a harmless reload, not a branch)
+          const float* a = problem.a_scales + size_t(kb) * problem.a_scale_pitch + c.row_begin;
+          BlockScales s;
+          s.a0 = row0 < c.rows_valid ? __ldcg(a + row0) : 0.0f;
+          s.a1 = row0 + 8 < c.rows_valid ? __ldcg(a + row0 + 8) : 0.0f;
+          s.b0 = __ldg(b_scale_base + kb);
+          s.b1 = kTwoWeightBlocks ? __ldg(b_scale_base + size_t(ws.slot_stride) * k_blocks + kb) : s.b0;
+          return s;
+        };
+        if constexpr (Config::kOverlapPromotion) {
+          // Overlapped: value i of a 64-column partial is value i + 32 * (b % 2) of the 128-column
+          // accumulator b / 2. A warpgroup's batches form one chain over the tile's k blocks: batch j
+          // writes partial[j % 2]; after issuing it the warpgroup waits only for batch j - 1 and
+          // promotes that one while batch j runs (the last batch of a block: while the first of the
+          // next one runs). A stage is released once the last batch reading it is done. Everything in
+          // the chain is a compile-time choice (which batches, which A rows, which accumulator): a
+          // run-time branch between a batch's issue and its wait makes ptxas serialise every wgmma
+          // (C7518/C7520).
+          using Partial = decltype(partition_fragment_C(batch_mma, Shape<Int<BM>, Int<Config::kBatchN>>{}));
+          static_assert(Config::kBatchN * 2 == kMmaN && cute::size(Partial{}) * 2 == cute::size(Fragment{}));
+          constexpr int kBatches = Config::kBatches;
+          constexpr int kSplitBatches = kBatches / 2;  // a split tile's batches per warpgroup
+          Partial partial[2];
+          // kSplitWg: -1 for an unsplit tile (batches 0 .. kBatches - 1 of the warpgroup's own rows into
+          // accum[b / 2]), else the warpgroup of a split tile (batches 2w, 2w + 1 of the first 64 rows
+          // into accum[w], as TileValues expects).
+          auto chain = [&](auto split_wg_c) {
+            constexpr int kSplitWg = decltype(split_wg_c)::value;
+            constexpr int kChain = kSplitWg < 0 ? kBatches : kSplitBatches;
+            BlockScales promoted{}, upcoming{};  // the scales of the batches being promoted; of the next block
+            auto issue = [&](auto local_c, int stage) {
+              constexpr int local = decltype(local_c)::value, kSet = local % 2;
+              constexpr int kTileBatch = kSplitWg < 0 ? local : kSplitWg * kSplitBatches + local;
+              const int page = stage * kBatches + kTileBatch;
+              batch_mma.accumulate_ = GMMA::ScaleOut::Zero;
+              warpgroup_fence_operand(partial[kSet]);
+              warpgroup_arrive();
+              CUTE_UNROLL
+              for (int k = 0; k < size<2>(tCrA); k++) {
+                if constexpr (kSplitWg < 0) {
+                  cute::gemm(batch_mma, tCrA(_, _, k, stage), tCrB(_, _, k, page), partial[kSet]);
+                } else {
+                  cute::gemm(batch_mma, tCrA_first(_, _, k, stage), tCrB(_, _, k, page), partial[kSet]);
+                }
+                batch_mma.accumulate_ = GMMA::ScaleOut::One;
+              }
+              warpgroup_commit_batch();
+              warpgroup_fence_operand(partial[kSet]);
+            };
+            auto promote = [&](auto local_c) {
+              constexpr int local = decltype(local_c)::value, kSet = local % 2;
+              constexpr int kTileBatch = kSplitWg < 0 ? local : kSplitWg * kSplitBatches + local;
+              constexpr int kAccum = kSplitWg < 0 ? local / 2 : kSplitWg;
+              constexpr int kOffset = (local % 2) * cute::size(Partial{});
+              // Slot of a column: its parity (interleaved gate/up) or its 128-column block of the tile.
+              constexpr bool kSecondBlock = kTileBatch * Config::kBatchN >= 128;
+              warpgroup_fence_operand(partial[kSet]);
+              const float b_even = Epilogue::kScaleSlotIsParity ? promoted.b0 : (kSecondBlock ? promoted.b1 : promoted.b0);
+              const float b_odd = Epilogue::kScaleSlotIsParity ? promoted.b1 : b_even;
+              const float scale[4] = {promoted.a0 * b_even, promoted.a0 * b_odd, promoted.a1 * b_even, promoted.a1 * b_odd};
+              CUTE_UNROLL
+              for (int i = 0; i < size(partial[kSet]); i++)
+                accum[kAccum](kOffset + i) = fmaf(partial[kSet](i), scale[i & 3], accum[kAccum](kOffset + i));
+            };
+            // k block 0: nothing to promote before its first batch.
+            int stage = read.index();
+            wait_stage(problem, &smem.full[stage], read.phase(), 1, item, 0, stage);
+            promoted = load_scales(0);
+            upcoming = load_scales(1);
+            cute::for_each(cute::make_int_sequence<kChain>{}, [&](auto local_c) {
+              constexpr int local = decltype(local_c)::value;
+              issue(local_c, stage);
+              warpgroup_wait<1>();  // the batch before this one is done
+              if constexpr (local > 0) promote(cute::Int<local - 1>{});
+            });
+            int previous_stage = stage;
+            ++read;
+            for (int kb = 1; kb < k_blocks; kb++, ++read) {
+              stage = read.index();
+              // No batch stays in flight across the stage wait: ptxas then spills registers of the
+              // running batch and serialises every wgmma (C7514). The previous block's stage is free
+              // at once (held until the next stage arrived, it cost a quarter of the ring in flight).
+              warpgroup_wait<0>();
+              warpgroup_fence_operand(partial[0]);
+              warpgroup_fence_operand(partial[1]);
+              release(previous_stage);
+              wait_stage(problem, &smem.full[stage], read.phase(), 1, item, kb, stage);
+              cute::for_each(cute::make_int_sequence<kChain>{}, [&](auto local_c) {
+                constexpr int local = decltype(local_c)::value;
+                issue(local_c, stage);
+                warpgroup_wait<1>();
+                if constexpr (local == 0) {  // the previous block's last batch, with its scales
+                  promote(cute::Int<kChain - 1>{});
+                  promoted = upcoming;
+                  upcoming = load_scales(kb + 1);
+                } else {
+                  promote(cute::Int<local - 1>{});
+                }
+              });
+              previous_stage = stage;
+            }
+            warpgroup_wait<0>();
+            release(previous_stage);
+            promote(cute::Int<kChain - 1>{});
+          };
+          if (!(wg_has_rows || split)) {
+            for (int kb = 0; kb < k_blocks; kb++, ++read) {
+              const int stage = read.index();
+              wait_stage(problem, &smem.full[stage], read.phase(), 1, item, kb, stage);
+              release(stage);
+            }
+          } else if (!split) {
+            chain(cute::Int<-1>{});
+          } else if (consumer_wg == 0) {
+            chain(cute::Int<0>{});
+          } else {
+            chain(cute::Int<1>{});
+          }
+        } else {
+          // One 128-column partial per pass, waited for before its promotion.
+          Fragment partial;
+          BlockScales now{}, next{};
+          for (int kb = 0; kb < k_blocks; kb++, ++read) {
+            const int stage = read.index();
+            wait_stage(problem, &smem.full[stage], read.phase(), 1, item, kb, stage);
+            if (!(wg_has_rows || split)) {
+              release(stage);
+              continue;
+            }
+            if (kb == 0) next = load_scales(0);
+            now = next;
+            next = load_scales(kb + 1);
             CUTE_UNROLL
             for (int pass = 0; pass < kPasses; pass++) {
               if (split && pass != consumer_wg) continue;
-              tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+              batch_mma.accumulate_ = GMMA::ScaleOut::Zero;
               warpgroup_fence_operand(partial);
               warpgroup_arrive();
               if (split) {  // (a branch, not a reference to either fragment: that would put them in memory)
                 CUTE_UNROLL
                 for (int k = 0; k < size<2>(tCrA); k++) {
-                  cute::gemm(tiled_mma, tCrA_first(_, _, k, stage), tCrB(_, _, k, stage * kPasses + pass), partial);
-                  tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+                  cute::gemm(batch_mma, tCrA_first(_, _, k, stage), tCrB(_, _, k, stage * kPasses + pass), partial);
+                  batch_mma.accumulate_ = GMMA::ScaleOut::One;
                 }
               } else {
                 CUTE_UNROLL
                 for (int k = 0; k < size<2>(tCrA); k++) {
-                  cute::gemm(tiled_mma, tCrA(_, _, k, stage), tCrB(_, _, k, stage * kPasses + pass), partial);
-                  tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+                  cute::gemm(batch_mma, tCrA(_, _, k, stage), tCrB(_, _, k, stage * kPasses + pass), partial);
+                  batch_mma.accumulate_ = GMMA::ScaleOut::One;
                 }
               }
               warpgroup_commit_batch();
@@ -427,14 +578,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
               // The last wgmma of this warpgroup that reads this stage is done.
               if (pass == (split ? consumer_wg : kPasses - 1)) release(stage);
               // Slot of a column: its parity (interleaved gate/up) or its 128-column pass.
-              const float b_even = Epilogue::kScaleSlotIsParity ? b_scale0 : (pass ? b_scale1 : b_scale0);
-              const float b_odd = Epilogue::kScaleSlotIsParity ? b_scale1 : b_even;
-              const float scale[4] = {a_scale0 * b_even, a_scale0 * b_odd, a_scale1 * b_even, a_scale1 * b_odd};
+              const float b_even = Epilogue::kScaleSlotIsParity ? now.b0 : (pass ? now.b1 : now.b0);
+              const float b_odd = Epilogue::kScaleSlotIsParity ? now.b1 : b_even;
+              const float scale[4] = {now.a0 * b_even, now.a0 * b_odd, now.a1 * b_even, now.a1 * b_odd};
               CUTE_UNROLL
               for (int i = 0; i < size(partial); i++) accum[pass](i) = fmaf(partial(i), scale[i & 3], accum[pass](i));
             }
-          } else {
-            release(stage);
           }
         }
       }
