@@ -85,6 +85,10 @@ std::unique_ptr<Communicator> create_nccl_communicator(int rank, int world_size,
 // Loopback: world_size (1-8) ranks on one GPU in this process. Returns one communicator per rank;
 // communicator r must be used by one host thread only (rank r's), and every collective is called by
 // all of them. Throws InvalidArgument for a world size outside [1, 8].
+// The ranks' streams must not share a hardware queue: a rank's kernel queued behind another rank's
+// barrier kernel that waits for it never starts, and that barrier times out. CUDA has 8 queues by
+// default; a process running several loopback ranks sets CUDA_DEVICE_MAX_CONNECTIONS=32 before its
+// first CUDA call (the GPU test main does).
 std::vector<std::unique_ptr<Communicator>> create_loopback_communicators(int world_size, int device);
 inline constexpr int kMaxLoopbackRanks = 8;
 

@@ -318,6 +318,10 @@ int main(int argc, char** argv) {
   // start-up. A kernel spinning on another rank's kernel stalls when that kernel's first launch needs a
   // lazy module load (seen with loopback ranks on an H200).
   setenv("CUDA_MODULE_LOADING", "EAGER", 1);
+  // Loopback ranks' streams each on their own hardware queue (create_loopback_communicators says
+  // why): with CUDA's default 8, a test at W = 8 once timed out at its first dispatch barrier waiting
+  // for the one rank whose kernels had not started (2 x H200, 2026-11-29). A user's value stays.
+  setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
   disable_nvlink_multicast();
   std::vector<char*> original_argv(argv, argv + argc + 1);  // children re-run with the gtest flags too
   ::testing::InitGoogleTest(&argc, argv);
