@@ -173,8 +173,8 @@ struct GroupedGemmConfig {
   // FP8 promotion: overlapped with the next wgmma (two 64-column partials, see the kernel) on CTA
   // pairs; single CTAs wait for each 128-column partial before promoting it. Measured on one H200
   // (docs/PERFORMANCE.md, 64 experts): the overlap takes FC1 at 8192 tokens from 2810 to 2577 us
-  // but costs 4-17% up to 1024 tokens, where tiles are single CTAs, 4x the wgmma instructions and
-  // the spills of a fuller register file outweigh it.
+  // but costs 4-17% up to 1024 tokens, where tiles are single CTAs: twice the wgmma instructions
+  // and the spills of a fuller register file outweigh it.
   static constexpr bool kOverlapPromotion = kBlockScaled && kClusterM > 1;
   // Columns of one wgmma batch: the whole tile (bf16), the overlapped fp8 partial's 64 or the
   // waited-for one's 128; B's shared-memory pages have that many rows.
