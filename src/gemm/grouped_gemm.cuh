@@ -25,7 +25,9 @@
 //     accumulators) per stage, and each of its warps releases the stage on the "empty" mbarrier of
 //     every CTA of the cluster,
 //     then runs the Epilogue on its accumulators while the producer already loads the next tile.
-//     A warpgroup whose 64 rows hold none of the expert's rows skips the math.
+//     A warpgroup whose 64 rows hold none of the expert's rows skips the math; an fp8 256-column
+//     tile of <= 64 rows is split by columns instead (kFp8SplitSmallTiles: both warpgroups on the
+//     first 64 rows, 128 columns each).
 #pragma once
 #include <cuda.h>
 
@@ -59,7 +61,8 @@ struct Fp8Operands {
   using Element = cute::float_e4m3_t;
   static constexpr int kBlockK = 128;  // one scale block deep, 128 bytes: one swizzle row
   static constexpr bool kBlockScaled = true;
-  // The accumulator fragments' shape (128 columns; no wgmma is issued with it) and the partial's.
+  // The 128-column accumulator fragments' shape, and the wgmma of single CTAs; CTA pairs issue the
+  // 64-column partial's (GroupedGemmConfig::kOverlapPromotion).
   template <int kN>
   using MmaAtom = cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>;
   static constexpr int kPartialN = 64;
@@ -178,7 +181,7 @@ struct GroupedGemmConfig {
   static constexpr bool kOverlapPromotion = kBlockScaled && kClusterM > 1;
   // Columns of one wgmma batch: the whole tile (bf16), the overlapped fp8 partial's 64 or the
   // waited-for one's 128; B's shared-memory pages have that many rows.
-  static constexpr int kBatchN = !kBlockScaled ? kBlockN : (kOverlapPromotion ? 64 : 128);
+  static constexpr int kBatchN = !kBlockScaled ? kBlockN : (kOverlapPromotion ? Fp8Operands::kPartialN : kMmaN);
   static constexpr int kBatches = kBlockN / kBatchN;
   // FP8 tiles with <= 64 rows: both consumer warpgroups on those rows, 128 columns each.
   static constexpr bool kSplitSmallTiles = kBlockScaled && kMmaPasses == 2 && kFp8SplitSmallTiles;
@@ -363,7 +366,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     for (int item = cluster_id; item < num_items; item += num_clusters) {
       const TileCoord c = decode_unit<kCluster>(problem.schedule, item, n_blocks, cluster_rank);
       // Tiles past the expert's rows (the pair's second tile when the expert has one 128-row tile in
-      // this unit), or a warpgroup's half of a tile without rows, still take part in the pipeline but
+      // this unit), or a warpgroup's half of a tile without rows (unless split), still take part in the pipeline but
       // skip the math; the epilogue stores only valid rows.
       const bool has_rows = c.rows_valid > 0;
       const bool wg_has_rows = c.rows_valid > 64 * consumer_wg;
@@ -450,6 +453,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
           auto chain = [&](auto split_wg_c) {
             constexpr int kSplitWg = decltype(split_wg_c)::value;
             constexpr int kChain = kSplitWg < 0 ? kBatches : kSplitBatches;
+            // The last batch of a block and the first of the next must use different register sets.
+            static_assert(kChain % 2 == 0);
             BlockScales promoted{}, upcoming{};  // the scales of the batches being promoted; of the next block
             auto issue = [&](auto local_c, int stage) {
               constexpr int local = decltype(local_c)::value, kSet = local % 2;
@@ -534,10 +539,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
             }
           } else if (!split) {
             chain(cute::Int<-1>{});
-          } else if (consumer_wg == 0) {
-            chain(cute::Int<0>{});
-          } else {
-            chain(cute::Int<1>{});
+          } else if constexpr (Config::kSplitSmallTiles) {  // (split is never true otherwise)
+            if (consumer_wg == 0) chain(cute::Int<0>{});
+            else chain(cute::Int<1>{});
           }
         } else {
           // One 128-column partial per pass, waited for before its promotion.
@@ -553,37 +557,41 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
             if (kb == 0) next = load_scales(0);
             now = next;
             next = load_scales(kb + 1);
-            CUTE_UNROLL
-            for (int pass = 0; pass < kPasses; pass++) {
-              if (split && pass != consumer_wg) continue;
+            // One pass: the A rows (a split tile's first 64, or the warpgroup's own) are a
+            // compile-time choice, so that no run-time branch sits between the wgmma's issue and
+            // its wait (ptxas then serialises the four wgmma of the pass, C7520).
+            auto run_pass = [&](auto pass_c, auto split_c) {
+              constexpr int pass = decltype(pass_c)::value;
+              constexpr bool kSplit = decltype(split_c)::value;
               batch_mma.accumulate_ = GMMA::ScaleOut::Zero;
               warpgroup_fence_operand(partial);
               warpgroup_arrive();
-              if (split) {  // (a branch, not a reference to either fragment: that would put them in memory)
-                CUTE_UNROLL
-                for (int k = 0; k < size<2>(tCrA); k++) {
+              CUTE_UNROLL
+              for (int k = 0; k < size<2>(tCrA); k++) {
+                if constexpr (kSplit) {
                   cute::gemm(batch_mma, tCrA_first(_, _, k, stage), tCrB(_, _, k, stage * kPasses + pass), partial);
-                  batch_mma.accumulate_ = GMMA::ScaleOut::One;
-                }
-              } else {
-                CUTE_UNROLL
-                for (int k = 0; k < size<2>(tCrA); k++) {
+                } else {
                   cute::gemm(batch_mma, tCrA(_, _, k, stage), tCrB(_, _, k, stage * kPasses + pass), partial);
-                  batch_mma.accumulate_ = GMMA::ScaleOut::One;
                 }
+                batch_mma.accumulate_ = GMMA::ScaleOut::One;
               }
               warpgroup_commit_batch();
               warpgroup_wait<0>();
               warpgroup_fence_operand(partial);
               // The last wgmma of this warpgroup that reads this stage is done.
-              if (pass == (split ? consumer_wg : kPasses - 1)) release(stage);
+              if (kSplit || pass == kPasses - 1) release(stage);
               // Slot of a column: its parity (interleaved gate/up) or its 128-column pass.
               const float b_even = Epilogue::kScaleSlotIsParity ? now.b0 : (pass ? now.b1 : now.b0);
               const float b_odd = Epilogue::kScaleSlotIsParity ? now.b1 : b_even;
               const float scale[4] = {now.a0 * b_even, now.a0 * b_odd, now.a1 * b_even, now.a1 * b_odd};
               CUTE_UNROLL
               for (int i = 0; i < size(partial); i++) accum[pass](i) = fmaf(partial(i), scale[i & 3], accum[pass](i));
-            }
+            };
+            cute::for_each(cute::make_int_sequence<kPasses>{}, [&](auto pass_c) {
+              constexpr int pass = decltype(pass_c)::value;
+              if (!split) run_pass(pass_c, cute::false_type{});
+              else if (pass == consumer_wg) run_pass(pass_c, cute::true_type{});  // a split tile: its pass only
+            });
           }
         }
       }
