@@ -160,7 +160,8 @@ struct NoFeed {
 inline constexpr int kFeedWarpsPerCta = 3;
 inline constexpr int kConsumerWarps = 8;  // two consumer warpgroups
 
-template <class Operands_, int kBlockN_, int kClusterM_, class EpilogueStorage>
+// kOverlapAllowed_: whether CTA pairs may overlap the fp8 promotion (kOverlapPromotion).
+template <class Operands_, int kBlockN_, int kClusterM_, class EpilogueStorage, bool kOverlapAllowed_ = true>
 struct GroupedGemmConfig {
   using Operands = Operands_;
   using Element = typename Operands::Element;
@@ -178,7 +179,7 @@ struct GroupedGemmConfig {
   // (docs/PERFORMANCE.md, 64 experts): the overlap takes FC1 at 8192 tokens from 2810 to 2577 us
   // but costs 4-17% up to 1024 tokens, where tiles are single CTAs: twice the wgmma instructions
   // and the spills of a fuller register file outweigh it.
-  static constexpr bool kOverlapPromotion = kBlockScaled && kClusterM > 1;
+  static constexpr bool kOverlapPromotion = kBlockScaled && kClusterM > 1 && kOverlapAllowed_;
   // Columns of one wgmma batch: the whole tile (bf16), the overlapped fp8 partial's 64 or the
   // waited-for one's 128; B's shared-memory pages have that many rows.
   static constexpr int kBatchN = !kBlockScaled ? kBlockN : (kOverlapPromotion ? Fp8Operands::kPartialN : kMmaN);

@@ -49,7 +49,8 @@ struct ScatterEpilogue {
 };
 
 template <class Operands, int kBlockN, int kClusterM>
-using Fc2Config = gemm::GroupedGemmConfig<Operands, kBlockN, kClusterM, typename ScatterEpilogue<kBlockN>::SharedStorage>;
+using Fc2Config = gemm::GroupedGemmConfig<Operands, kBlockN, kClusterM, typename ScatterEpilogue<kBlockN>::SharedStorage,
+                                          gemm::kFp8OverlapFc2>;
 
 template <class Operands, int kBlockN, int kClusterM>
 void launch(const LayerView& v, const ExpertGemmOperands& g, int num_sms, cudaStream_t stream) {
