@@ -149,6 +149,26 @@ __device__ __forceinline__ void wait_stage(const GroupedProblem& problem, const 
   if (which == 1) __syncwarp();
 }
 
+// The fp8 scales of one k block that a consumer thread needs: its two rows' (row0, row0 + 8) and
+// the tile's two weight blocks'.
+struct BlockScales {
+  float a0, a1, b0, b1;
+};
+
+// Promotion of one fp8 partial: accum(kOffset + i) += partial(i) * a_scale * b_scale. The SM90
+// accumulator layout of a 64 x N wgmma gives value i of a thread row (i >> 1 & 1) * 8 + its first row
+// and column (i >> 2) * 8 + (i & 1) + its first column (even), so the row scale follows from i; the
+// weight block is the column's parity (kSlotIsParity: FC1's interleaved gate/up columns) or, for
+// FC2, whether the partial's columns lie in the tile's second 128-column block.
+template <bool kSlotIsParity, bool kSecondBlock, int kOffset, class Accum, class Partial>
+__device__ __forceinline__ void promote_partial(Accum& accum, const Partial& partial, const BlockScales& s) {
+  const float b_even = kSlotIsParity ? s.b0 : (kSecondBlock ? s.b1 : s.b0);
+  const float b_odd = kSlotIsParity ? s.b1 : b_even;
+  const float scale[4] = {s.a0 * b_even, s.a0 * b_odd, s.a1 * b_even, s.a1 * b_odd};
+  CUTE_UNROLL
+  for (int i = 0; i < cute::size(partial); i++) accum(kOffset + i) = fmaf(partial(i), scale[i & 3], accum(kOffset + i));
+}
+
 // What feeds the A operand besides TMA. NoFeed: A is already in memory (FC2). A Feed runs on warps
 // 1-3 of the producer warpgroup (copy_rows(params, worker, workers)) and makes the TMA thread wait
 // until an expert's rows are in (wait_rows(params, expert)); see moe/fc1.cu.
@@ -401,10 +421,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         if (previous_stage >= 0) release(previous_stage);
       } else {
         // Block-scaled fp8: per k block, partial = A_kb * B_kb^T for a batch of columns, then
-        // accum += partial * a_scale[row] * b_scale[slot of the column] ("promotion"). The SM90
-        // accumulator layout of a 64 x N wgmma gives value i of a thread row (i >> 1 & 1) * 8 + its
-        // first row and column (i >> 2) * 8 + (i & 1) + its first column (even), so the scale of a
-        // value is known at compile time up to the two row scales and the two weight-block scales.
+        // accum += partial * a_scale[row] * b_scale[slot of the column] (promote_partial).
         CUTE_UNROLL
         for (int pass = 0; pass < kPasses; pass++) clear(accum[pass]);
         // This thread's rows: row0 and row0 + 8.
@@ -421,9 +438,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         // once all of its expert's rows (and scales) are in, so the first stage's barrier orders
         // every k block's A scales of the tile before us. __ldcg: from L2, no stale L1 line of an
         // earlier forward. Rows past the expert's are unused.
-        struct BlockScales {
-          float a0, a1, b0, b1;  // rows row0 and row0 + 8; weight slots 0 and 1
-        };
         auto load_scales = [&](int kb) {
           kb = min(kb, k_blocks - 1);  // (past the last block: a harmless reload, not a branch)
           const float* a = problem.a_scales + size_t(kb) * problem.a_scale_pitch + c.row_begin;
@@ -434,15 +448,39 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
           s.b1 = kTwoWeightBlocks ? __ldg(b_scale_base + size_t(ws.slot_stride) * k_blocks + kb) : s.b0;
           return s;
         };
-        if constexpr (Config::kOverlapPromotion) {
+        // One wgmma batch into `frag` (zeroed first): A_kb of the warpgroup's own rows, or of the
+        // tile's first 64 rows (kFirstRows: a split tile), times B page `page` of the stage. The A
+        // rows are a compile-time choice: a run-time branch between a batch's issue and its wait
+        // makes ptxas serialise every wgmma (C7518/C7520).
+        auto issue_batch = [&](auto first_rows_c, auto& frag, int stage, int page) {
+          batch_mma.accumulate_ = GMMA::ScaleOut::Zero;
+          warpgroup_fence_operand(frag);
+          warpgroup_arrive();
+          CUTE_UNROLL
+          for (int k = 0; k < size<2>(tCrA); k++) {
+            if constexpr (decltype(first_rows_c)::value) {
+              cute::gemm(batch_mma, tCrA_first(_, _, k, stage), tCrB(_, _, k, page), frag);
+            } else {
+              cute::gemm(batch_mma, tCrA(_, _, k, stage), tCrB(_, _, k, page), frag);
+            }
+            batch_mma.accumulate_ = GMMA::ScaleOut::One;
+          }
+          warpgroup_commit_batch();
+          warpgroup_fence_operand(frag);
+        };
+        if (!(wg_has_rows || split)) {  // no rows for this warpgroup: take part in the pipeline only
+          for (int kb = 0; kb < k_blocks; kb++, ++read) {
+            const int stage = read.index();
+            wait_stage(problem, &smem.full[stage], read.phase(), 1, item, kb, stage);
+            release(stage);
+          }
+        } else if constexpr (Config::kOverlapPromotion) {
           // Overlapped: value i of a 64-column partial is value i + 32 * (b % 2) of the 128-column
           // accumulator b / 2. A warpgroup's batches form one chain over the tile's k blocks: batch j
           // writes partial[j % 2]; after issuing it the warpgroup waits only for batch j - 1 and
           // promotes that one while batch j runs (the last batch of a block: while the first of the
           // next one runs). A stage is released once the last batch reading it is done. Everything in
-          // the chain is a compile-time choice (which batches, which A rows, which accumulator): a
-          // run-time branch between a batch's issue and its wait makes ptxas serialise every wgmma
-          // (C7518/C7520).
+          // the chain is a compile-time choice (which batches, which A rows, which accumulator).
           using Partial = decltype(partition_fragment_C(batch_mma, Shape<Int<BM>, Int<Config::kBatchN>>{}));
           static_assert(Config::kBatchN * 2 == kMmaN && cute::size(Partial{}) * 2 == cute::size(Fragment{}));
           constexpr int kBatches = Config::kBatches;
@@ -460,36 +498,16 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
             auto issue = [&](auto local_c, int stage) {
               constexpr int local = decltype(local_c)::value, kSet = local % 2;
               constexpr int kTileBatch = kSplitWg < 0 ? local : kSplitWg * kSplitBatches + local;
-              const int page = stage * kBatches + kTileBatch;
-              batch_mma.accumulate_ = GMMA::ScaleOut::Zero;
-              warpgroup_fence_operand(partial[kSet]);
-              warpgroup_arrive();
-              CUTE_UNROLL
-              for (int k = 0; k < size<2>(tCrA); k++) {
-                if constexpr (kSplitWg < 0) {
-                  cute::gemm(batch_mma, tCrA(_, _, k, stage), tCrB(_, _, k, page), partial[kSet]);
-                } else {
-                  cute::gemm(batch_mma, tCrA_first(_, _, k, stage), tCrB(_, _, k, page), partial[kSet]);
-                }
-                batch_mma.accumulate_ = GMMA::ScaleOut::One;
-              }
-              warpgroup_commit_batch();
-              warpgroup_fence_operand(partial[kSet]);
+              issue_batch(cute::bool_constant<(kSplitWg >= 0)>{}, partial[kSet], stage, stage * kBatches + kTileBatch);
             };
             auto promote = [&](auto local_c) {
               constexpr int local = decltype(local_c)::value, kSet = local % 2;
               constexpr int kTileBatch = kSplitWg < 0 ? local : kSplitWg * kSplitBatches + local;
               constexpr int kAccum = kSplitWg < 0 ? local / 2 : kSplitWg;
               constexpr int kOffset = (local % 2) * cute::size(Partial{});
-              // Slot of a column: its parity (interleaved gate/up) or its 128-column block of the tile.
               constexpr bool kSecondBlock = kTileBatch * Config::kBatchN >= 128;
               warpgroup_fence_operand(partial[kSet]);
-              const float b_even = Epilogue::kScaleSlotIsParity ? promoted.b0 : (kSecondBlock ? promoted.b1 : promoted.b0);
-              const float b_odd = Epilogue::kScaleSlotIsParity ? promoted.b1 : b_even;
-              const float scale[4] = {promoted.a0 * b_even, promoted.a0 * b_odd, promoted.a1 * b_even, promoted.a1 * b_odd};
-              CUTE_UNROLL
-              for (int i = 0; i < size(partial[kSet]); i++)
-                accum[kAccum](kOffset + i) = fmaf(partial[kSet](i), scale[i & 3], accum[kAccum](kOffset + i));
+              promote_partial<Epilogue::kScaleSlotIsParity, kSecondBlock, kOffset>(accum[kAccum], partial[kSet], promoted);
             };
             // k block 0: nothing to promote before its first batch.
             int stage = read.index();
@@ -532,13 +550,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
             release(previous_stage);
             promote(cute::Int<kChain - 1>{});
           };
-          if (!(wg_has_rows || split)) {
-            for (int kb = 0; kb < k_blocks; kb++, ++read) {
-              const int stage = read.index();
-              wait_stage(problem, &smem.full[stage], read.phase(), 1, item, kb, stage);
-              release(stage);
-            }
-          } else if (!split) {
+          if (!split) {
             chain(cute::Int<-1>{});
           } else if constexpr (Config::kSplitSmallTiles) {  // (split is never true otherwise)
             if (consumer_wg == 0) chain(cute::Int<0>{});
@@ -551,42 +563,19 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
           for (int kb = 0; kb < k_blocks; kb++, ++read) {
             const int stage = read.index();
             wait_stage(problem, &smem.full[stage], read.phase(), 1, item, kb, stage);
-            if (!(wg_has_rows || split)) {
-              release(stage);
-              continue;
-            }
             if (kb == 0) next = load_scales(0);
             now = next;
             next = load_scales(kb + 1);
-            // One pass: the A rows (a split tile's first 64, or the warpgroup's own) are a
-            // compile-time choice, so that no run-time branch sits between the wgmma's issue and
-            // its wait (ptxas then serialises the four wgmma of the pass, C7520).
+            // One pass (a split tile: the first 64 rows, this warpgroup's pass only).
             auto run_pass = [&](auto pass_c, auto split_c) {
               constexpr int pass = decltype(pass_c)::value;
               constexpr bool kSplit = decltype(split_c)::value;
-              batch_mma.accumulate_ = GMMA::ScaleOut::Zero;
-              warpgroup_fence_operand(partial);
-              warpgroup_arrive();
-              CUTE_UNROLL
-              for (int k = 0; k < size<2>(tCrA); k++) {
-                if constexpr (kSplit) {
-                  cute::gemm(batch_mma, tCrA_first(_, _, k, stage), tCrB(_, _, k, stage * kPasses + pass), partial);
-                } else {
-                  cute::gemm(batch_mma, tCrA(_, _, k, stage), tCrB(_, _, k, stage * kPasses + pass), partial);
-                }
-                batch_mma.accumulate_ = GMMA::ScaleOut::One;
-              }
-              warpgroup_commit_batch();
+              issue_batch(split_c, partial, stage, stage * kPasses + pass);
               warpgroup_wait<0>();
               warpgroup_fence_operand(partial);
               // The last wgmma of this warpgroup that reads this stage is done.
               if (kSplit || pass == kPasses - 1) release(stage);
-              // Slot of a column: its parity (interleaved gate/up) or its 128-column pass.
-              const float b_even = Epilogue::kScaleSlotIsParity ? now.b0 : (pass ? now.b1 : now.b0);
-              const float b_odd = Epilogue::kScaleSlotIsParity ? now.b1 : b_even;
-              const float scale[4] = {now.a0 * b_even, now.a0 * b_odd, now.a1 * b_even, now.a1 * b_odd};
-              CUTE_UNROLL
-              for (int i = 0; i < size(partial); i++) accum[pass](i) = fmaf(partial(i), scale[i & 3], accum[pass](i));
+              promote_partial<Epilogue::kScaleSlotIsParity, (pass > 0), 0>(accum[pass], partial, now);
             };
             cute::for_each(cute::make_int_sequence<kPasses>{}, [&](auto pass_c) {
               constexpr int pass = decltype(pass_c)::value;
