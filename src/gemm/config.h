@@ -54,8 +54,17 @@ inline constexpr bool kFp8SplitSmallTiles = MEGAMOE_FP8_SPLIT_SMALL_TILES != 0;
 #endif
 inline constexpr bool kFp8OverlapFc2 = MEGAMOE_FP8_OVERLAP_FC2 != 0;
 
-// Room in the GEMM stall log (GroupedProblem::stall_log) for any grid of a Hopper part.
+// The GEMM stall log (GroupedProblem::stall_log): int4 entries that the kernel writes and the layer's
+// stall report reads. First one entry per warp of every CTA, then every CTA's mbarrier words (two
+// per entry); room for any grid of a Hopper part.
 inline constexpr int kStallLogCtas = 1024;
+inline constexpr int kStallLogWarps = 12;          // the 384 threads of a grouped-GEMM CTA
+inline constexpr int kStallLogBarrierWords = 16;   // a CTA's full and empty barriers
+inline constexpr int stall_log_warp_entry(int cta, int warp) { return cta * kStallLogWarps + warp; }
+inline constexpr int stall_log_barrier_entry(int cta) {
+  return kStallLogCtas * kStallLogWarps + cta * (kStallLogBarrierWords / 2);
+}
+inline constexpr int kStallLogEntries = stall_log_barrier_entry(kStallLogCtas);
 
 inline int cluster_m_for(double expected_rows_per_expert) {
   const double high = expected_rows_per_expert + 2.0 * std::sqrt(std::max(expected_rows_per_expert, 0.0));

@@ -95,8 +95,8 @@ struct GroupedProblem {
   uint64_t timeout_ns;
   int32_t gemm_id;  // DeviceStatus::stalled_gemm
   // Optional (null: none), for the layer's stall report: a warp whose wait times out writes {item,
-  // k block, stage, phase + 2 * which} at [CTA * 12 + warp]; the producer also copies its CTA's
-  // mbarrier words to [kStallLogCtas * 12 + CTA * 8] (16 words). Unwritten entries read -1.
+  // k block, stage, phase + 2 * which} at stall_log_warp_entry(CTA, warp); the producer also copies
+  // its CTA's mbarrier words to stall_log_barrier_entry(CTA) (config.h). Unwritten entries read -1.
   int4* stall_log;
 };
 
@@ -111,10 +111,11 @@ __device__ __forceinline__ void wait_stage_slow(const GroupedProblem& problem, c
     recorded = true;
     const bool log = problem.stall_log && blockIdx.x < kStallLogCtas;
     if (log && threadIdx.x % 32 == 0)
-      problem.stall_log[blockIdx.x * 12 + threadIdx.x / 32] = make_int4(item, kb, stage, int(phase) + 2 * which);
+      problem.stall_log[stall_log_warp_entry(int(blockIdx.x), int(threadIdx.x) / 32)] =
+          make_int4(item, kb, stage, int(phase) + 2 * which);
     if (log && barrier_words) {  // the producer: the raw words of this CTA's barriers
-      uint64_t* dump = reinterpret_cast<uint64_t*>(problem.stall_log + kStallLogCtas * 12 + blockIdx.x * 8);
-      for (int i = 0; i < num_barrier_words && i < 16; i++) {
+      uint64_t* dump = reinterpret_cast<uint64_t*>(problem.stall_log + stall_log_barrier_entry(int(blockIdx.x)));
+      for (int i = 0; i < num_barrier_words && i < kStallLogBarrierWords; i++) {
         const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(barrier_words + i));
         uint64_t word;
         asm volatile("ld.volatile.shared.u64 %0, [%1];" : "=l"(word) : "r"(address));
@@ -229,7 +230,8 @@ struct GroupedGemmConfig {
       TiledMma>;
   static_assert(kBlockN == 128 || kBlockN == 256);
   static_assert(kStages >= 2);
-  static_assert(2 * kStages <= 16, "the stall log keeps 16 mbarrier words per CTA");
+  static_assert(2 * kStages <= kStallLogBarrierWords, "the stall log keeps kStallLogBarrierWords mbarrier words per CTA");
+  static_assert(kThreads / 32 == kStallLogWarps, "the stall log keeps one entry per warp");
 };
 
 template <class Config, class EpilogueStorage>

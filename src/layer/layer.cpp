@@ -410,18 +410,18 @@ struct Layer::Impl {
     std::string out;
     const int first_cta = stalled_cta & ~1;
     for (int cta = first_cta; cta < first_cta + 2 && cta < gemm::kStallLogCtas; cta++) {
-      for (int w = 0; w < 12; w++) {
-        const int32_t* e = &log[size_t(cta * 12 + w) * 4];
+      for (int w = 0; w < gemm::kStallLogWarps; w++) {
+        const int32_t* e = &log[size_t(gemm::stall_log_warp_entry(cta, w)) * 4];
         if (e[0] < 0) continue;
         out += "\n  CTA " + std::to_string(cta) + " warp " + std::to_string(w) + " waited (wait " + std::to_string(e[3] / 2) +
                ") at item " + std::to_string(e[0]) + ", k block " + std::to_string(e[1]) + ", stage " +
                std::to_string(e[2]) + ", phase " + std::to_string(e[3] % 2);
       }
-      const uint64_t* words = reinterpret_cast<const uint64_t*>(&log[size_t(gemm::kStallLogCtas * 12 + cta * 8) * 4]);
+      const uint64_t* words = reinterpret_cast<const uint64_t*>(&log[size_t(gemm::stall_log_barrier_entry(cta)) * 4]);
       if (words[0] == ~uint64_t(0)) continue;
       out += "\n  CTA " + std::to_string(cta) + " mbarriers:";
       char buf[24];
-      for (int i = 0; i < 16 && words[i] != ~uint64_t(0); i++) {
+      for (int i = 0; i < gemm::kStallLogBarrierWords && words[i] != ~uint64_t(0); i++) {
         std::snprintf(buf, sizeof buf, " %016llx", static_cast<unsigned long long>(words[i]));
         out += buf;
       }
@@ -461,7 +461,7 @@ struct Layer::Impl {
   comm::DeviceBarrierView barrier{};
   DeviceArray<uint8_t> w1, w2;  // w1: gate/up interleaved rows
   DeviceArray<float> w1_scale, w2_scale;
-  DeviceArray<int32_t> stall_log{size_t(gemm::kStallLogCtas) * 20 * 4};  // GroupedProblem::stall_log, -1: none
+  DeviceArray<int32_t> stall_log{size_t(gemm::kStallLogEntries) * 4};  // GroupedProblem::stall_log (int4 entries), -1: none
   moe::ExpertGemmOperands gemms{};
   std::vector<bool> expert_loaded;
   bool weights_loaded = false;
