@@ -46,14 +46,6 @@ inline constexpr int stages_for(size_t stage_bytes, size_t other_bytes) {
 #endif
 inline constexpr bool kFp8SplitSmallTiles = MEGAMOE_FP8_SPLIT_SMALL_TILES != 0;
 
-// FP8 FC2 on CTA pairs: the overlapped promotion like FC1 (on), or the waited-for pass of single
-// CTAs (CMake -DMEGAMOE_FP8_OVERLAP_FC2=OFF). FC2 at >= 2048 tokens was faster before the overlap
-// existed (docs/PERFORMANCE.md); a build with it off, beside the default, settles which to keep.
-#ifndef MEGAMOE_FP8_OVERLAP_FC2
-#define MEGAMOE_FP8_OVERLAP_FC2 1
-#endif
-inline constexpr bool kFp8OverlapFc2 = MEGAMOE_FP8_OVERLAP_FC2 != 0;
-
 // The GEMM stall log (GroupedProblem::stall_log): int4 entries that the kernel writes and the layer's
 // stall report reads. First one entry per warp of every CTA, then every CTA's mbarrier words (two
 // per entry); room for any grid of a Hopper part.

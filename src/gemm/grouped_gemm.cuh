@@ -181,7 +181,8 @@ struct NoFeed {
 inline constexpr int kFeedWarpsPerCta = 3;
 inline constexpr int kConsumerWarps = 8;  // two consumer warpgroups
 
-// kOverlapAllowed_: whether CTA pairs may overlap the fp8 promotion (kOverlapPromotion).
+// kOverlapAllowed_: whether CTA pairs may overlap the fp8 promotion (kOverlapPromotion); FC1 does,
+// FC2 does not (moe/fc2.cu says why).
 template <class Operands_, int kBlockN_, int kClusterM_, class EpilogueStorage, bool kOverlapAllowed_ = true>
 struct GroupedGemmConfig {
   using Operands = Operands_;

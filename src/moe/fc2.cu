@@ -48,9 +48,12 @@ struct ScatterEpilogue {
   }
 };
 
+// FP8 FC2 never overlaps the promotion (kOverlapAllowed = false): on CTA pairs the waited-for pass
+// was faster from 2048 tokens up (one H200, 64 experts: FC2 1458 -> 1283 us at 8192) and equal below
+// (docs/PERFORMANCE.md, "FC2's promotion").
 template <class Operands, int kBlockN, int kClusterM>
 using Fc2Config = gemm::GroupedGemmConfig<Operands, kBlockN, kClusterM, typename ScatterEpilogue<kBlockN>::SharedStorage,
-                                          gemm::kFp8OverlapFc2>;
+                                          false>;
 
 template <class Operands, int kBlockN, int kClusterM>
 void launch(const LayerView& v, const ExpertGemmOperands& g, int num_sms, cudaStream_t stream) {
