@@ -29,7 +29,7 @@ gets a column too.  Every line is keyed by (impl, dtype, variant); a missing dty
     latency under CUDA-graph replay and called eagerly) and "<dtype> op / C++"
     = op graph / megamoe <dtype> (1 when the op adds nothing to the layer).
 For the speedups, floors and "op / C++", "megamoe <dtype>" is the variant ""
-line when there is one for that table, else the alphabetically first variant
+line when there is one for that table, else "staged", else the alphabetically first variant
 (named in the table's heading).  Missing values show as "-".  When a key appears more
 than once for the same T, the line read last wins (files are read in the
 order given).
@@ -147,11 +147,12 @@ def _label(key):
 
 
 def _primary(keys, impl, dtype):
-    """The key used for speedups: variant "" if present, else the first variant."""
+    """The key used for speedups: variant "", else "staged" (the reference path), else the first."""
     cands = sorted(k for k in keys if k[0] == impl and k[1] == dtype)
-    for k in cands:
-        if k[2] == "":
-            return k
+    for preferred in ("", "staged"):
+        for k in cands:
+            if k[2] == preferred:
+                return k
     return cands[0] if cands else None
 
 

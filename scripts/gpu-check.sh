@@ -7,7 +7,7 @@
 # bench.jsonl and logs.tar.gz (the same logs, one file a step).
 #
 #   scripts/gpu-check.sh [steps...]
-#     steps: machine ceilings sass gemm runtime layer stress sanitize selftest golden python example
+#     steps: machine ceilings sass gemm runtime layer layer-fused stress sanitize selftest golden python example
 #            python-dist example-dist comm bench naive op-bench compare   (default: all of them, in that
 #            order; python-dist and example-dist run under torchrun and only with 2 or more GPUs;
 #            `profile` (Nsight Compute on the grouped GEMMs) runs only when named;
@@ -18,6 +18,8 @@
 #   OLD_BIN          a build of an earlier version (golden, bench-old: same run, both builds)
 #   GPUS             GPUs for the NCCL runs (default: all)
 #   LOOPBACK_RANKS   loopback rank counts (default "1 2 3 4 8")
+#   FUSED_LOOPBACK_RANKS  the same for layer-fused: the layer suite with MEGAMOE_IMPL=fused (default "2 3 4")
+#   IMPLS            the forward implementations bench times, one table each (default staged,fused)
 #   STRESS_STEPS     forwards of the stress run at W = 4 (default 10000)
 #   SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck"), SANITIZE_RANKS (default 2),
 #   SANITIZE_FILTER (default the tiny-shape layer tests), SANITIZE_TIMEOUT (s per tool, default 300)
@@ -44,7 +46,7 @@ PRESETS=${PRESETS:-dsv4-flash,dsv4-pro,dsv3}
 TOKENS=${TOKENS:-1,64,512,1024,2048,4096,8192}
 DTYPES=${DTYPES:-fp8 bf16}
 ITERS=${ITERS:-30}
-steps=${*:-machine ceilings sass gemm runtime layer stress sanitize selftest golden python example python-dist example-dist comm bench naive op-bench compare}
+steps=${*:-machine ceilings sass gemm runtime layer layer-fused stress sanitize selftest golden python example python-dist example-dist comm bench naive op-bench compare}
 summary=()
 filter=()
 [ -n "${GTEST_FILTER:-}" ] && filter=(--gtest_filter="$GTEST_FILTER")
@@ -86,14 +88,24 @@ for s in $steps; do
       for w in $LOOPBACK_RANKS; do
         step "$s-loopback-$w" "$limit" env MEGAMOE_TEST_RANKS="$w" "$BIN/test_gpu_$s" "${filter[@]}"
       done ;;
+    layer-fused)
+      # Every layer test again with the whole forward in one persistent kernel (LayerOptions::impl).
+      step "layer-fused-nccl-$GPUS" 500 env MEGAMOE_IMPL=fused MEGAMOE_TEST_GPUS="$GPUS" "$BIN/test_gpu_layer" "${filter[@]}"
+      for w in ${FUSED_LOOPBACK_RANKS:-2 3 4}; do
+        step "layer-fused-loopback-$w" 500 env MEGAMOE_IMPL=fused MEGAMOE_TEST_RANKS="$w" "$BIN/test_gpu_layer" "${filter[@]}"
+      done ;;
     stress)
       step stress-loopback-4 500 env MEGAMOE_TEST_RANKS=4 MEGAMOE_STRESS_STEPS="$STRESS_STEPS" "$BIN/test_gpu_layer" --gtest_filter='Stress.*' ;;
     sanitize)
       # The tiny-shape layer tests at W = 2 on the loopback transport (ncclMemAlloc is not permitted
       # under the sanitizer on these machines); every tool must report 0 errors.
-      for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
-        step "sanitize-$tool" "${SANITIZE_TIMEOUT:-300}" env MEGAMOE_TEST_RANKS="${SANITIZE_RANKS:-2}" MEGAMOE_BARRIER_TIMEOUT_S=30 \
-          compute-sanitizer --tool "$tool" --error-exitcode 1 "$BIN/test_gpu_layer" --gtest_filter="${SANITIZE_FILTER:-Layer*.Tiny*:Layer*.Deterministic*}"
+      # Both forward implementations.
+      for impl in staged fused; do
+        for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
+          step "sanitize-$impl-$tool" "${SANITIZE_TIMEOUT:-300}" env MEGAMOE_IMPL=$impl MEGAMOE_TEST_RANKS="${SANITIZE_RANKS:-2}" \
+            MEGAMOE_BARRIER_TIMEOUT_S=30 compute-sanitizer --tool "$tool" --error-exitcode 1 "$BIN/test_gpu_layer" \
+            --gtest_filter="${SANITIZE_FILTER:-Layer*.Tiny*:Layer*.Deterministic*}"
+        done
       done ;;
     selftest)
       if [ "$GPUS" -ge 2 ]; then
@@ -122,7 +134,7 @@ for s in $steps; do
       for p in ${PRESETS//,/ }; do
         for d in $DTYPES; do
           step "bench-$p-$d" 400 "$BIN/megamoe" bench --gpus "$GPUS" --preset "$p" $(experts_flag "$p") --dtype "$d" \
-            --tokens "$TOKENS" --iters "$ITERS" --stages --json "$OUT/bench.jsonl"
+            --tokens "$TOKENS" --iters "$ITERS" --stages --impl "${IMPLS:-staged,fused}" --json "$OUT/bench.jsonl"
         done
         if [ -n "${OLD_BIN:-}" ]; then  # the earlier build, same run (it knows bf16 only and no JSON variant)
           step "bench-$p-bf16-old" 400 "$OLD_BIN/megamoe" bench --gpus "$GPUS" --preset "$p" $(experts_flag "$p") \

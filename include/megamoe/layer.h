@@ -14,7 +14,14 @@
 
 namespace megamoe {
 
+// How a forward runs on the GPU. kStaged: one kernel per stage (claim, barrier, schedule, FC1,
+// FC2, counter reset, barrier, combine), the reference. kFused: the same stages in one persistent
+// kernel, separated by grid-wide syncs, with nothing reset by the host. kDefault: MEGAMOE_IMPL from
+// the environment ("staged" or "fused"), else kStaged.
+enum class ForwardImpl { kDefault, kStaged, kFused };
+
 struct LayerOptions {
+  ForwardImpl impl = ForwardImpl::kDefault;
   // Every cross-rank wait gives up after this long and the host reports which rank never arrived.
   // Default 10 s, or MEGAMOE_BARRIER_TIMEOUT_S from the environment.
   double barrier_timeout_s = 0;  // 0: the default
@@ -118,7 +125,10 @@ class Layer {
   struct StageTimes {
     float dispatch_claim_ms, dispatch_barrier_ms, dispatch_schedule_ms, fc1_ms, fc2_ms, combine_barrier_ms, combine_ms;
   };
+  // Staged forwards: CUDA events between the stages' kernels. Fused forwards: the kernel's own
+  // global-timer stamps where all its CTAs meet (the barriers' times include the grid syncs).
   StageTimes last_stage_times() const;
+  ForwardImpl impl() const;  // kStaged or kFused, as resolved at creation
 
   const MoeShape& shape() const;
   const WorkspaceLayout& layout() const;

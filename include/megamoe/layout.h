@@ -43,7 +43,8 @@ enum class Arena { kSymmetric, kLocal };
   X(kExpertTileOffset, expert_tile_offset, kLocal, int32_t, "int32", "E/W+1", 128, false)                               \
   X(kFc1Out, fc1_out, kLocal, uint8_t, "bf16|e4m3", "W*Tmax*K*I", 1024, false)                                          \
   X(kFc1OutScale, fc1_out_scale, kLocal, float, "-|fp32", "I/128*P (fp8)", 1024, false)                          \
-  X(kDeviceStatus, device_status, kLocal, ::megamoe::DeviceStatus, "DeviceStatus", "1", 128, false)
+  X(kDeviceStatus, device_status, kLocal, ::megamoe::DeviceStatus, "DeviceStatus", "1", 128, false)                   \
+  X(kGridSync, grid_sync, kLocal, ::megamoe::GridSyncState, "GridSyncState", "1", 128, false)
 
 // What a claim records on the expert owner for one received (token, k) pair.
 struct RecvPair {
@@ -51,6 +52,19 @@ struct RecvPair {
   int32_t slot;          // the pair's row among that expert's rows (claimed with one atomic)
   int32_t source_pair;   // t*K + k on the source rank
   int32_t unused;        // keeps the record 16 bytes: one vector store
+};
+
+// The fused forward's grid-wide barrier among this rank's CTAs (comm/grid_sync.cuh): zero at
+// creation, back to zero arrivals after every sync, so it is never reset.
+struct GridSyncState {
+  uint32_t arrived;     // CTAs at the current sync point
+  uint32_t generation;  // sync points passed (wraps)
+  uint32_t exited;      // CTAs done with the current forward
+  uint32_t unused;
+  // Global-timer stamps of the last forward (LayerOptions::stage_timing reads them): [0] CTA 0's
+  // start, [p] when the last CTA reached sync point p (FusedSyncPoint 1-6), [7] when the last CTA
+  // finished.
+  uint64_t stage_ns[8];
 };
 
 // Where one row of the token pool comes from.
@@ -131,8 +145,10 @@ struct DeviceStatus {
   // kPipelineStall: which grouped GEMM (1 FC1, 2 FC2), which wait (0: the producer for a free stage,
   // 1: a consumer for a full one), which CTA, which work item.
   int32_t stalled_gemm, stalled_wait, stalled_cta, stalled_item;
+  // kGridSyncTimeout: the fused kernel's sync point (FusedSyncPoint) and the CTAs that had reached it.
+  int32_t grid_sync_point, grid_sync_arrived;
 };
-static_assert(sizeof(DeviceStatus) == 72);
+static_assert(sizeof(DeviceStatus) == 80);
 
 enum DeviceErrorCode : int32_t {
   kBadExpertId = 1,       // a topk id outside [-1, E); the pair was dropped, the rest is correct
@@ -140,6 +156,7 @@ enum DeviceErrorCode : int32_t {
   kBarrierTimeout = 4,    // a peer did not arrive in time; outputs are garbage, the layer is dead
   kRowArrivalTimeout = 8, // FC1 waited too long for an expert's rows; outputs are garbage, the layer is dead
   kPipelineStall = 16,    // a GEMM's shared-memory pipeline stopped moving; outputs are garbage, the layer is dead
+  kGridSyncTimeout = 32,  // not every CTA of the fused kernel reached a grid-wide sync; the layer is dead
 };
 
 enum BarrierId : int32_t { kDispatchBarrier = 0, kCombineBarrier = 1, kTestBarrier = 2, kBenchBarrier = 3 };

@@ -25,7 +25,7 @@ const FlagSet& info_flags() {
 
 const FlagSet& bench_flags() {
   static const FlagSet set{{"preset", "dtype", "tokens", "gpus", "routing", "iters", "json", "experts",
-                            "gemm-cluster-m", "sms", "hbm-gbps", "bf16-tflops", "fp8-tflops", "nvlink-gbps"},
+                            "gemm-cluster-m", "sms", "impl", "hbm-gbps", "bf16-tflops", "fp8-tflops", "nvlink-gbps"},
                            {"comm", "stages"}};
   return set;
 }
@@ -238,6 +238,12 @@ BenchOptions parse_bench_options(const Args& a) {
   o.experts = a.integer("experts", 0, 1, kMaxExperts);
   o.stages = a.has("stages");
   o.gemm_cluster_m = int(a.integer("gemm-cluster-m", 0, 0, 2));
+  if (a.has("impl")) {
+    o.impls = a.str_list("impl", {});
+    for (const std::string& name : o.impls)
+      if (name != "staged" && name != "fused")
+        throw InvalidArgument("--impl " + name + ": must be staged or fused (or a list of both)");
+  }
   o.sms = int(a.integer("sms", 0, 1, kMaxSms));
   o.ceilings = parse_ceilings(a);
   o.ceiling_flags = parse_ceiling_flags(a);
@@ -303,6 +309,7 @@ const char* kInfoUsage =
 const char* kBenchUsage =
     "usage: megamoe bench [--preset P[,P...]] [--dtype bf16|fp8] [--tokens T,...] [--gpus N] [--routing R]\n"
     "                     [--iters N] [--json PATH] [--stages] [--experts E] [--gemm-cluster-m 0|1|2] [--sms N]\n"
+    "                     [--impl staged,fused]\n"
     "                     [--hbm-gbps X] [--bf16-tflops X] [--fp8-tflops X] [--nvlink-gbps X]\n"
     "       megamoe bench --comm [--gpus N]\n"
     "The layer's latency under CUDA-graph replay, one rank per GPU, against the roofline floor.\n"
@@ -317,6 +324,7 @@ const char* kBenchUsage =
     "  --experts E         override the preset's expert count (e.g. one GPU as one rank of EP 4)\n"
     "  --gemm-cluster-m M  GEMM CTA pairing: 0 = chosen per forward (default), 1 = single CTAs, 2 = pairs\n"
     "  --sms N             SMs the layer's kernels may occupy, 1..1024 (default: all of the GPU's)\n"
+    "  --impl I,...        staged (one kernel per stage, default) and/or fused (one persistent kernel)\n"
     "  --hbm-gbps X ...    roofline ceilings, as for 'megamoe info'\n"
     "  --comm              measure NVLink bandwidth and the device barrier instead of the layer\n";
 

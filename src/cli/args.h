@@ -87,6 +87,7 @@ struct BenchOptions {
   int64_t experts = 0;    // --experts: overrides the preset's expert count (0 = the preset's)
   bool stages = false;    // --stages: also time one eager forward stage by stage
   int gemm_cluster_m = 0;
+  std::vector<std::string> impls{"staged"};  // --impl staged,fused: one table each
   int sms = 0;            // --sms: the layer's SM budget (0 = all of the GPU's)
   Ceilings ceilings;      // --hbm-gbps, --bf16-tflops, --fp8-tflops, --nvlink-gbps over the defaults
   CeilingFlags ceiling_flags;  // the same flags, over the ceilings of the GPU the benchmark runs on

@@ -96,17 +96,21 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
                 ceilings.bf16_tflops, ceilings.fp8_tflops, ceilings.nvlink_gbps);
   }
 
-  for (const std::string& preset : presets) {
+  for (const std::string& preset : presets)
+  for (const std::string& impl_text : o.impls) {
+    const char* impl_name = impl_text.c_str();
+    const ForwardImpl impl = impl_text == "fused" ? ForwardImpl::kFused : ForwardImpl::kStaged;
     const MoeShape shape = o.shape(preset, W);  // the preset, --experts, --dtype, max_tokens
     LayerOptions options;
+    options.impl = impl;
     options.stage_timing = o.stages;
     options.gemm_cluster_m = o.gemm_cluster_m;
     options.num_sms = o.sms;
     Layer layer(shape, comm, options);
     load_random_weights(layer, shape, 1234 + uint64_t(rank) * 7777, s);
     if (rank == 0) {
-      std::printf("\nmegamoe bench: %s, %d x %s, routing %s, %d timed graph replays per T (median of the slowest rank)\n",
-                  describe(shape).c_str(), W, prop.name, std::string(to_string(routing)).c_str(), iters);
+      std::printf("\nmegamoe bench: %s, %d x %s, routing %s, %s, %d timed graph replays per T (median of the slowest rank)\n",
+                  describe(shape).c_str(), W, prop.name, std::string(to_string(routing)).c_str(), impl_name, iters);
       std::printf("%8s %12s %12s %10s %12s %10s\n", "T/rank", "median us", "min us", "TFLOP/s", "floor us", "vs floor");
     }
     for (int64_t T : tokens) {
@@ -177,9 +181,9 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
         const double fc2_tflops = 2.0 * rows * double(shape.intermediate) * double(shape.hidden) / (worst[4] * 1e6);
         char buf[320];
         std::snprintf(buf, sizeof buf,
-                      "%8s   eager, us per stage: claim %.1f | barrier %.1f | schedule %.1f | fc1+pull %.1f (%.0f TFLOP/s) | "
+                      "%8s   %s, us per stage: claim %.1f | barrier %.1f | schedule %.1f | fc1+pull %.1f (%.0f TFLOP/s) | "
                       "fc2 %.1f (%.0f TFLOP/s) | barrier %.1f | combine %.1f\n",
-                      "", worst[0], worst[1], worst[2], worst[3], fc1_tflops, worst[4], fc2_tflops, worst[5], worst[6]);
+                      "", impl == ForwardImpl::kFused ? "in-kernel" : "eager", worst[0], worst[1], worst[2], worst[3], fc1_tflops, worst[4], fc2_tflops, worst[5], worst[6]);
         stage_line = buf;
         std::snprintf(buf, sizeof buf,
                       ", \"stages_us\": {\"claim\": %.1f, \"dispatch_barrier\": %.1f, \"schedule\": %.1f, \"fc1\": %.1f, "
@@ -198,11 +202,11 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
           std::ofstream out(json_path, std::ios::app);
           char line[1024];
           std::snprintf(line, sizeof line,
-                        "{\"impl\": \"megamoe\", \"variant\": \"staged\", \"dtype\": \"%s\", \"preset\": \"%s\", "
+                        "{\"impl\": \"megamoe\", \"variant\": \"%s\", \"dtype\": \"%s\", \"preset\": \"%s\", "
                         "\"experts\": %lld, \"ep\": %d, \"tokens\": %lld, \"latency_us\": %.2f, \"min_us\": %.2f, "
                         "\"tflops\": %.2f, \"floor_us\": %.2f, \"vs_floor\": %.3f, \"gpu\": \"%s\", \"routing\": \"%s\", "
                         "\"sms\": %d%s}\n",
-                        std::string(to_string(shape.weight_format)).c_str(), preset.c_str(), (long long)shape.num_experts, W,
+                        impl_name, std::string(to_string(shape.weight_format)).c_str(), preset.c_str(), (long long)shape.num_experts, W,
                         (long long)T, slowest_median, slowest_min, tflops, roof.floor_us, slowest_median / roof.floor_us,
                         prop.name, std::string(to_string(routing)).c_str(), layer.num_sms(), stage_json.c_str());
           out << line;

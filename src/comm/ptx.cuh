@@ -36,6 +36,13 @@ __device__ __forceinline__ bool mbarrier_try_wait_parity(const uint64_t* barrier
   return done != 0;
 }
 
+// Ends an mbarrier's life, so that its shared memory may hold a freshly initialised one (a fused
+// kernel's second GEMM).
+__device__ __forceinline__ void mbarrier_invalidate(uint64_t* barrier) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(barrier));
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(address) : "memory");
+}
+
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

@@ -64,6 +64,7 @@ void size_region(const MoeShape& s, Region r, size_t& element_bytes, size_t& cou
     case Region::kFc1Out: element_bytes = activation_bytes; count = mul(pool, I); return;
     case Region::kFc1OutScale: element_bytes = 4; count = fp8 ? mul(I / 128, pitch) : 0; return;
     case Region::kDeviceStatus: element_bytes = sizeof(DeviceStatus); count = 1; return;
+    case Region::kGridSync: element_bytes = sizeof(GridSyncState); count = 1; return;
     case Region::kCount: break;
   }
   throw RuntimeError("workspace layout: unknown region");

@@ -279,11 +279,18 @@ struct TileValues {
   }
 };
 
-template <class Config, class Epilogue, class Feed>
-__global__ void __launch_bounds__(Config::kThreads, 1)
-    grouped_gemm_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
-                        GroupedProblem problem,
-                        typename Epilogue::Params epilogue_params, typename Feed::Params feed) {
+// One CTA's part of the grouped GEMM, as a device function: the kernel below runs it alone, the
+// fused forward (moe/fused.cu) between its other stages. Every thread of the CTA (kThreads) calls
+// it, with `smem_raw` holding grouped_gemm_smem_bytes<Config, Epilogue::SharedStorage>(). The
+// warpgroups change their register counts for the GEMM (setmaxnreg); a caller that runs more code
+// afterwards passes kRegistersAfter (the kernel's count, 65536 / kThreads rounded down to 8), and
+// every warpgroup returns to it before leaving. The CTA's mbarriers are initialised here and
+// invalidated at the end, so the same shared memory may hold another GEMM's next.
+template <class Config, class Epilogue, class Feed, uint32_t kRegistersAfter = 0>
+__device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, const CUtensorMap* tma_b_ptr,
+                                                 const GroupedProblem& problem,
+                                                 const typename Epilogue::Params& epilogue_params,
+                                                 const typename Feed::Params& feed, char* smem_raw) {
   using namespace cute;
   using Storage = GroupedGemmSharedStorage<Config, typename Epilogue::SharedStorage>;
   constexpr int BM = Config::kBlockM, BN = Config::kBlockN, BK = Config::kBlockK, kStages = Config::kStages;
@@ -291,12 +298,19 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   using PipelineState = cutlass::PipelineState<kStages>;
   constexpr bool kHasFeed = !std::is_same_v<Feed, NoFeed>;
   constexpr uint32_t kProducerRegisters = kHasFeed ? 56 : 24, kConsumerRegisters = kHasFeed ? 224 : 240;
+  static_assert(kRegistersAfter == 0 || (kRegistersAfter % 8 == 0 && kRegistersAfter >= kProducerRegisters &&
+                                         kRegistersAfter <= kConsumerRegisters),
+                "setmaxnreg: the count after the GEMM must lie between the producer's and the consumers'");
+  const CUtensorMap& tma_a = *tma_a_ptr;
+  const CUtensorMap& tma_b = *tma_b_ptr;
 
-  extern __shared__ char smem_raw[];
   Storage& smem = *reinterpret_cast<Storage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const int cluster_rank = kCluster > 1 ? int(block_rank_in_cluster()) : 0;
   const int cluster_id = int(blockIdx.x) / kCluster, num_clusters = int(gridDim.x) / kCluster;
 
+  // Earlier code of a fused kernel may have written this shared memory through the generic proxy;
+  // TMA writes it through the async proxy.
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; s++) {
       cutlass::arch::ClusterTransactionBarrier::init(&smem.full[s], 1);
@@ -359,6 +373,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     // .aligned (every lane of a warp must execute it together); lanes arriving while lane 0 still
     // issues loads stalled the pipeline of CTA pairs about once in a few hundred forwards.
     __syncwarp();
+    if constexpr (kRegistersAfter != 0) cutlass::arch::warpgroup_reg_alloc<kRegistersAfter>();
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
     const int consumer_tid = threadIdx.x - 128;
@@ -594,16 +609,37 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         Epilogue::apply(epilogue_params, smem.epilogue, values, c, consumer_tid);
       }
     }
-    // Epilogues may store to peers; the barrier that follows the kernel publishes them system-wide.
+    // Epilogues may store to peers; the barrier that follows the GEMM publishes them system-wide.
     __threadfence_system();
     __syncwarp();  // the epilogue's stores diverge; the cluster barrier below is .aligned
+    if constexpr (kRegistersAfter != 0) cutlass::arch::warpgroup_reg_dealloc<kRegistersAfter>();
   }
   // No CTA may leave while its cluster peer can still multicast into its shared memory or arrive on
   // its barriers.
   if constexpr (kCluster > 1) {
     cute::cluster_arrive();  // release: this CTA's arrivals on its peer's barriers land before the peer may exit
     cluster_wait();
+  } else if constexpr (kRegistersAfter != 0) {
+    __syncthreads();
   }
+  if constexpr (kRegistersAfter != 0) {
+    // Every wait on these barriers is over (the cluster barrier above): they may be re-initialised.
+    if (threadIdx.x == 0)
+      for (int s = 0; s < kStages; s++) {
+        comm::mbarrier_invalidate(&smem.full[s]);
+        comm::mbarrier_invalidate(&smem.empty[s]);
+      }
+    __syncthreads();
+  }
+}
+
+template <class Config, class Epilogue, class Feed>
+__global__ void __launch_bounds__(Config::kThreads, 1)
+    grouped_gemm_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
+                        GroupedProblem problem,
+                        typename Epilogue::Params epilogue_params, typename Feed::Params feed) {
+  extern __shared__ char smem_raw[];
+  grouped_gemm_cta<Config, Epilogue, Feed>(&tma_a, &tma_b, problem, epilogue_params, feed, smem_raw);
 }
 
 template <class Config, class Epilogue, class Feed>

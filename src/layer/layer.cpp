@@ -47,6 +47,14 @@ double env_watchdog_s() {
   return t;
 }
 
+ForwardImpl resolve_impl(ForwardImpl requested) {
+  if (requested != ForwardImpl::kDefault) return requested;
+  const char* v = std::getenv("MEGAMOE_IMPL");
+  if (!v || !*v || std::string(v) == "staged") return ForwardImpl::kStaged;
+  if (std::string(v) == "fused") return ForwardImpl::kFused;
+  throw InvalidArgument(std::string("MEGAMOE_IMPL = \"") + v + "\": must be \"staged\" or \"fused\"");
+}
+
 bool env_debug() {
   const char* v = std::getenv("MEGAMOE_DEBUG");
   return v && std::string(v) == "1";
@@ -101,6 +109,10 @@ std::string describe_device_status(const DeviceStatus& s, int rank, double timeo
     add(std::string(s.stalled_gemm == 1 ? "FC1" : "FC2") + " GEMM stalled: CTA " + std::to_string(s.stalled_cta) +
         " waited " + comm::format_seconds(timeout_s) + " s for a shared-memory stage to " +
         (s.stalled_wait == 0 ? "free (producer)" : "fill (consumer)") + " at work item " + std::to_string(s.stalled_item));
+  if (s.error_flags & kGridSyncTimeout)
+    add("fused forward: only " + std::to_string(s.grid_sync_arrived) + " CTAs reached grid sync point " +
+        std::to_string(s.grid_sync_point) + " within " + comm::format_seconds(2 * timeout_s) +
+        " s (a CTA stalled, or the grid was not resident at once)");
   if (s.error_flags & kBadTokenCount)
     add("num_tokens read from device memory = " + std::to_string(s.bad_token_count) +
         ": must be in [0, max_tokens_per_rank]; the forward ran with 0 tokens");
@@ -159,7 +171,9 @@ struct Layer::Impl {
     }
     MEGAMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&status_stream, cudaStreamNonBlocking));
     // Every kernel of a forward is loaded now, not at its first launch (runtime/cuda_check.h).
+    impl = resolve_impl(o.impl);
     moe::preload_kernels(fp8);
+    if (impl == ForwardImpl::kFused) moe::preload_fused_kernels(fp8);
     comm::preload_barrier_kernels();
     comm.host_barrier();  // every rank is fully set up before any rank's first forward can wait for it
   }
@@ -209,18 +223,26 @@ struct Layer::Impl {
     const bool timing = stage_timing && eager;
     int mark = 0;
     auto stage_done = [&] {
-      if (timing) MEGAMOE_CUDA_CHECK(cudaEventRecord(stage_events[size_t(mark++)], stream));
+      if (timing) MEGAMOE_CUDA_CHECK(cudaEventRecord(stage_events[size_t(mark)], stream));
+      mark++;
     };
-    stage_done();
-    moe::launch_dispatch_claim(v, in, num_sms, stream);
-    stage_done();
-    comm::launch_device_barrier(barrier, kDispatchBarrier, stream);
-    stage_done();
     // GEMM CTA pairing from the rows per expert expected under uniform routing (cluster_m_for in
     // gemm/config.h); with a device-side count, the capacity is what is known.
     const double expected_rows = double(in.launch_tokens) * v.top_k * v.world_size / v.num_experts;
     int cluster_m = forced_cluster_m ? forced_cluster_m : gemm::cluster_m_for(expected_rows);
     if (num_sms < 2) cluster_m = 1;  // a pair needs two SMs of the budget
+    if (impl == ForwardImpl::kFused) {
+      while (mark < 4) stage_done();  // one kernel: its whole time is reported as FC1's
+      moe::launch_fused_forward(v, in, gemms, barrier, workspace.zero_prefix(), workspace.zero_prefix_bytes(), cluster_m,
+                                num_sms, stream);
+      while (mark < 8) stage_done();
+      return;
+    }
+    stage_done();
+    moe::launch_dispatch_claim(v, in, num_sms, stream);
+    stage_done();
+    comm::launch_device_barrier(barrier, kDispatchBarrier, stream);
+    stage_done();
     moe::launch_dispatch_schedule(v, num_sms, cluster_m, stream);
     stage_done();
     moe::launch_fc1(v, gemms, cluster_m, num_sms, stream);
@@ -387,6 +409,8 @@ struct Layer::Impl {
     get(flags.data(), view.ws.barrier_flags, flags.size() * 8);
     get(arrived.data(), view.ws.expert_arrived_rows, arrived.size() * 4);
     get(offsets.data(), view.ws.expert_row_offset, offsets.size() * 4);
+    GridSyncState grid{};
+    get(&grid, view.ws.grid_sync, sizeof grid);
     MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(status_stream));
     long long arrived_total = 0;
     for (int32_t a : arrived) arrived_total += a;
@@ -397,6 +421,9 @@ struct Layer::Impl {
                       "; barriers signalled here by rank";
     for (int r = 0; r < W; r++) out += " " + std::to_string(r) + ": " + std::to_string(flags[size_t(r)]);
     out += "; FC1 rows copied in " + std::to_string(arrived_total) + " of " + std::to_string(offsets[size_t(El)]);
+    if (impl == ForwardImpl::kFused)
+      out += "; fused kernel: grid syncs passed " + std::to_string(grid.generation) + ", CTAs at the next " +
+             std::to_string(grid.arrived);
     return out + describe_stall_log(st.stalled_cta);
   }
 
@@ -438,7 +465,8 @@ struct Layer::Impl {
     if (message.empty()) return;
     // Bad ids and token counts affected only their own forward: clear them. A timeout stays, and once
     // one is recorded nothing is written back (kernels may still be running and setting bits).
-    if (s.error_flags & (kBarrierTimeout | kRowArrivalTimeout | kPipelineStall)) throw RuntimeError(message);
+    if (s.error_flags & (kBarrierTimeout | kRowArrivalTimeout | kPipelineStall | kGridSyncTimeout))
+      throw RuntimeError(message);
     DeviceStatus cleared = s;
     cleared.error_flags = 0;  // only bad ids and token counts can be set here
     cleared.bad_expert_record = 0;
@@ -455,6 +483,7 @@ struct Layer::Impl {
   bool debug;
   double watchdog_s = env_watchdog_s();
   bool fp8;
+  ForwardImpl impl = ForwardImpl::kStaged;
   Workspace workspace;
   moe::LayerView view{};  // the workspace's view plus the layer's wait bound
   int device = 0, num_sms = 0;
@@ -543,6 +572,13 @@ Layer::StageTimes Layer::last_stage_times() const {
   const Impl& m = *impl_;
   if (!m.stage_timing) throw InvalidArgument("last_stage_times: the layer was created without LayerOptions::stage_timing");
   MEGAMOE_CUDA_CHECK(cudaEventSynchronize(m.stage_events.back()));
+  if (m.impl == ForwardImpl::kFused) {  // the kernel's own stamps at its sync points (GridSyncState)
+    GridSyncState g{};
+    MEGAMOE_CUDA_CHECK(cudaMemcpy(&g, m.view.ws.grid_sync, sizeof g, cudaMemcpyDeviceToHost));
+    float ms[7];
+    for (int i = 0; i < 7; i++) ms[i] = float(double(int64_t(g.stage_ns[i + 1] - g.stage_ns[i])) * 1e-6);
+    return StageTimes{ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], ms[6]};
+  }
   float ms[7];
   for (int i = 0; i < 7; i++)
     MEGAMOE_CUDA_CHECK(cudaEventElapsedTime(&ms[i], m.stage_events[size_t(i)], m.stage_events[size_t(i) + 1]));
@@ -552,6 +588,7 @@ const MoeShape& Layer::shape() const { return impl_->shape; }
 const WorkspaceLayout& Layer::layout() const { return impl_->workspace.layout(); }
 int Layer::rank() const { return impl_->comm.rank(); }
 int Layer::num_sms() const { return impl_->num_sms; }
+ForwardImpl Layer::impl() const { return impl_->impl; }
 
 void quantize_weights_fp8(const void* bf16_weights, int64_t experts, int64_t rows, int64_t cols, void* fp8_out,
                           float* scale_out, cudaStream_t stream) {

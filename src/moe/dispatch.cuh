@@ -42,7 +42,12 @@ inline size_t schedule_smem_bytes(int experts_per_rank, int world_size) {
   return sizeof(int32_t) * (3 * size_t(experts_per_rank) + 2 + 2 * size_t(world_size) + 1);
 }
 
-// Tokens [token_begin, token_begin + count) of x into token_staging, in the layer's format.
+// The claim's CTA-wide barrier: named barrier 1 over its kClaimThreads threads, so that a larger CTA
+// (the fused kernel's) can run the claim on its first kClaimThreads threads while the rest wait.
+__device__ __forceinline__ void claim_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kClaimThreads) : "memory"); }
+
+// Tokens [token_begin, token_begin + count) of x into token_staging, in the layer's format, by the
+// claim's kClaimThreads threads.
 __device__ __forceinline__ void stage_tokens(const LayerView& v, const ForwardInputs& in, int token_begin, int count) {
   if (count <= 0) return;
   const int H = v.hidden;
@@ -50,7 +55,7 @@ __device__ __forceinline__ void stage_tokens(const LayerView& v, const ForwardIn
     const int row_vectors = H / 8;
     const int4* src = static_cast<const int4*>(in.x) + size_t(token_begin) * row_vectors;
     int4* dst = reinterpret_cast<int4*>(v.ws.token_staging) + size_t(token_begin) * row_vectors;
-    for (int i = threadIdx.x; i < count * row_vectors; i += blockDim.x) dst[i] = __ldg(src + i);
+    for (int i = threadIdx.x; i < count * row_vectors; i += kClaimThreads) dst[i] = __ldg(src + i);
     return;
   }
   const int blocks_per_row = H / 128;
@@ -59,14 +64,14 @@ __device__ __forceinline__ void stage_tokens(const LayerView& v, const ForwardIn
     const int row_vectors = H / 16;
     const int4* src = static_cast<const int4*>(in.x) + size_t(token_begin) * row_vectors;
     int4* dst = reinterpret_cast<int4*>(v.ws.token_staging) + size_t(token_begin) * row_vectors;
-    for (int i = threadIdx.x; i < count * row_vectors; i += blockDim.x) dst[i] = __ldg(src + i);
+    for (int i = threadIdx.x; i < count * row_vectors; i += kClaimThreads) dst[i] = __ldg(src + i);
     const float* scale_src = in.x_scale + size_t(token_begin) * blocks_per_row;
-    for (int i = threadIdx.x; i < count * blocks_per_row; i += blockDim.x) scale_dst[i] = __ldg(scale_src + i);
+    for (int i = threadIdx.x; i < count * blocks_per_row; i += kClaimThreads) scale_dst[i] = __ldg(scale_src + i);
     return;
   }
   // Quantise: a half-warp per 128-value block, 8 values per lane.
   const int lane = int(threadIdx.x) % 32, half = lane / 16, sub = lane % 16;
-  const int warp = int(threadIdx.x) / 32, warps = int(blockDim.x) / 32;
+  const int warp = int(threadIdx.x) / 32, warps = kClaimThreads / 32;
   const int blocks = count * blocks_per_row;
   const int4* src = static_cast<const int4*>(in.x) + size_t(token_begin) * (H / 8);
   uint2* dst = reinterpret_cast<uint2*>(v.ws.token_staging) + size_t(token_begin) * (H / 8);
@@ -97,7 +102,7 @@ __device__ __forceinline__ void stage_tokens(const LayerView& v, const ForwardIn
   }
 }
 
-// One claim CTA (kClaimThreads threads) stages its share of the tokens, then handles chunks of
+// One claim CTA (its first kClaimThreads threads) stages its share of the tokens, then handles chunks of
 // kClaimTokensPerCta tokens: blockIdx.x, blockIdx.x + gridDim.x, ... (the grid stays within the SM
 // budget); then the last CTA to finish publishes this rank's list lengths.
 template <bool kIdsInt64>
@@ -123,7 +128,7 @@ __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInput
 
     for (int i = threadIdx.x; i < E; i += kClaimThreads) expert_pairs[i] = 0;
     for (int i = threadIdx.x; i < v.world_size; i += kClaimThreads) rank_pairs[i] = 0;
-    __syncthreads();
+    claim_sync();
 
     // Count, and remember each pair's position within its expert and its owner's list.
     int32_t pair_expert[kClaimPairsPerThread], pos_in_expert[kClaimPairsPerThread], pos_in_list[kClaimPairsPerThread];
@@ -144,7 +149,7 @@ __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInput
         }
       }
     }
-    __syncthreads();
+    claim_sync();
 
     // One remote atomic per (chunk, expert): claim slots on the owner.
     for (int e = threadIdx.x; e < E; e += kClaimThreads) {
@@ -158,7 +163,7 @@ __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInput
       const int n = rank_pairs[r];
       if (n) rank_first_entry[r] = atomicAdd(&v.ws.send_pair_count[r], n);
     }
-    __syncthreads();
+    claim_sync();
 
 #pragma unroll
     for (int j = 0; j < kClaimPairsPerThread; j++) {
@@ -171,14 +176,14 @@ __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInput
                          RecvPair{id % experts_per_rank, expert_first_slot[id] + pos_in_expert[j], token_begin * K + p, 0});
       }
     }
-    __syncthreads();  // the counters are reset for the next chunk only after every thread used them
+    claim_sync();  // the counters are reset for the next chunk only after every thread used them
   }
 
   // The last CTA publishes this rank's list lengths on every owner (zero included).
   __threadfence_system();
-  __syncthreads();
+  claim_sync();
   if (threadIdx.x == 0) is_last_cta = atomicAdd(v.ws.dispatch_done_ctas, 1) == int(gridDim.x) - 1;
-  __syncthreads();
+  claim_sync();
   if (is_last_cta) {
     __threadfence();
     for (int r = threadIdx.x; r < v.world_size; r += kClaimThreads)
@@ -219,8 +224,9 @@ __device__ __forceinline__ void warp_exclusive_scan(const int32_t* in, int n, in
   }
 }
 
-// One schedule CTA (kScheduleThreads threads): every CTA computes the prefix sums; CTA 0 publishes
-// the schedule; all CTAs share the pool_source writes.
+// One schedule CTA (kThreads threads, all of them calling): every CTA computes the prefix sums; CTA 0
+// publishes the schedule; all CTAs share the pool_source writes.
+template <int kThreads>
 __device__ __forceinline__ void schedule_cta(const LayerView& v, int unit_rows, int32_t* smem) {
   const int El = v.experts_per_rank, W = v.world_size;
   int32_t* expert_counts = smem;                  // [El]
@@ -230,21 +236,21 @@ __device__ __forceinline__ void schedule_cta(const LayerView& v, int unit_rows, 
   int32_t* source_offset = source_counts + W;     // [W+1]
   const int warp = threadIdx.x / 32;
 
-  for (int i = threadIdx.x; i < El; i += kScheduleThreads) expert_counts[i] = v.ws.expert_recv_count[i];
-  for (int i = threadIdx.x; i < W; i += kScheduleThreads) source_counts[i] = v.ws.source_pair_count[i];
+  for (int i = threadIdx.x; i < El; i += kThreads) expert_counts[i] = v.ws.expert_recv_count[i];
+  for (int i = threadIdx.x; i < W; i += kThreads) source_counts[i] = v.ws.source_pair_count[i];
   __syncthreads();
   if (warp == 0) warp_exclusive_scan(expert_counts, El, row_offset, unit_offset, unit_rows);
   if (warp == 1) warp_exclusive_scan(source_counts, W, source_offset, nullptr, 1);
   __syncthreads();
   if (blockIdx.x == 0)
-    for (int i = threadIdx.x; i <= El; i += kScheduleThreads) {
+    for (int i = threadIdx.x; i <= El; i += kThreads) {
       v.ws.expert_row_offset[i] = row_offset[i];
       v.ws.expert_tile_offset[i] = unit_offset[i];
     }
 
   const int total_pairs = source_offset[W];
   const size_t list_capacity = size_t(v.max_tokens) * v.top_k;
-  for (int p = blockIdx.x * kScheduleThreads + threadIdx.x; p < total_pairs; p += gridDim.x * kScheduleThreads) {
+  for (int p = blockIdx.x * kThreads + threadIdx.x; p < total_pairs; p += gridDim.x * kThreads) {
     int src = 0;
     while (src + 1 < W && source_offset[src + 1] <= p) src++;
     const RecvPair rec = v.ws.recv_pairs[size_t(src) * list_capacity + (p - source_offset[src])];

@@ -3,11 +3,13 @@
 //     -> fc1 (fc1.cu: pulls the rows, SwiGLU) -> fc2 (fc2.cu: rows back to their source rank)
 //     -> [combine barrier] -> combine (combine.cu) -> y
 // Each enqueues its kernel on `stream` within the SM budget `num_sms`, checks the launch, and never
-// synchronises. The device code of each stage is a __device__ function in its header.
+// synchronises. The device code of each stage is a __device__ function in its header (dispatch.cuh,
+// fc1.cuh, fc2.cuh, combine.cuh); launch_fused_forward runs them all in one kernel (fused.cuh).
 #pragma once
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include "comm/barrier.h"
 #include "gemm/tensor_map.h"
 #include "moe/layer_view.h"
 
@@ -44,6 +46,13 @@ void launch_fc2(const LayerView& v, const ExpertGemmOperands& g, int cluster_m, 
 //    slots, in fp32 (k in order: deterministic), stored as bf16.
 void launch_combine(const LayerView& v, const ForwardInputs& in, int num_sms, cudaStream_t stream);
 
+// The whole forward, steps 1-5, in one persistent launch (fused.cuh): the same stages separated by
+// grid-wide syncs, the barriers passed by CTA 0, the counters zeroed in the kernel
+// (zero_prefix: the symmetric arena's must-zero prefix). cluster_m as for fc1/fc2.
+void launch_fused_forward(const LayerView& v, const ForwardInputs& in, const ExpertGemmOperands& g,
+                          const comm::DeviceBarrierView& barrier, int32_t* zero_prefix, size_t zero_prefix_bytes,
+                          int cluster_m, int num_sms, cudaStream_t stream);
+
 // Weights (weights.cu). w1 [experts, 2I, H] (gate rows, then up rows) -> interleaved rows (gate 0,
 // up 0, gate 1, up 1, ...), so each FC1 accumulator pair holds one output's gate and up; rows of
 // row_bytes bytes (2H for bf16, H for fp8).
@@ -63,5 +72,6 @@ void preload_dispatch_kernels();
 void preload_fc1_kernels(bool fp8);
 void preload_fc2_kernels(bool fp8);
 void preload_combine_kernels();
+void preload_fused_kernels(bool fp8);
 
 }  // namespace megamoe::moe

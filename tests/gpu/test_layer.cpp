@@ -456,9 +456,20 @@ class CapturedForward {
       throw;
     }
     MEGAMOE_CUDA_CHECK(cudaStreamEndCapture(stream(), &graph));
+    size_t count = 0;
+    MEGAMOE_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &count));
+    std::vector<cudaGraphNode_t> nodes(count);
+    if (count) MEGAMOE_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &count));
+    for (cudaGraphNode_t node : nodes) {
+      cudaGraphNodeType type{};
+      MEGAMOE_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+      (type == cudaGraphNodeTypeKernel ? kernel_nodes_ : other_nodes_)++;
+    }
     MEGAMOE_CUDA_CHECK(cudaGraphInstantiate(&exec_, graph, 0));
     MEGAMOE_CUDA_CHECK(cudaGraphDestroy(graph));
   }
+  int kernel_nodes() const { return kernel_nodes_; }
+  int other_nodes() const { return other_nodes_; }  // memsets, copies, ...
   ~CapturedForward() { cudaGraphExecDestroy(exec_); }
   CapturedForward(const CapturedForward&) = delete;
   CapturedForward& operator=(const CapturedForward&) = delete;
@@ -473,6 +484,7 @@ class CapturedForward {
 
  private:
   LayerHarness& h_;
+  int kernel_nodes_ = 0, other_nodes_ = 0;
   cudaGraphExec_t exec_ = nullptr;
 };
 
@@ -642,6 +654,60 @@ LAYER_TEST(OneGraphServesEveryBatchSize) {
     EXPECT_TRUE(identical(h.output(tokens, what), from_graph)) << what << ": eager and graph differ";
     if (comm().rank() == 0) std::printf("%s: worst token %.2e, bit-identical to eager\n", what.c_str(), st.worst);
   }
+}
+
+// The fused forward (one persistent kernel) computes exactly what the staged one does: every
+// routing, random T per rank (0 included), single CTAs and CTA pairs. Then one captured fused forward
+// replayed 1000 times with a changing device-side token count and routing, checked against the
+// reference every 100 replays (and by the stress of the replays themselves: the in-kernel counter
+// reset and the grid syncs must hold across every replay).
+LAYER_TEST(FusedEqualsStagedAndSurvivesAThousandReplays) {
+  const uint64_t seed = test_seed();
+  const int64_t max_tokens = 160;
+  const MoeShape shape = tiny_shape(format, max_tokens);
+  const auto kinds = all_routing_kinds();
+  for (int cluster_m : {1, 2}) {
+    LayerOptions staged_options = test_layer_options(), fused_options = test_layer_options();
+    staged_options.impl = ForwardImpl::kStaged;
+    fused_options.impl = ForwardImpl::kFused;
+    staged_options.gemm_cluster_m = fused_options.gemm_cluster_m = cluster_m;
+    LayerHarness staged(shape, seed, staged_options), fused(shape, seed, fused_options);
+    ASSERT_EQ(fused.layer().impl(), ForwardImpl::kFused);
+    for (size_t c = 0; c < 2 * kinds.size(); c++) {
+      const uint64_t case_seed = seed + 101 * uint64_t(c) + uint64_t(cluster_m);
+      const int64_t tokens = c == 0 ? 0 : c == 1 ? max_tokens : tokens_for_rank(case_seed, max_tokens);
+      const RankInput in = staged.make_input(kinds[c % kinds.size()], tokens, case_seed);
+      const std::string what = std::string("fused vs staged, cluster_m=") + std::to_string(cluster_m) + " routing " +
+                               kind_name(kinds[c % kinds.size()]) + " T=" + std::to_string(tokens);
+      staged.forward(in);
+      fused.forward(in);
+      fused.check(in, {}, what);
+      EXPECT_TRUE(identical(fused.output(tokens, what), staged.output(tokens, what))) << what << ": outputs differ";
+    }
+  }
+  LayerOptions options = test_layer_options();
+  options.impl = ForwardImpl::kFused;
+  LayerHarness h(shape, seed + 1, options);
+  Variant device_count;
+  device_count.device_count = true;
+  h.upload(h.make_input(RoutingKind::kUniform, max_tokens, seed));
+  CapturedForward graph(h, device_count, max_tokens);
+  EXPECT_EQ(graph.kernel_nodes(), 1) << "a fused forward is one kernel";
+  EXPECT_EQ(graph.other_nodes(), 0) << "nothing (no memset) beside the fused kernel in its graph";
+  double worst = 0;
+  for (int replay = 0; replay < 1000; replay++) {
+    const uint64_t s = seed + 7919 * uint64_t(replay);
+    const int64_t tokens = replay % 7 == 3 ? 0 : tokens_for_rank(s, max_tokens);
+    const RankInput in = h.make_input(kinds[size_t(replay) % kinds.size()], tokens, s);
+    h.upload(in);
+    graph.replay();
+    if (replay % 100 == 99)
+      worst = std::max(worst, h.check(in, device_count, "fused replay " + std::to_string(replay)).worst);
+  }
+  worst = worst_over_ranks(worst);
+  if (comm().rank() == 0)
+    std::printf("fused %s: equal to staged; 1000 replays with changing T, worst checked token %.2e\n",
+                format_name(format), worst);
 }
 
 LAYER_TEST(TwoHundredForwardsWithChangingTokensAndRouting) {

@@ -1,0 +1,66 @@
+// A barrier among all CTAs of one kernel on this rank (the fused forward's stage boundaries). The
+// grid must be resident all at once (the launcher sizes it by the occupancy of its clusters); a CTA
+// that never arrives becomes kGridSyncTimeout after the bound, never a hang.
+//
+// Scheme: each CTA reads the generation, then counts itself in `arrived`; the last to arrive resets
+// `arrived` to zero and advances the generation, which releases the others. Nothing is left to
+// reset between forwards or graph replays.
+#pragma once
+#include <cstdint>
+
+#include "comm/bounded_wait.cuh"
+#include "megamoe/layout.h"
+
+namespace megamoe::comm {
+
+__device__ __forceinline__ uint32_t ld_acquire_gpu_u32(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Every thread of every CTA calls it. Writes of the whole CTA before the call are visible to every
+// CTA after it (gpu scope). `point` names the sync point in the timeout record. The bound is twice
+// `timeout_ns`: a CTA may be late because it waits for a peer rank (CTA 0 in a cross-rank barrier,
+// bounded by timeout_ns), and that wait's record, naming the rank, must be the one kept.
+__device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* status, uint64_t timeout_ns, int point) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    // Read before arriving: the generation cannot move on until this CTA has arrived.
+    const uint32_t generation = *reinterpret_cast<volatile uint32_t*>(&state->generation);
+    __threadfence();  // this CTA's writes before its arrival
+    if (atomicAdd(&state->arrived, 1u) == gridDim.x - 1) {
+      state->stage_ns[point & 7] = global_timer_ns();
+      atomicExch(&state->arrived, 0u);
+      __threadfence();
+      atomicAdd(&state->generation, 1u);
+    } else {
+      bounded_wait(
+          status, 2 * timeout_ns, [&] { return ld_acquire_gpu_u32(&state->generation) != generation; },
+          [&] {
+            status->grid_sync_point = point;
+            status->grid_sync_arrived = int32_t(*reinterpret_cast<volatile uint32_t*>(&state->arrived));
+            __threadfence_system();
+            atomicOr(&status->error_flags, kGridSyncTimeout);
+          },
+          0);
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// The kernel's start (CTA 0, first thing) and end (the last CTA to leave) into state->stage_ns; the
+// exit count is back at zero afterwards.
+__device__ __forceinline__ void grid_stamp_start(GridSyncState* state) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) state->stage_ns[0] = global_timer_ns();
+}
+__device__ __forceinline__ void grid_stamp_exit(GridSyncState* state) {
+  __syncthreads();
+  if (threadIdx.x == 0 && atomicAdd(&state->exited, 1u) == gridDim.x - 1) {
+    state->stage_ns[7] = global_timer_ns();
+    atomicExch(&state->exited, 0u);
+  }
+}
+
+}  // namespace megamoe::comm

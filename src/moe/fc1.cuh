@@ -1,0 +1,234 @@
+// FC1's device side (the staged kernel in fc1.cu and the fused forward in fused.cuh run it).
+// FC1 + SwiGLU: h = silu(min(g, L)) * clamp(u, -L, L) (no clamp when L = 0), where g and u are the
+// gate and up projections of each pool row. The weights are interleaved (gate j, up j) so that the
+// two accumulators a thread holds for columns 2j and 2j+1 are exactly g and u of output j.
+// BF16 layer: h is stored as bf16. FP8 layer: h is quantised straight from fp32 per row and 128
+// outputs (a 256-column tile is exactly one scale block) to e4m3 + one fp32 scale, FC2's input.
+//
+// FC1 also finishes the dispatch: its PullRowsFeed warps copy every pool row (and, fp8, its scales)
+// from the staging area of the rank the token came from (NVLink for remote ranks), in pool order, so
+// the first experts' tiles start while later rows are still in flight.
+#pragma once
+#include "comm/bounded_wait.cuh"
+#include "comm/peer.cuh"
+#include "gemm/grouped_gemm.cuh"
+#include "moe/quantize.cuh"
+#include "moe/stages.h"
+
+namespace megamoe::moe {
+
+
+struct PullRowsFeed {
+  struct Params {
+    const PoolSource* pool_source;     // per pool row (dispatch_schedule)
+    PeerPointers peers;                // every rank's symmetric arena
+    const uint8_t* token_staging;      // this rank's copy (peers' through comm::peer_get_warp)
+    const float* token_staging_scale;  // fp8: [max_tokens, H/128], this rank's
+    uint8_t* token_pool;
+    float* token_pool_scale;           // fp8: [H/128, scale_pitch]
+    const int32_t* expert_row_offset;  // [E_local + 1]
+    int32_t* expert_arrived_rows;      // [E_local], zero at the start of the forward
+    int32_t num_experts, row_bytes, scale_blocks, scale_pitch, top_k;
+    uint64_t timeout_ns;
+    DeviceStatus* status;
+  };
+  static constexpr int kVectorsInFlight = 4;  // remote 16-byte loads per lane issued before their stores
+
+  // Worker w (one warp) copies pool rows w, w + workers, ...: all workers sweep the pool in order.
+  __device__ static void copy_rows(const Params& p, int worker, int workers) {
+    const int lane = int(threadIdx.x) % 32;
+    const int total_rows = p.expert_row_offset[p.num_experts];
+    const int row_vectors = p.row_bytes / 16;
+    int expert = 0;  // this worker's rows only increase, so its expert only moves forward
+    for (int row = worker; row < total_rows; row += workers) {
+      while (p.expert_row_offset[expert + 1] <= row) expert++;
+      const PoolSource src = p.pool_source[row];
+      const int token = src.source_pair / p.top_k;
+      comm::peer_get_warp<kVectorsInFlight>(p.peers, reinterpret_cast<const int4*>(p.token_staging) + size_t(token) * row_vectors,
+                                            src.rank, reinterpret_cast<int4*>(p.token_pool) + size_t(row) * row_vectors,
+                                            row_vectors);
+      if (p.scale_blocks) {  // fp8: the row's scales, into the pool's block-column-major scale matrix
+        comm::peer_get_warp_strided(p.peers, p.token_staging_scale + size_t(token) * p.scale_blocks, src.rank,
+                                    p.token_pool_scale + row, size_t(p.scale_pitch), p.scale_blocks);
+      }
+      __syncwarp();
+      if (lane == 0) {
+        __threadfence();  // the warp's row is visible before it is counted
+        atomicAdd(p.expert_arrived_rows + expert, 1);
+      }
+    }
+  }
+
+  // Before the TMA thread loads an expert's rows: wait (bounded) until all of them are in.
+  __device__ static void wait_rows(const Params& p, int expert) {
+    const int needed = p.expert_row_offset[expert + 1] - p.expert_row_offset[expert];
+    comm::bounded_wait(
+        p.status, p.timeout_ns, [&] { return comm::ld_acquire_gpu(p.expert_arrived_rows + expert) >= needed; },
+        [&] {
+          p.status->waited_for_expert = expert;
+          atomicOr(&p.status->error_flags, kRowArrivalTimeout);
+        },
+        64);
+    // The rows were written through the generic proxy; TMA reads them through the async proxy.
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+  }
+};
+
+__device__ __forceinline__ float swiglu(float gate, float up, float limit) {
+  if (limit > 0.0f) {
+    gate = fminf(gate, limit);
+    up = fminf(fmaxf(up, -limit), limit);
+  }
+  // The fast division: silu is already approximate (__expf), and the IEEE one takes its slow path
+  // for every zero (rows past the expert's); a denominator of +inf (gate < -88) gives zero.
+  return __fdividef(gate, 1.0f + __expf(-gate)) * up;
+}
+
+struct SwigluBf16Epilogue {
+  struct Params {
+    __nv_bfloat16* out;  // fc1_out [pool_rows, I]
+    int32_t out_cols;    // I
+    float limit;         // 0: no clamp
+  };
+  using SharedStorage = gemm::EpilogueChunk;
+  static constexpr int kOutCols = gemm::kFc1BlockN / 2;
+  static constexpr int kChunks = kOutCols / gemm::kEpilogueChunkCols;
+
+  template <class Values>
+  __device__ static void apply(const Params& p, SharedStorage& s, const Values& values, const gemm::TileCoord& c,
+                               int consumer_tid) {
+    gemm::store_staged<kChunks>(
+        s, consumer_tid, c.rows_valid,
+        [&](int chunk, unsigned char* tile) {
+          values.for_each_pair([&](int row, int col, float& gate, float& up) {
+            const int out_col = col / 2 - chunk * gemm::kEpilogueChunkCols;
+            if (out_col < 0 || out_col >= gemm::kEpilogueChunkCols) return;
+            reinterpret_cast<__nv_bfloat16*>(tile + row * gemm::kEpilogueRowPitchBytes)[out_col] =
+                __float2bfloat16_rn(swiglu(gate, up, p.limit));
+          });
+        },
+        [&](int row, int chunk, int byte, int4 vector) {
+          __nv_bfloat16* dst = p.out + size_t(c.row_begin + row) * p.out_cols + c.n_block * kOutCols +
+                               chunk * gemm::kEpilogueChunkCols;
+          *reinterpret_cast<int4*>(reinterpret_cast<unsigned char*>(dst) + byte) = vector;
+        });
+  }
+};
+
+struct SwigluFp8Epilogue {
+  struct Params {
+    uint8_t* out;        // fc1_out [pool_rows, I] e4m3
+    float* out_scale;    // fc1_out_scale [I/128, scale_pitch]
+    int32_t out_cols;    // I
+    int32_t scale_pitch;
+    float limit;         // 0: no clamp
+  };
+  using SharedStorage = gemm::EpilogueChunk;
+  static constexpr bool kScaleSlotIsParity = true;  // interleaved gate/up columns
+  static constexpr int kOutCols = gemm::kFc1BlockN / 2;  // 128 outputs: one chunk of 128 bytes, one scale block
+  static_assert(kOutCols == 128 && kOutCols == 2 * gemm::kEpilogueChunkCols);
+
+  template <class Values>
+  __device__ static void apply(const Params& p, SharedStorage& s, const Values& values, const gemm::TileCoord& c,
+                               int consumer_tid) {
+    // A thread holds two rows (row0 and row0 + 8: `r`); each row's 128 outputs are spread
+    // over the 4 lanes of a quad.
+    float amax[2] = {0.0f, 0.0f};
+    int rows[2] = {0, 0};
+    values.for_each_pair_with_half([&](int row, int, float& gate, float& up, int r) {
+      gate = swiglu(gate, up, p.limit);  // h kept in place for the second pass
+      amax[r] = fmaxf(amax[r], fabsf(gate));
+      rows[r] = row;
+    });
+#pragma unroll
+    for (int r = 0; r < 2; r++) amax[r] = lanes_max(amax[r], 4);
+    if (values.split_n) {
+      // A split tile: this warpgroup holds 64 of a row's 128 outputs, the other warpgroup the rest.
+      // The staging tile is free scratch until store_staged's first barrier.
+      float* exchange = reinterpret_cast<float*>(s.tile);  // [warpgroup][64 rows]
+      const int wg = consumer_tid / 128;
+      gemm::consumer_sync();  // the previous tile's staged rows have been stored
+      if (consumer_tid % 4 == 0)
+#pragma unroll
+        for (int r = 0; r < 2; r++) exchange[wg * 64 + rows[r]] = amax[r];
+      gemm::consumer_sync();
+#pragma unroll
+      for (int r = 0; r < 2; r++) amax[r] = fmaxf(amax[r], exchange[(1 - wg) * 64 + rows[r]]);
+    }
+    float scale[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) scale[r] = fp8_block_scale(amax[r]);
+    gemm::store_staged<1>(
+        s, consumer_tid, c.rows_valid,
+        [&](int, unsigned char* tile) {
+          values.for_each_pair_with_half([&](int row, int col, float& h, float&, int r) {
+            tile[row * gemm::kEpilogueRowPitchBytes + col / 2] =
+                __nv_cvt_float_to_fp8(divide_by_scale(h, scale[r]), __NV_SATFINITE, __NV_E4M3);
+          });
+        },
+        [&](int row, int, int byte, int4 vector) {
+          *reinterpret_cast<int4*>(p.out + size_t(c.row_begin + row) * p.out_cols + c.n_block * kOutCols + byte) = vector;
+        });
+    if (consumer_tid % 4 == 0 && !(values.split_n && consumer_tid >= 128))  // a split tile's rows: once
+#pragma unroll
+      for (int r = 0; r < 2; r++)
+        if (rows[r] < c.rows_valid) p.out_scale[size_t(c.n_block) * p.scale_pitch + c.row_begin + rows[r]] = scale[r];
+  }
+};
+
+template <class Operands, int kClusterM>
+using Fc1Epilogue = std::conditional_t<Operands::kBlockScaled, SwigluFp8Epilogue, SwigluBf16Epilogue>;
+template <class Operands, int kClusterM>
+using Fc1Config = gemm::GroupedGemmConfig<Operands, gemm::kFc1BlockN, kClusterM,
+                                          typename Fc1Epilogue<Operands, kClusterM>::SharedStorage>;
+
+// FC1's GEMM arguments, as the staged kernel and the fused forward both pass them.
+template <class Operands, int kClusterM>
+struct Fc1Args {
+  using Epilogue = Fc1Epilogue<Operands, kClusterM>;
+  using Config = Fc1Config<Operands, kClusterM>;
+  gemm::GroupedProblem problem;
+  typename Epilogue::Params params;
+  PullRowsFeed::Params feed;
+};
+
+template <class Operands, int kClusterM>
+Fc1Args<Operands, kClusterM> fc1_args(const LayerView& v, const ExpertGemmOperands& g) {
+  using Epilogue = Fc1Epilogue<Operands, kClusterM>;
+  gemm::GroupedProblem problem{};
+  problem.n = 2 * v.intermediate;
+  problem.k = v.hidden;
+  problem.schedule = gemm::GroupedSchedule{v.ws.expert_row_offset, v.ws.expert_tile_offset, v.experts_per_rank};
+  problem.a_scales = v.ws.token_pool_scale;
+  problem.a_scale_pitch = v.scale_pitch;
+  // Tile n_block covers outputs [128 n_block, +128): gate block row n_block, up block row I/128 + n_block.
+  problem.weight_scales = gemm::WeightScales{g.w1_scale, v.intermediate / 128, 1};
+  problem.status = v.status();
+  problem.stall_log = v.stall_log;
+  problem.timeout_ns = v.wait_timeout_ns;
+  problem.gemm_id = 1;
+  typename Epilogue::Params params{};
+  if constexpr (Operands::kBlockScaled) {
+    params = {v.ws.fc1_out, v.ws.fc1_out_scale, v.intermediate, v.scale_pitch, v.swiglu_limit};
+  } else {
+    params = {reinterpret_cast<__nv_bfloat16*>(v.ws.fc1_out), v.intermediate, v.swiglu_limit};
+  }
+  PullRowsFeed::Params feed{v.ws.pool_source,
+                            v.peers,
+                            v.ws.token_staging,
+                            v.ws.token_staging_scale,
+                            v.ws.token_pool,
+                            v.ws.token_pool_scale,
+                            v.ws.expert_row_offset,
+                            v.ws.expert_arrived_rows,
+                            v.experts_per_rank,
+                            v.hidden * (v.fp8 ? 1 : 2),
+                            v.fp8 ? v.hidden / 128 : 0,
+                            v.scale_pitch,
+                            v.top_k,
+                            v.wait_timeout_ns,
+                            v.status()};
+  return {problem, params, feed};
+}
+
+}  // namespace megamoe::moe

@@ -1,0 +1,86 @@
+// FC2's device side (the staged kernel in fc2.cu and the fused forward in fused.cuh run it).
+// FC2: each pool row's output goes straight back to the rank it came from, into that rank's
+// combine_recv[t*K+k] (an NVLink store for remote sources), so combine only has to sum. Rows are
+// bf16 for both layer formats (FP8 layers compute FC2 from e4m3 fc1_out with block scales).
+#pragma once
+#include "comm/peer.cuh"
+#include "gemm/grouped_gemm.cuh"
+#include "moe/stages.h"
+
+namespace megamoe::moe {
+
+
+template <int kBlockN>
+struct ScatterEpilogue {
+  struct Params {
+    const PoolSource* pool_source;  // per pool row
+    PeerPointers peers;             // every rank's symmetric arena
+    uint8_t* combine_recv;          // this rank's copy (the source's through comm::peer_store)
+    int32_t hidden;
+  };
+  struct SharedStorage {
+    gemm::EpilogueChunk chunk;
+    PoolSource source[gemm::kBlockM];
+  };
+  static constexpr int kChunks = kBlockN / gemm::kEpilogueChunkCols;
+  static constexpr bool kScaleSlotIsParity = false;  // weight block = 128-column pass
+
+  template <class Values>
+  __device__ static void apply(const Params& p, SharedStorage& s, const Values& values, const gemm::TileCoord& c,
+                               int consumer_tid) {
+    gemm::consumer_sync();  // the previous tile's sources are no longer read
+    if (consumer_tid < c.rows_valid) s.source[consumer_tid] = p.pool_source[c.row_begin + consumer_tid];
+    gemm::store_staged<kChunks>(
+        s.chunk, consumer_tid, c.rows_valid,
+        [&](int chunk, unsigned char* tile) {
+          values.for_each_pair([&](int row, int col, float& v0, float& v1) {
+            const int chunk_col = col - chunk * gemm::kEpilogueChunkCols;
+            if (chunk_col < 0 || chunk_col >= gemm::kEpilogueChunkCols) return;
+            *reinterpret_cast<__nv_bfloat162*>(tile + row * gemm::kEpilogueRowPitchBytes + chunk_col * 2) =
+                __floats2bfloat162_rn(v0, v1);
+          });
+        },
+        [&](int row, int chunk, int byte, int4 vector) {
+          const PoolSource src = s.source[row];
+          __nv_bfloat16* dst = reinterpret_cast<__nv_bfloat16*>(p.combine_recv) + size_t(src.source_pair) * p.hidden +
+                               c.n_block * kBlockN + chunk * gemm::kEpilogueChunkCols;
+          comm::peer_store(p.peers, reinterpret_cast<int4*>(reinterpret_cast<unsigned char*>(dst) + byte), src.rank, vector);
+        });
+  }
+};
+
+// FP8 FC2 never overlaps the promotion (kOverlapAllowed = false): on CTA pairs the waited-for pass
+// was faster from 2048 tokens up (one H200, 64 experts: FC2 1458 -> 1283 us at 8192) and equal below
+// (docs/PERFORMANCE.md, FP8 step 7).
+template <class Operands, int kBlockN, int kClusterM>
+using Fc2Config = gemm::GroupedGemmConfig<Operands, kBlockN, kClusterM, typename ScatterEpilogue<kBlockN>::SharedStorage,
+                                          false>;
+
+// FC2's GEMM arguments, as the staged kernel and the fused forward both pass them.
+template <class Operands, int kBlockN, int kClusterM>
+struct Fc2Args {
+  using Epilogue = ScatterEpilogue<kBlockN>;
+  using Config = Fc2Config<Operands, kBlockN, kClusterM>;
+  gemm::GroupedProblem problem;
+  typename Epilogue::Params params;
+};
+
+template <class Operands, int kBlockN, int kClusterM>
+Fc2Args<Operands, kBlockN, kClusterM> fc2_args(const LayerView& v, const ExpertGemmOperands& g) {
+  gemm::GroupedProblem problem{};
+  problem.n = v.hidden;
+  problem.k = v.intermediate;
+  problem.schedule = gemm::GroupedSchedule{v.ws.expert_row_offset, v.ws.expert_tile_offset, v.experts_per_rank};
+  problem.a_scales = v.ws.fc1_out_scale;
+  problem.a_scale_pitch = v.scale_pitch;
+  // Tile n_block covers columns [kBlockN n_block, +kBlockN): weight block rows kBlockN/128 n_block + slot.
+  problem.weight_scales = gemm::WeightScales{g.w2_scale, 1, kBlockN / 128};
+  problem.status = v.status();
+  problem.stall_log = v.stall_log;
+  problem.timeout_ns = v.wait_timeout_ns;
+  problem.gemm_id = 2;
+  typename ScatterEpilogue<kBlockN>::Params params{v.ws.pool_source, v.peers, v.ws.combine_recv, v.hidden};
+  return {problem, params};
+}
+
+}  // namespace megamoe::moe

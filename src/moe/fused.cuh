@@ -1,0 +1,227 @@
+// The fused forward: the whole layer in one persistent launch (LayerOptions::impl = kFused). Every
+// CTA of the grid runs the stages of the staged path in turn, as the same device functions:
+//   claim (dispatch.cuh) -> [grid sync; CTA 0 passes the dispatch barrier with the peers; grid sync]
+//   -> schedule (dispatch.cuh) -> [grid sync] -> FC1 (fc1.cuh, rows pulled by its feed warps)
+//   -> [grid sync] -> FC2 (fc2.cuh, rows stored into the sources' combine_recv) -> [grid sync]
+//   -> CTA 0 zeroes the must-zero counters and passes the combine barrier -> [grid sync] -> combine
+// The grid syncs (comm/grid_sync.cuh) replace the kernel boundaries; the counters are zeroed in the
+// kernel, after their last reader and before the combine barrier (so no peer can claim on this
+// rank before they read zero), and nothing is reset by the host: a captured forward is one kernel
+// node. The grid is as large as the SM budget and the occupancy of its clusters allow, so that every
+// CTA is resident at once.
+#pragma once
+#include <algorithm>
+
+#include "comm/barrier.cuh"
+#include "comm/grid_sync.cuh"
+#include "moe/combine.cuh"
+#include "moe/dispatch.cuh"
+#include "moe/fc1.cuh"
+#include "moe/fc2.cuh"
+#include "runtime/cuda_check.h"
+
+namespace megamoe::moe {
+
+// Where the fused kernel's CTAs meet (DeviceStatus::grid_sync_point on a timeout).
+enum FusedSyncPoint : int32_t {
+  kSyncClaimed = 1,
+  kSyncDispatched = 2,
+  kSyncScheduled = 3,
+  kSyncFc1Done = 4,
+  kSyncFc2Done = 5,
+  kSyncCombineReady = 6,
+};
+
+template <class Operands, int kClusterM, int kFc2BlockN>
+struct FusedForward {
+  using Fc1 = Fc1Args<Operands, kClusterM>;
+  using Fc2 = Fc2Args<Operands, kFc2BlockN, kClusterM>;
+  static constexpr int kThreads = Fc1::Config::kThreads;
+  static_assert(kThreads == Fc2::Config::kThreads && kThreads >= kClaimThreads && kThreads >= kMaxEpSize);
+  // Registers per thread outside the GEMMs: the whole file shared evenly (setmaxnreg counts are
+  // multiples of 8).
+  static constexpr uint32_t kRegisters = (65536 / kThreads) / 8 * 8;
+
+  struct Params {
+    LayerView v;
+    ForwardInputs in;
+    comm::DeviceBarrierView barrier;
+    Fc1 fc1;
+    Fc2 fc2;
+    int32_t unit_rows;             // the schedule's unit: kClusterM * 128 rows
+    int32_t* zero_prefix;          // the symmetric arena's must-zero counters
+    int32_t zero_prefix_words;
+  };
+
+  static constexpr size_t gemm_smem_bytes() {
+    return std::max(gemm::grouped_gemm_smem_bytes<typename Fc1::Config, typename Fc1::Epilogue::SharedStorage>(),
+                    gemm::grouped_gemm_smem_bytes<typename Fc2::Config, typename Fc2::Epilogue::SharedStorage>());
+  }
+  static size_t smem_bytes(const LayerView& v) {
+    return std::max({gemm_smem_bytes(), claim_smem_bytes(v.num_experts, v.world_size),
+                     schedule_smem_bytes(v.experts_per_rank, v.world_size)});
+  }
+};
+
+template <class Operands, int kClusterM, int kFc2BlockN>
+__global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>::kThreads, 1)
+    fused_forward_kernel(const __grid_constant__ CUtensorMap pool, const __grid_constant__ CUtensorMap w1,
+                         const __grid_constant__ CUtensorMap fc1_out, const __grid_constant__ CUtensorMap w2,
+                         const __grid_constant__ typename FusedForward<Operands, kClusterM, kFc2BlockN>::Params p) {
+  using F = FusedForward<Operands, kClusterM, kFc2BlockN>;
+  extern __shared__ char smem[];
+  int32_t* small_smem = reinterpret_cast<int32_t*>(smem);  // the claim's and the schedule's counters
+  const LayerView& v = p.v;
+  auto sync = [&](FusedSyncPoint point) { comm::grid_sync(v.ws.grid_sync, v.status(), v.wait_timeout_ns, point); };
+
+  comm::grid_stamp_start(v.ws.grid_sync);
+  // 1. Claim: stage this rank's tokens, claim slots on the experts' owners.
+  if (threadIdx.x < kClaimThreads) {
+    if (p.in.ids_int64) claim_cta<true>(v, p.in, small_smem);
+    else claim_cta<false>(v, p.in, small_smem);
+  }
+  sync(kSyncClaimed);
+  if (blockIdx.x == 0) comm::device_barrier_cta(p.barrier, kDispatchBarrier);
+  sync(kSyncDispatched);
+
+  // 2. Schedule: this rank's experts laid out in the pool.
+  schedule_cta<F::kThreads>(v, p.unit_rows, small_smem);
+  sync(kSyncScheduled);
+
+  // 3-4. The two grouped GEMMs, each warpgroup back at kRegisters after each.
+  gemm::grouped_gemm_cta<typename F::Fc1::Config, typename F::Fc1::Epilogue, PullRowsFeed, F::kRegisters>(
+      &pool, &w1, p.fc1.problem, p.fc1.params, p.fc1.feed, smem);
+  sync(kSyncFc1Done);
+  gemm::grouped_gemm_cta<typename F::Fc2::Config, typename F::Fc2::Epilogue, gemm::NoFeed, F::kRegisters>(
+      &fc1_out, &w2, p.fc2.problem, p.fc2.params, gemm::NoFeed::Params{}, smem);
+  sync(kSyncFc2Done);
+
+  // Every reader of the counters has run: zero them for the next forward, then the combine barrier
+  // (its system-scope fence orders the zeros before this rank's arrival).
+  if (blockIdx.x == 0) {
+    for (int i = int(threadIdx.x); i < p.zero_prefix_words; i += F::kThreads) p.zero_prefix[i] = 0;
+    comm::device_barrier_cta(p.barrier, kCombineBarrier);
+  }
+  sync(kSyncCombineReady);
+
+  // 5. Combine.
+  const int64_t first = int64_t(blockIdx.x) * F::kThreads + threadIdx.x, stride = int64_t(gridDim.x) * F::kThreads;
+  if (p.in.ids_int64) combine_rows<true>(v, p.in, first, stride);
+  else combine_rows<false>(v, p.in, first, stride);
+  comm::grid_stamp_exit(v.ws.grid_sync);
+}
+
+// Host: the dynamic shared memory a fused kernel may use: a Hopper block's 227 KiB less the kernel's
+// static variables (the barriers' and the claim's).
+inline size_t fused_forward_max_dynamic_smem(const void* kernel) {
+  cudaFuncAttributes attributes{};
+  MEGAMOE_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return gemm::kMaxSharedMemoryBytes - attributes.sharedSizeBytes;
+}
+
+// Host: the CTAs the fused kernel may launch under the SM budget, every one resident at once
+// (computed once per kernel and budget).
+template <class Operands, int kClusterM, int kFc2BlockN>
+int fused_forward_grid(int num_sms, size_t smem) {
+  using F = FusedForward<Operands, kClusterM, kFc2BlockN>;
+  auto kernel = fused_forward_kernel<Operands, kClusterM, kFc2BlockN>;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(std::max(1, num_sms / kClusterM) * kClusterM));
+  config.blockDim = dim3(F::kThreads);
+  config.dynamicSmemBytes = smem;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = kClusterM;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  int clusters = 0;
+  MEGAMOE_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+  return std::max(1, std::min(num_sms / kClusterM, clusters)) * kClusterM;
+}
+
+template <class Operands, int kClusterM, int kFc2BlockN>
+void preload_fused_forward() {
+  auto kernel = fused_forward_kernel<Operands, kClusterM, kFc2BlockN>;
+  static_assert(FusedForward<Operands, kClusterM, kFc2BlockN>::gemm_smem_bytes() <= gemm::kMaxSharedMemoryBytes);
+  MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          int(fused_forward_max_dynamic_smem(reinterpret_cast<const void*>(kernel)))));
+  if constexpr (kClusterM > 1)
+    MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 0));
+  detail::preload_kernel(kernel);
+}
+
+// Host: one fused forward on `grid` CTAs (fused_forward_grid).
+template <class Operands, int kClusterM, int kFc2BlockN>
+void launch_fused_forward_as(const LayerView& v, const ForwardInputs& in, const ExpertGemmOperands& g,
+                             const comm::DeviceBarrierView& barrier, int32_t* zero_prefix, size_t zero_prefix_bytes,
+                             int num_sms, cudaStream_t stream) {
+  using F = FusedForward<Operands, kClusterM, kFc2BlockN>;
+  typename F::Params p{};
+  p.v = v;
+  p.in = in;
+  p.barrier = barrier;
+  p.fc1 = fc1_args<Operands, kClusterM>(v, g);
+  p.fc2 = fc2_args<Operands, kFc2BlockN, kClusterM>(v, g);
+  p.unit_rows = gemm::schedule_unit_rows(kClusterM);
+  p.zero_prefix = zero_prefix;
+  p.zero_prefix_words = int32_t(zero_prefix_bytes / sizeof(int32_t));
+  const size_t smem = F::smem_bytes(v);
+  static thread_local size_t max_smem = 0;  // per kernel instantiation
+  if (!max_smem) max_smem = fused_forward_max_dynamic_smem(reinterpret_cast<const void*>(fused_forward_kernel<Operands, kClusterM, kFc2BlockN>));
+  if (smem > max_smem)
+    throw InvalidArgument("fused forward: the claim needs " + std::to_string(smem) +
+                          " bytes of shared memory (num_experts and ep_size too large for one CTA)");
+  static thread_local int cached_budget = -1, cached_grid = 0;  // per kernel instantiation
+  if (cached_budget != num_sms) {
+    cached_grid = fused_forward_grid<Operands, kClusterM, kFc2BlockN>(num_sms, max_smem);
+    cached_budget = num_sms;
+  }
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(cached_grid));
+  config.blockDim = dim3(F::kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = kClusterM;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  MEGAMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, fused_forward_kernel<Operands, kClusterM, kFc2BlockN>, g.pool,
+                                        g.w1.get(kClusterM), g.fc1_out, g.w2.get(kClusterM), p));
+  detail::check_launch("fused_forward_kernel");
+}
+
+// Host: the cluster pairing and FC2 width of this forward -> the kernel.
+template <class Operands>
+void launch_fused_forward_of(const LayerView& v, const ForwardInputs& in, const ExpertGemmOperands& g,
+                             const comm::DeviceBarrierView& barrier, int32_t* zero_prefix, size_t zero_prefix_bytes,
+                             int cluster_m, int num_sms, cudaStream_t stream) {
+  const bool wide = gemm::fc2_block_n(v.hidden) == 256;
+  if (cluster_m == 2) {
+    if (wide) launch_fused_forward_as<Operands, 2, 256>(v, in, g, barrier, zero_prefix, zero_prefix_bytes, num_sms, stream);
+    else launch_fused_forward_as<Operands, 2, 128>(v, in, g, barrier, zero_prefix, zero_prefix_bytes, num_sms, stream);
+  } else {
+    if (wide) launch_fused_forward_as<Operands, 1, 256>(v, in, g, barrier, zero_prefix, zero_prefix_bytes, num_sms, stream);
+    else launch_fused_forward_as<Operands, 1, 128>(v, in, g, barrier, zero_prefix, zero_prefix_bytes, num_sms, stream);
+  }
+}
+
+template <class Operands>
+void preload_fused_forward_of() {
+  preload_fused_forward<Operands, 1, 128>();
+  preload_fused_forward<Operands, 1, 256>();
+  preload_fused_forward<Operands, 2, 128>();
+  preload_fused_forward<Operands, 2, 256>();
+}
+
+// One translation unit per format (the kernels compile in parallel): fused_bf16.cu, fused_fp8.cu.
+void launch_fused_forward_bf16(const LayerView& v, const ForwardInputs& in, const ExpertGemmOperands& g,
+                               const comm::DeviceBarrierView& barrier, int32_t* zero_prefix, size_t zero_prefix_bytes,
+                               int cluster_m, int num_sms, cudaStream_t stream);
+void preload_fused_kernels_bf16();
+
+}  // namespace megamoe::moe
