@@ -13,12 +13,6 @@
 
 namespace megamoe::comm {
 
-__device__ __forceinline__ uint32_t ld_acquire_gpu_u32(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 // Every thread of every CTA calls it. Writes of the whole CTA before the call are visible to every
 // CTA after it (gpu scope). `point` names the sync point in the timeout record. The bound is twice
 // `timeout_ns`: a CTA may be late because it waits for a peer rank (CTA 0 in a cross-rank barrier,
@@ -36,7 +30,7 @@ __device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* st
       atomicAdd(&state->generation, 1u);
     } else {
       bounded_wait(
-          status, 2 * timeout_ns, [&] { return ld_acquire_gpu_u32(&state->generation) != generation; },
+          status, 2 * timeout_ns, [&] { return ld_acquire_gpu(&state->generation) != generation; },
           [&] {
             status->grid_sync_point = point;
             status->grid_sync_arrived = int32_t(*reinterpret_cast<volatile uint32_t*>(&state->arrived));

@@ -659,18 +659,10 @@ template <class Config, class Epilogue, class Feed = NoFeed>
 void launch_grouped_gemm(const CUtensorMap& tma_a, const CUtensorMap& tma_b, const GroupedProblem& problem, const typename Epilogue::Params& params, int num_sms,
                          cudaStream_t stream, const char* name, const typename Feed::Params& feed = {}) {
   auto kernel = grouped_gemm_kernel<Config, Epilogue, Feed>;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(std::max(1, num_sms / Config::kClusterM) * Config::kClusterM));
-  config.blockDim = dim3(Config::kThreads);
-  config.dynamicSmemBytes = grouped_gemm_smem_bytes<Config, typename Epilogue::SharedStorage>();
-  config.stream = stream;
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = Config::kClusterM;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
+  cudaLaunchAttribute cluster;
+  const cudaLaunchConfig_t config = ::megamoe::detail::cluster_launch_config(
+      unsigned(std::max(1, num_sms / Config::kClusterM) * Config::kClusterM), Config::kThreads,
+      grouped_gemm_smem_bytes<Config, typename Epilogue::SharedStorage>(), stream, Config::kClusterM, cluster);
   MEGAMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, tma_a, tma_b, problem, params, feed));
   ::megamoe::detail::check_launch(name);
 }

@@ -125,17 +125,9 @@ template <class Operands, int kClusterM, int kFc2BlockN>
 int fused_forward_grid(int num_sms, size_t smem) {
   using F = FusedForward<Operands, kClusterM, kFc2BlockN>;
   auto kernel = fused_forward_kernel<Operands, kClusterM, kFc2BlockN>;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(std::max(1, num_sms / kClusterM) * kClusterM));
-  config.blockDim = dim3(F::kThreads);
-  config.dynamicSmemBytes = smem;
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = kClusterM;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
+  cudaLaunchAttribute cluster;
+  const cudaLaunchConfig_t config = detail::cluster_launch_config(
+      unsigned(std::max(1, num_sms / kClusterM) * kClusterM), F::kThreads, smem, nullptr, kClusterM, cluster);
   int clusters = 0;
   MEGAMOE_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
   return std::max(1, std::min(num_sms / kClusterM, clusters)) * kClusterM;
@@ -178,18 +170,9 @@ void launch_fused_forward_as(const LayerView& v, const ForwardInputs& in, const 
     cached_grid = fused_forward_grid<Operands, kClusterM, kFc2BlockN>(num_sms, max_smem);
     cached_budget = num_sms;
   }
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(cached_grid));
-  config.blockDim = dim3(F::kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = kClusterM;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
+  cudaLaunchAttribute cluster;
+  const cudaLaunchConfig_t config =
+      detail::cluster_launch_config(unsigned(cached_grid), F::kThreads, smem, stream, kClusterM, cluster);
   MEGAMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, fused_forward_kernel<Operands, kClusterM, kFc2BlockN>, g.pool,
                                         g.w1.get(kClusterM), g.fc1_out, g.w2.get(kClusterM), p));
   detail::check_launch("fused_forward_kernel");

@@ -22,6 +22,25 @@ void preload_kernel(Kernel* kernel) {
   preload_function(reinterpret_cast<const void*>(kernel));
 }
 
+// A launch configuration of 1-D clusters of `cluster_x` CTAs; `attribute` holds the cluster
+// dimension the configuration points to, so it must outlive the configuration's use.
+inline cudaLaunchConfig_t cluster_launch_config(unsigned grid, unsigned threads, size_t smem, cudaStream_t stream,
+                                                unsigned cluster_x, cudaLaunchAttribute& attribute) {
+  attribute = cudaLaunchAttribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster_x;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return config;
+}
+
 // A CUDA driver function through the runtime's entry-point table (no link-time libcuda dependency);
 // nullptr when the driver lacks it.
 void* driver_function(const char* name);
