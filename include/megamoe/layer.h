@@ -36,6 +36,16 @@ struct LayerOptions {
   // Leaves the rest to other work (a shared expert, attention); ranks that share one GPU (the
   // loopback transport) need W x num_sms <= the GPU's SMs so that their kernels are resident together.
   int num_sms = 0;
+  // Benchmark ablations of the staged path (megamoe bench --zeroing, --combine; docs/PERFORMANCE.md),
+  // the costs the design avoids, measurable beside it. Same outputs; slower; not for production.
+  //   zero_whole_workspace: after FC2, memset every region that no peer touches any more in this
+  //     forward (the token pool, FC1's output, the schedule, the received pairs...), not only the
+  //     must-zero counters;
+  //   combine_cast_then_sum: combine through an fp32 copy of every received row (a second buffer of
+  //     max_tokens * top_k * hidden floats, allocated with the layer) instead of summing in fp32 as
+  //     the bf16 rows are read.
+  bool zero_whole_workspace = false;
+  bool combine_cast_then_sum = false;
 };
 
 // This rank's experts' weights in the checkpoint layout, as device pointers (row-major):

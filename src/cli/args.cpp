@@ -25,7 +25,7 @@ const FlagSet& info_flags() {
 
 const FlagSet& bench_flags() {
   static const FlagSet set{{"preset", "dtype", "tokens", "gpus", "routing", "iters", "json", "experts",
-                            "gemm-cluster-m", "sms", "impl", "hbm-gbps", "bf16-tflops", "fp8-tflops", "nvlink-gbps"},
+                            "gemm-cluster-m", "sms", "impl", "zeroing", "combine", "hbm-gbps", "bf16-tflops", "fp8-tflops", "nvlink-gbps"},
                            {"comm", "stages"}};
   return set;
 }
@@ -244,6 +244,18 @@ BenchOptions parse_bench_options(const Args& a) {
       if (name != "staged" && name != "fused")
         throw InvalidArgument("--impl " + name + ": must be staged or fused (or a list of both)");
   }
+  if (a.has("zeroing")) {
+    o.zeroings = a.str_list("zeroing", {});
+    for (const std::string& name : o.zeroings)
+      if (name != "prefix" && name != "full")
+        throw InvalidArgument("--zeroing " + name + ": must be prefix or full (or a list of both)");
+  }
+  if (a.has("combine")) {
+    o.combines = a.str_list("combine", {});
+    for (const std::string& name : o.combines)
+      if (name != "fused" && name != "cast-then-sum")
+        throw InvalidArgument("--combine " + name + ": must be fused or cast-then-sum (or a list of both)");
+  }
   o.sms = int(a.integer("sms", 0, 1, kMaxSms));
   o.ceilings = parse_ceilings(a);
   o.ceiling_flags = parse_ceiling_flags(a);
@@ -309,7 +321,7 @@ const char* kInfoUsage =
 const char* kBenchUsage =
     "usage: megamoe bench [--preset P[,P...]] [--dtype bf16|fp8] [--tokens T,...] [--gpus N] [--routing R]\n"
     "                     [--iters N] [--json PATH] [--stages] [--experts E] [--gemm-cluster-m 0|1|2] [--sms N]\n"
-    "                     [--impl staged,fused]\n"
+    "                     [--impl staged,fused] [--zeroing prefix,full] [--combine fused,cast-then-sum]\n"
     "                     [--hbm-gbps X] [--bf16-tflops X] [--fp8-tflops X] [--nvlink-gbps X]\n"
     "       megamoe bench --comm [--gpus N]\n"
     "The layer's latency under CUDA-graph replay, one rank per GPU, against the roofline floor.\n"
@@ -325,6 +337,10 @@ const char* kBenchUsage =
     "  --gemm-cluster-m M  GEMM CTA pairing: 0 = chosen per forward (default), 1 = single CTAs, 2 = pairs\n"
     "  --sms N             SMs the layer's kernels may occupy, 1..1024 (default: all of the GPU's)\n"
     "  --impl I,...        staged (one kernel per stage, default) and/or fused (one persistent kernel)\n"
+    "  --zeroing Z,...     ablation, staged only: prefix (zero the counters, default) and/or full (memset\n"
+    "                      every region no peer touches after FC2)\n"
+    "  --combine C,...     ablation, staged only: fused (sum in fp32 as rows are read, default) and/or\n"
+    "                      cast-then-sum (an fp32 copy of every received row first)\n"
     "  --hbm-gbps X ...    roofline ceilings, as for 'megamoe info'\n"
     "  --comm              measure NVLink bandwidth and the device barrier instead of the layer\n";
 

@@ -88,6 +88,8 @@ struct BenchOptions {
   bool stages = false;    // --stages: also time one eager forward stage by stage
   int gemm_cluster_m = 0;
   std::vector<std::string> impls{"staged"};  // --impl staged,fused: one table each
+  std::vector<std::string> zeroings{"prefix"};  // --zeroing prefix,full (the staged path's ablation)
+  std::vector<std::string> combines{"fused"};   // --combine fused,cast-then-sum (likewise)
   int sms = 0;            // --sms: the layer's SM budget (0 = all of the GPU's)
   Ceilings ceilings;      // --hbm-gbps, --bf16-tflops, --fp8-tflops, --nvlink-gbps over the defaults
   CeilingFlags ceiling_flags;  // the same flags, over the ceilings of the GPU the benchmark runs on

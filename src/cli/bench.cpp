@@ -97,12 +97,21 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
   }
 
   for (const std::string& preset : presets)
-  for (const std::string& impl_text : o.impls) {
-    const char* impl_name = impl_text.c_str();
+  for (const std::string& impl_text : o.impls)
+  for (const std::string& zeroing : o.zeroings)
+  for (const std::string& combine : o.combines) {
     const ForwardImpl impl = impl_text == "fused" ? ForwardImpl::kFused : ForwardImpl::kStaged;
+    const bool ablated = zeroing != "prefix" || combine != "fused";
+    if (ablated && impl == ForwardImpl::kFused) continue;  // the ablations are of the staged path
+    // The variant's name: the implementation, then each ablation in effect.
+    const std::string variant = impl_text + (zeroing != "prefix" ? "+zeroing-" + zeroing : "") +
+                                (combine != "fused" ? "+combine-" + combine : "");
+    const char* impl_name = variant.c_str();
     const MoeShape shape = o.shape(preset, W);  // the preset, --experts, --dtype, max_tokens
     LayerOptions options;
     options.impl = impl;
+    options.zero_whole_workspace = zeroing == "full";
+    options.combine_cast_then_sum = combine == "cast-then-sum";
     options.stage_timing = o.stages;
     options.gemm_cluster_m = o.gemm_cluster_m;
     options.num_sms = o.sms;

@@ -164,6 +164,9 @@ struct Layer::Impl {
     gemms.w2_scale = w2_scale.ptr;
     expert_loaded.assign(El, false);
     stage_timing = o.stage_timing;
+    zero_whole_workspace = o.zero_whole_workspace;
+    if (o.combine_cast_then_sum)
+      combine_rows_f32 = std::make_unique<DeviceArray<float>>(size_t(s.max_tokens_per_rank) * size_t(s.top_k) * size_t(s.hidden));
     forced_cluster_m = o.gemm_cluster_m;
     if (stage_timing) {
       stage_events.resize(8);
@@ -250,11 +253,13 @@ struct Layer::Impl {
     moe::launch_fc2(v, gemms, cluster_m, num_sms, stream);
     // The counters are reset after their last reader (FC2) and before the combine barrier: no peer
     // can start the next forward's claims on this rank until this rank has passed that barrier.
-    workspace.reset_counters(stream);
+    if (zero_whole_workspace) workspace.reset_whole(stream);
+    else workspace.reset_counters(stream);
     stage_done();
     comm::launch_device_barrier(barrier, kCombineBarrier, stream);
     stage_done();
-    moe::launch_combine(v, in, num_sms, stream);
+    if (combine_rows_f32) moe::launch_combine_cast_then_sum(v, in, combine_rows_f32->ptr, num_sms, stream);
+    else moe::launch_combine(v, in, num_sms, stream);
     stage_done();
   }
 
@@ -495,6 +500,8 @@ struct Layer::Impl {
   std::vector<bool> expert_loaded;
   bool weights_loaded = false;
   bool stage_timing = false;
+  bool zero_whole_workspace = false;                      // LayerOptions ablations (staged only)
+  std::unique_ptr<DeviceArray<float>> combine_rows_f32;
   int forced_cluster_m = 0;
   std::vector<cudaEvent_t> stage_events;  // 8 marks around the 7 stages
   cudaStream_t status_stream = nullptr;   // reads and clears the device status without waiting for other work
@@ -513,6 +520,10 @@ Layer::Layer(const MoeShape& shape, Communicator& comm, const LayerOptions& opti
                           std::to_string(device_sms) + "] (the SMs of GPU " + std::to_string(device) + ")");
   if (options.gemm_cluster_m < 0 || options.gemm_cluster_m > 2)
     throw InvalidArgument("options.gemm_cluster_m = " + std::to_string(options.gemm_cluster_m) + ": must be 0 (auto), 1 or 2");
+  if ((options.zero_whole_workspace || options.combine_cast_then_sum) && resolve_impl(options.impl) == ForwardImpl::kFused)
+    throw InvalidArgument(std::string("options.") +
+                          (options.zero_whole_workspace ? "zero_whole_workspace" : "combine_cast_then_sum") +
+                          ": an ablation of the staged path; not available with impl = kFused");
   impl_ = std::make_unique<Impl>(shape, comm, options, options.num_sms ? options.num_sms : device_sms);
 }
 

@@ -46,4 +46,11 @@ void Workspace::reset_counters(cudaStream_t stream) const {
   MEGAMOE_CUDA_CHECK(cudaMemsetAsync(symmetric_->local, 0, layout_.zero_prefix_bytes(), stream));
 }
 
+void Workspace::reset_whole(cudaStream_t stream) const {
+  reset_counters(stream);
+  const RegionPlacement& pairs = layout_[Region::kRecvPairs];
+  MEGAMOE_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(symmetric_->local) + pairs.offset, 0, pairs.bytes, stream));
+  MEGAMOE_CUDA_CHECK(cudaMemsetAsync(local_, 0, layout_[Region::kDeviceStatus].offset, stream));
+}
+
 }  // namespace megamoe

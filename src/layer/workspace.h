@@ -25,6 +25,9 @@ class Workspace {
 
   // Enqueues the per-forward reset: one memset of the symmetric arena's must-zero prefix.
   void reset_counters(cudaStream_t stream) const;
+  // The zero_whole_workspace ablation: the prefix, the received pairs and the local regions before
+  // the device status (pool, schedule, FC1 output), everything no peer touches after this rank's FC2.
+  void reset_whole(cudaStream_t stream) const;
   // That prefix, for kernels that zero it themselves (the fused forward).
   int32_t* zero_prefix() const { return static_cast<int32_t*>(symmetric_->local); }
   size_t zero_prefix_bytes() const { return layout_.zero_prefix_bytes(); }

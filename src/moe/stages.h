@@ -46,6 +46,11 @@ void launch_fc2(const LayerView& v, const ExpertGemmOperands& g, int cluster_m, 
 //    slots, in fp32 (k in order: deterministic), stored as bf16.
 void launch_combine(const LayerView& v, const ForwardInputs& in, int num_sms, cudaStream_t stream);
 
+// 5'. The cast-then-sum ablation of 5 (LayerOptions::combine_cast_then_sum): the received rows to
+//     fp32 in rows_f32 [max_tokens * K, H] first, then the sum.
+void launch_combine_cast_then_sum(const LayerView& v, const ForwardInputs& in, float* rows_f32, int num_sms,
+                                  cudaStream_t stream);
+
 // The whole forward, steps 1-5, in one persistent launch (fused.cuh): the same stages separated by
 // grid-wide syncs, the barriers passed by CTA 0, the counters zeroed in the kernel
 // (zero_prefix: the symmetric arena's must-zero prefix). cluster_m as for fc1/fc2.

@@ -735,6 +735,40 @@ std::string invalid_argument_message(F&& f) {
   return "(no InvalidArgument thrown)";
 }
 
+// The benchmark's ablations of the staged path (LayerOptions::zero_whole_workspace,
+// combine_cast_then_sum) change the cost, not the result: bit-identical outputs, every routing, and
+// a second forward after the whole-workspace memset.
+LAYER_TEST(AblationsComputeTheSameOutputs) {
+  const uint64_t seed = test_seed();
+  const int64_t max_tokens = 128;
+  const MoeShape shape = tiny_shape(format, max_tokens);
+  LayerOptions base = test_layer_options(), zero_whole = test_layer_options(), cast_then_sum = test_layer_options();
+  base.impl = zero_whole.impl = cast_then_sum.impl = ForwardImpl::kStaged;
+  zero_whole.zero_whole_workspace = true;
+  cast_then_sum.combine_cast_then_sum = true;
+  LayerHarness reference(shape, seed, base), zeroed(shape, seed, zero_whole), cast(shape, seed, cast_then_sum);
+  const auto kinds = all_routing_kinds();
+  for (size_t c = 0; c < 2 * kinds.size(); c++) {
+    const uint64_t case_seed = seed + 211 * uint64_t(c);
+    const int64_t tokens = c == 0 ? max_tokens : tokens_for_rank(case_seed, max_tokens);
+    const RankInput in = reference.make_input(kinds[c % kinds.size()], tokens, case_seed);
+    const std::string what = std::string("ablations, routing ") + kind_name(kinds[c % kinds.size()]) +
+                             " T=" + std::to_string(tokens);
+    reference.forward(in);
+    zeroed.forward(in);
+    cast.forward(in);
+    reference.check(in, {}, what);
+    const std::vector<bf16_t> expected = reference.output(tokens, what);
+    EXPECT_TRUE(identical(zeroed.output(tokens, what), expected)) << what << ": zero_whole_workspace differs";
+    EXPECT_TRUE(identical(cast.output(tokens, what), expected)) << what << ": combine_cast_then_sum differs";
+  }
+  LayerOptions bad = test_layer_options();
+  bad.impl = ForwardImpl::kFused;
+  bad.combine_cast_then_sum = true;
+  const std::string message = invalid_argument_message([&] { Layer layer(shape, comm(), bad); });
+  EXPECT_THAT(message, HasSubstr("options.combine_cast_then_sum: an ablation of the staged path"));
+}
+
 // Bad arguments throw InvalidArgument naming the argument before anything is launched: afterwards
 // the layer still computes the right y (a forward launched in part on one rank would hang or
 // corrupt the next one).
