@@ -175,6 +175,7 @@ struct Layer::Impl {
     MEGAMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&status_stream, cudaStreamNonBlocking));
     // Every kernel of a forward is loaded now, not at its first launch (runtime/cuda_check.h).
     impl = resolve_impl(o.impl);
+    uniform_pairing = impl == ForwardImpl::kFused && std::string(c.transport()) == "loopback";
     moe::preload_kernels(fp8);
     if (impl == ForwardImpl::kFused) moe::preload_fused_kernels(fp8);
     comm::preload_barrier_kernels();
@@ -231,7 +232,11 @@ struct Layer::Impl {
     };
     // GEMM CTA pairing from the rows per expert expected under uniform routing (cluster_m_for in
     // gemm/config.h); with a device-side count, the capacity is what is known.
-    const double expected_rows = double(in.launch_tokens) * v.top_k * v.world_size / v.num_experts;
+    // Ranks that share one GPU (the loopback transport) and run the fused kernel need every rank's
+    // grid resident at once; a rank of CTA pairs beside ranks of single CTAs may not fit (pairs must
+    // share a GPC), so there the pairing follows the capacity, the same on every rank.
+    const double pairing_tokens = uniform_pairing ? double(shape.max_tokens_per_rank) : double(in.launch_tokens);
+    const double expected_rows = pairing_tokens * v.top_k * v.world_size / v.num_experts;
     int cluster_m = forced_cluster_m ? forced_cluster_m : gemm::cluster_m_for(expected_rows);
     if (num_sms < 2) cluster_m = 1;  // a pair needs two SMs of the budget
     if (impl == ForwardImpl::kFused) {
@@ -489,6 +494,7 @@ struct Layer::Impl {
   double watchdog_s = env_watchdog_s();
   bool fp8;
   ForwardImpl impl = ForwardImpl::kStaged;
+  bool uniform_pairing = false;  // the GEMM pairing from the capacity, not the forward's tokens (enqueue)
   Workspace workspace;
   moe::LayerView view{};  // the workspace's view plus the layer's wait bound
   int device = 0, num_sms = 0;
@@ -585,7 +591,8 @@ Layer::StageTimes Layer::last_stage_times() const {
   MEGAMOE_CUDA_CHECK(cudaEventSynchronize(m.stage_events.back()));
   if (m.impl == ForwardImpl::kFused) {  // the kernel's own stamps at its sync points (GridSyncState)
     GridSyncState g{};
-    MEGAMOE_CUDA_CHECK(cudaMemcpy(&g, m.view.ws.grid_sync, sizeof g, cudaMemcpyDeviceToHost));
+    MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(&g, m.view.ws.grid_sync, sizeof g, cudaMemcpyDeviceToHost, m.status_stream));
+    MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(m.status_stream));
     float ms[7];
     for (int i = 0; i < 7; i++) ms[i] = float(double(int64_t(g.stage_ns[i + 1] - g.stage_ns[i])) * 1e-6);
     return StageTimes{ms[0], ms[1], ms[2], ms[3], ms[4], ms[5], ms[6]};

@@ -92,6 +92,9 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
   gemm::grouped_gemm_cta<typename F::Fc1::Config, typename F::Fc1::Epilogue, PullRowsFeed, F::kRegisters>(
       &pool, &w1, p.fc1.problem, p.fc1.params, p.fc1.feed, smem);
   sync(kSyncFc1Done);
+  // FC1's epilogue wrote fc1_out through the generic proxy; FC2's TMA reads it through the async one
+  // (in the staged path the kernel boundary orders them).
+  asm volatile("fence.proxy.async.global;" ::: "memory");
   gemm::grouped_gemm_cta<typename F::Fc2::Config, typename F::Fc2::Epilogue, gemm::NoFeed, F::kRegisters>(
       &fc1_out, &w2, p.fc2.problem, p.fc2.params, gemm::NoFeed::Params{}, smem);
   sync(kSyncFc2Done);
@@ -163,8 +166,8 @@ void launch_fused_forward_as(const LayerView& v, const ForwardInputs& in, const 
   static thread_local size_t max_smem = 0;  // per kernel instantiation
   if (!max_smem) max_smem = fused_forward_max_dynamic_smem(reinterpret_cast<const void*>(fused_forward_kernel<Operands, kClusterM, kFc2BlockN>));
   if (smem > max_smem)
-    throw InvalidArgument("fused forward: the claim needs " + std::to_string(smem) +
-                          " bytes of shared memory (num_experts and ep_size too large for one CTA)");
+    throw InvalidArgument("fused forward: needs " + std::to_string(smem) + " bytes of shared memory per CTA, more than the " +
+                          std::to_string(max_smem) + " it may use");
   static thread_local int cached_budget = -1, cached_grid = 0;  // per kernel instantiation
   if (cached_budget != num_sms) {
     cached_grid = fused_forward_grid<Operands, kClusterM, kFc2BlockN>(num_sms, max_smem);
