@@ -420,6 +420,10 @@ def self_test():
     t = _cells(text, "preset tiny, ep 1, experts 16")
     check(t[8] == {"T": "8", "bf16 op graph us": "20.0"}, "op lines alone: %r" % t[8])
 
+    keys = {(MEGAMOE, "fp8", "fused"), (MEGAMOE, "fp8", "staged"), (MEGAMOE, "fp8", "staged+zeroing-full")}
+    check(_primary(keys, MEGAMOE, "fp8") == (MEGAMOE, "fp8", "staged"), "staged is the primary beside fused")
+    check(_primary({(MEGAMOE, "fp8", "fused")}, MEGAMOE, "fp8") == (MEGAMOE, "fp8", "fused"), "fused alone")
+
     sys.stdout.write(text)
     print("self-test passed")
     return 0

@@ -135,7 +135,8 @@ class Layer {
   struct StageTimes {
     float dispatch_claim_ms, dispatch_barrier_ms, dispatch_schedule_ms, fc1_ms, fc2_ms, combine_barrier_ms, combine_ms;
   };
-  // Staged forwards: CUDA events between the stages' kernels. Fused forwards: the kernel's own
+  // Staged forwards: CUDA events between the stages' kernels (the counter reset counts with the
+  // combine barrier). Fused forwards: the kernel's own
   // global-timer stamps where all its CTAs meet (the barriers' times include the grid syncs).
   StageTimes last_stage_times() const;
   ForwardImpl impl() const;  // kStaged or kFused, as resolved at creation

@@ -238,24 +238,25 @@ BenchOptions parse_bench_options(const Args& a) {
   o.experts = a.integer("experts", 0, 1, kMaxExperts);
   o.stages = a.has("stages");
   o.gemm_cluster_m = int(a.integer("gemm-cluster-m", 0, 0, 2));
-  if (a.has("impl")) {
-    o.impls = a.str_list("impl", {});
-    for (const std::string& name : o.impls)
-      if (name != "staged" && name != "fused")
-        throw InvalidArgument("--impl " + name + ": must be staged or fused (or a list of both)");
-  }
-  if (a.has("zeroing")) {
-    o.zeroings = a.str_list("zeroing", {});
-    for (const std::string& name : o.zeroings)
-      if (name != "prefix" && name != "full")
-        throw InvalidArgument("--zeroing " + name + ": must be prefix or full (or a list of both)");
-  }
-  if (a.has("combine")) {
-    o.combines = a.str_list("combine", {});
-    for (const std::string& name : o.combines)
-      if (name != "fused" && name != "cast-then-sum")
-        throw InvalidArgument("--combine " + name + ": must be fused or cast-then-sum (or a list of both)");
-  }
+  // A list of names, each one of `allowed`, each once.
+  auto choices = [&](const char* flag, std::vector<std::string>& out, const std::vector<std::string>& allowed) {
+    if (!a.has(flag)) return;
+    out.clear();
+    for (const std::string& name : a.str_list(flag, {})) {
+      if (std::find(allowed.begin(), allowed.end(), name) == allowed.end())
+        throw InvalidArgument(std::string("--") + flag + " " + name + ": must be " + allowed[0] + " or " + allowed[1] +
+                              " (or a list of both)");
+      if (std::find(out.begin(), out.end(), name) == out.end()) out.push_back(name);
+    }
+  };
+  choices("impl", o.impls, {"staged", "fused"});
+  choices("zeroing", o.zeroings, {"prefix", "full"});
+  choices("combine", o.combines, {"fused", "cast-then-sum"});
+  const bool ablation_only = std::find(o.zeroings.begin(), o.zeroings.end(), "prefix") == o.zeroings.end() ||
+                             std::find(o.combines.begin(), o.combines.end(), "fused") == o.combines.end();
+  if (ablation_only && std::find(o.impls.begin(), o.impls.end(), "staged") == o.impls.end())
+    throw InvalidArgument("--zeroing / --combine: the ablations are of the staged path; with --impl fused alone "
+                          "nothing would run (add staged, or keep the defaults prefix and fused)");
   o.sms = int(a.integer("sms", 0, 1, kMaxSms));
   o.ceilings = parse_ceilings(a);
   o.ceiling_flags = parse_ceiling_flags(a);

@@ -102,7 +102,7 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
   for (const std::string& combine : o.combines) {
     const ForwardImpl impl = impl_text == "fused" ? ForwardImpl::kFused : ForwardImpl::kStaged;
     const bool ablated = zeroing != "prefix" || combine != "fused";
-    if (ablated && impl == ForwardImpl::kFused) continue;  // the ablations are of the staged path
+    if (ablated && impl == ForwardImpl::kFused) continue;  // the ablations are of the staged path (args.cpp)
     // The variant's name: the implementation, then each ablation in effect.
     const std::string variant = impl_text + (zeroing != "prefix" ? "+zeroing-" + zeroing : "") +
                                 (combine != "fused" ? "+combine-" + combine : "");

@@ -174,7 +174,7 @@ struct Layer::Impl {
     }
     MEGAMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&status_stream, cudaStreamNonBlocking));
     // Every kernel of a forward is loaded now, not at its first launch (runtime/cuda_check.h).
-    impl = resolve_impl(o.impl);
+    impl = o.impl;  // resolved by Layer::Layer
     uniform_pairing = impl == ForwardImpl::kFused && std::string(c.transport()) == "loopback";
     moe::preload_kernels(fp8);
     if (impl == ForwardImpl::kFused) moe::preload_fused_kernels(fp8);
@@ -240,7 +240,7 @@ struct Layer::Impl {
     int cluster_m = forced_cluster_m ? forced_cluster_m : gemm::cluster_m_for(expected_rows);
     if (num_sms < 2) cluster_m = 1;  // a pair needs two SMs of the budget
     if (impl == ForwardImpl::kFused) {
-      while (mark < 4) stage_done();  // one kernel: its whole time is reported as FC1's
+      while (mark < 4) stage_done();  // the events bracket the one kernel; last_stage_times reads its own stamps
       moe::launch_fused_forward(v, in, gemms, barrier, workspace.zero_prefix(), workspace.zero_prefix_bytes(), cluster_m,
                                 num_sms, stream);
       while (mark < 8) stage_done();
@@ -256,11 +256,12 @@ struct Layer::Impl {
     moe::launch_fc1(v, gemms, cluster_m, num_sms, stream);
     stage_done();
     moe::launch_fc2(v, gemms, cluster_m, num_sms, stream);
+    stage_done();
     // The counters are reset after their last reader (FC2) and before the combine barrier: no peer
     // can start the next forward's claims on this rank until this rank has passed that barrier.
+    // (Timed with the combine barrier, so that --zeroing full does not show as FC2's time.)
     if (zero_whole_workspace) workspace.reset_whole(stream);
     else workspace.reset_counters(stream);
-    stage_done();
     comm::launch_device_barrier(barrier, kCombineBarrier, stream);
     stage_done();
     if (combine_rows_f32) moe::launch_combine_cast_then_sum(v, in, combine_rows_f32->ptr, num_sms, stream);
@@ -400,7 +401,7 @@ struct Layer::Impl {
             std::this_thread::sleep_for(std::chrono::seconds(1));
             return;
           }
-          if (flags & (kBarrierTimeout | kRowArrivalTimeout)) fatal_since = now;
+          if (flags & (kBarrierTimeout | kRowArrivalTimeout | kGridSyncTimeout)) fatal_since = now;
         }
       }
       std::this_thread::sleep_for(std::chrono::microseconds(polls < 1000 ? 20 : 200));
@@ -431,9 +432,9 @@ struct Layer::Impl {
                       "; barriers signalled here by rank";
     for (int r = 0; r < W; r++) out += " " + std::to_string(r) + ": " + std::to_string(flags[size_t(r)]);
     out += "; FC1 rows copied in " + std::to_string(arrived_total) + " of " + std::to_string(offsets[size_t(El)]);
-    if (impl == ForwardImpl::kFused)
-      out += "; fused kernel: grid syncs passed " + std::to_string(grid.generation) + ", CTAs at the next " +
-             std::to_string(grid.arrived);
+    if (impl == ForwardImpl::kFused)  // six syncs per forward
+      out += "; fused kernel: grid syncs passed in this forward " + std::to_string(grid.generation % 6) +
+             ", CTAs at the next " + std::to_string(grid.arrived);
     return out + describe_stall_log(st.stalled_cta);
   }
 
@@ -526,11 +527,13 @@ Layer::Layer(const MoeShape& shape, Communicator& comm, const LayerOptions& opti
                           std::to_string(device_sms) + "] (the SMs of GPU " + std::to_string(device) + ")");
   if (options.gemm_cluster_m < 0 || options.gemm_cluster_m > 2)
     throw InvalidArgument("options.gemm_cluster_m = " + std::to_string(options.gemm_cluster_m) + ": must be 0 (auto), 1 or 2");
-  if ((options.zero_whole_workspace || options.combine_cast_then_sum) && resolve_impl(options.impl) == ForwardImpl::kFused)
+  LayerOptions resolved = options;
+  resolved.impl = resolve_impl(options.impl);  // MEGAMOE_IMPL, checked before anything is allocated
+  if ((options.zero_whole_workspace || options.combine_cast_then_sum) && resolved.impl == ForwardImpl::kFused)
     throw InvalidArgument(std::string("options.") +
                           (options.zero_whole_workspace ? "zero_whole_workspace" : "combine_cast_then_sum") +
                           ": an ablation of the staged path; not available with impl = kFused");
-  impl_ = std::make_unique<Impl>(shape, comm, options, options.num_sms ? options.num_sms : device_sms);
+  impl_ = std::make_unique<Impl>(shape, comm, resolved, options.num_sms ? options.num_sms : device_sms);
 }
 
 Layer::~Layer() = default;

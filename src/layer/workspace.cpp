@@ -48,9 +48,16 @@ void Workspace::reset_counters(cudaStream_t stream) const {
 
 void Workspace::reset_whole(cudaStream_t stream) const {
   reset_counters(stream);
-  const RegionPlacement& pairs = layout_[Region::kRecvPairs];
-  MEGAMOE_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(symmetric_->local) + pairs.offset, 0, pairs.bytes, stream));
-  MEGAMOE_CUDA_CHECK(cudaMemsetAsync(local_, 0, layout_[Region::kDeviceStatus].offset, stream));
+  // Named one by one: a region added to the table is not zeroed here unless it is safe to.
+  static constexpr Region kRegions[] = {Region::kRecvPairs,       Region::kTokenPool,         Region::kTokenPoolScale,
+                                        Region::kPoolSource,      Region::kExpertRowOffset,   Region::kExpertTileOffset,
+                                        Region::kFc1Out,          Region::kFc1OutScale};
+  for (Region r : kRegions) {
+    const RegionPlacement& p = layout_[r];
+    if (p.bytes == 0) continue;
+    char* base = static_cast<char*>(r == Region::kRecvPairs ? symmetric_->local : local_);
+    MEGAMOE_CUDA_CHECK(cudaMemsetAsync(base + p.offset, 0, p.bytes, stream));
+  }
 }
 
 }  // namespace megamoe

@@ -162,6 +162,21 @@ TEST_F(Cli, BenchParsesEveryFlag) {
   EXPECT_EQ(bench({"--tokens", "0"}).max_tokens(), 1);
 }
 
+TEST_F(Cli, BenchImplementationsAndAblations) {
+  const BenchOptions d = bench({});
+  EXPECT_EQ(d.impls, (std::vector<std::string>{"staged"}));
+  EXPECT_EQ(d.zeroings, (std::vector<std::string>{"prefix"}));
+  EXPECT_EQ(d.combines, (std::vector<std::string>{"fused"}));
+  const BenchOptions o = bench({"--impl", "staged,fused,staged", "--zeroing", "full,prefix", "--combine", "cast-then-sum"});
+  EXPECT_EQ(o.impls, (std::vector<std::string>{"staged", "fused"}));  // each once, in order
+  EXPECT_EQ(o.zeroings, (std::vector<std::string>{"full", "prefix"}));
+  EXPECT_EQ(o.combines, (std::vector<std::string>{"cast-then-sum"}));
+  EXPECT_INVALID(bench({"--impl", "mega"}), HasSubstr("--impl mega: must be staged or fused"));
+  EXPECT_INVALID(bench({"--zeroing", "none"}), HasSubstr("--zeroing none: must be prefix or full"));
+  EXPECT_INVALID(bench({"--combine", "sum"}), HasSubstr("--combine sum: must be fused or cast-then-sum"));
+  EXPECT_INVALID(bench({"--impl", "fused", "--zeroing", "full"}), HasSubstr("the ablations are of the staged path"));
+}
+
 TEST_F(Cli, BenchRejectsBadValuesNamingTheFlag) {
   EXPECT_INVALID(bench({"--preset", "dsv2"}), HasSubstr("preset = 'dsv2': must be one of"));
   EXPECT_INVALID(bench({"--dtype", "fp16"}), HasSubstr("--dtype = 'fp16': must be bf16 or fp8"));
