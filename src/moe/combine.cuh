@@ -8,15 +8,36 @@
 
 namespace megamoe::moe {
 
-// Every thread of the grid takes 8-column vectors item, item + stride, ...
-template <bool kIdsInt64>
+// The received bf16 rows (combine_recv [T*K, H]), 8 columns (one vector) at a time.
+struct ReceivedRows {
+  const int4* rows;
+  int row_vectors;  // H / 8
+  __device__ __forceinline__ int4 vector(int64_t slot, int vec) const { return rows[slot * row_vectors + vec]; }
+  // Values 2j and 2j + 1 of a vector.
+  __device__ __forceinline__ static float2 pair(const int4& raw, int j) {
+    return __bfloat1622float2(reinterpret_cast<const __nv_bfloat162*>(&raw)[j]);
+  }
+  // acc += w * row `slot`'s vector `vec`, a pair at a time as it is converted.
+  __device__ __forceinline__ void add(int64_t slot, int vec, float w, float (&acc)[8]) const {
+    const int4 raw = vector(slot, vec);
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      const float2 f = pair(raw, j);
+      acc[2 * j] += w * f.x;
+      acc[2 * j + 1] += w * f.y;
+    }
+  }
+};
+
+// Every thread of the grid takes 8-column vectors item, item + stride, ...; `rows` adds each slot's
+// weighted values (ReceivedRows, or the cast-then-sum ablation's fp32 copy in combine.cu).
+template <bool kIdsInt64, class Rows>
 __device__ __forceinline__ void combine_rows(const LayerView& v, const ForwardInputs& in, int64_t first_item,
-                                             int64_t stride) {
+                                             int64_t stride, const Rows& rows) {
   const int num_tokens = read_token_count(in.tokens, v.max_tokens, v.status(), false);
   const int K = v.top_k, E = v.num_experts;
   const int row_vectors = v.hidden / 8;
   const int64_t items = int64_t(num_tokens) * row_vectors;
-  const int4* rows = reinterpret_cast<const int4*>(v.ws.combine_recv);
   for (int64_t item = first_item; item < items; item += stride) {
     const int64_t t = item / row_vectors;
     const int vec = int(item % row_vectors);
@@ -25,14 +46,7 @@ __device__ __forceinline__ void combine_rows(const LayerView& v, const ForwardIn
       const int64_t id = load_expert_id(in.topk_ids, kIdsInt64, t * K + k);
       if (id < 0 || id >= E) continue;
       const float w = __ldg(in.topk_weights + t * K + k);
-      const int4 raw = rows[(t * K + k) * row_vectors + vec];
-      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-      for (int j = 0; j < 4; j++) {
-        const float2 f = __bfloat1622float2(h[j]);
-        acc[2 * j] += w * f.x;
-        acc[2 * j + 1] += w * f.y;
-      }
+      rows.add(t * K + k, vec, w, acc);
     }
     int4 out;
     __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
@@ -43,6 +57,13 @@ __device__ __forceinline__ void combine_rows(const LayerView& v, const ForwardIn
     for (int j = 0; j < 4; j++) o[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
     reinterpret_cast<int4*>(in.y)[t * row_vectors + vec] = out;
   }
+}
+
+template <bool kIdsInt64>
+__device__ __forceinline__ void combine_rows(const LayerView& v, const ForwardInputs& in, int64_t first_item,
+                                             int64_t stride) {
+  combine_rows<kIdsInt64>(v, in, first_item, stride,
+                          ReceivedRows{reinterpret_cast<const int4*>(v.ws.combine_recv), v.hidden / 8});
 }
 
 }  // namespace megamoe::moe
