@@ -280,7 +280,7 @@ struct TileValues {
 };
 
 // One CTA's part of the grouped GEMM, as a device function: the kernel below runs it alone, the
-// fused forward (moe/fused.cu) between its other stages. Every thread of the CTA (kThreads) calls
+// fused forward (moe/fused.cuh) between its other stages. Every thread of the CTA (kThreads) calls
 // it, with `smem_raw` holding grouped_gemm_smem_bytes<Config, Epilogue::SharedStorage>(). The
 // warpgroups change their register counts for the GEMM (setmaxnreg); a caller that runs more code
 // afterwards passes kRegistersAfter (the kernel's count, 65536 / kThreads rounded down to 8), and
@@ -647,10 +647,7 @@ void preload_grouped_gemm() {
   auto kernel = grouped_gemm_kernel<Config, Epilogue, Feed>;
   constexpr size_t smem = grouped_gemm_smem_bytes<Config, typename Epilogue::SharedStorage>();
   static_assert(smem <= kMaxSharedMemoryBytes, "grouped GEMM shared memory exceeds the 227 KiB a Hopper block may use");
-  MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  if constexpr (Config::kClusterM > 1)
-    MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 0));
-  detail::preload_kernel(kernel);
+  ::megamoe::detail::preload_cluster_kernel(reinterpret_cast<const void*>(kernel), smem, Config::kClusterM);
 }
 
 // Launches on `num_sms` SMs (rounded down to whole clusters). The kernel must have been preloaded

@@ -47,6 +47,9 @@ double env_watchdog_s() {
   return t;
 }
 
+// The errors after which a layer is dead (check_errors); all but kPipelineStall let its kernels drain.
+constexpr int32_t kFatalErrors = kBarrierTimeout | kRowArrivalTimeout | kPipelineStall | kGridSyncTimeout;
+
 ForwardImpl resolve_impl(ForwardImpl requested) {
   if (requested != ForwardImpl::kDefault) return requested;
   const char* v = std::getenv("MEGAMOE_IMPL");
@@ -401,7 +404,7 @@ struct Layer::Impl {
             std::this_thread::sleep_for(std::chrono::seconds(1));
             return;
           }
-          if (flags & (kBarrierTimeout | kRowArrivalTimeout | kGridSyncTimeout)) fatal_since = now;
+          if (flags & kFatalErrors) fatal_since = now;  // kPipelineStall was handled above
         }
       }
       std::this_thread::sleep_for(std::chrono::microseconds(polls < 1000 ? 20 : 200));
@@ -432,8 +435,9 @@ struct Layer::Impl {
                       "; barriers signalled here by rank";
     for (int r = 0; r < W; r++) out += " " + std::to_string(r) + ": " + std::to_string(flags[size_t(r)]);
     out += "; FC1 rows copied in " + std::to_string(arrived_total) + " of " + std::to_string(offsets[size_t(El)]);
-    if (impl == ForwardImpl::kFused)  // six syncs per forward
-      out += "; fused kernel: grid syncs passed in this forward " + std::to_string(grid.generation % 6) +
+    if (impl == ForwardImpl::kFused)
+      out += "; fused kernel: grid syncs passed in this forward " +
+             std::to_string(grid.generation % uint32_t(moe::kSyncCombineReady)) +
              ", CTAs at the next " + std::to_string(grid.arrived);
     return out + describe_stall_log(st.stalled_cta);
   }
@@ -476,8 +480,7 @@ struct Layer::Impl {
     if (message.empty()) return;
     // Bad ids and token counts affected only their own forward: clear them. A timeout stays, and once
     // one is recorded nothing is written back (kernels may still be running and setting bits).
-    if (s.error_flags & (kBarrierTimeout | kRowArrivalTimeout | kPipelineStall | kGridSyncTimeout))
-      throw RuntimeError(message);
+    if (s.error_flags & kFatalErrors) throw RuntimeError(message);
     DeviceStatus cleared = s;
     cleared.error_flags = 0;  // only bad ids and token counts can be set here
     cleared.bad_expert_record = 0;

@@ -18,19 +18,10 @@
 #include "moe/dispatch.cuh"
 #include "moe/fc1.cuh"
 #include "moe/fc2.cuh"
+#include "moe/stages.h"
 #include "runtime/cuda_check.h"
 
 namespace megamoe::moe {
-
-// Where the fused kernel's CTAs meet (DeviceStatus::grid_sync_point on a timeout).
-enum FusedSyncPoint : int32_t {
-  kSyncClaimed = 1,
-  kSyncDispatched = 2,
-  kSyncScheduled = 3,
-  kSyncFc1Done = 4,
-  kSyncFc2Done = 5,
-  kSyncCombineReady = 6,
-};
 
 template <class Operands, int kClusterM, int kFc2BlockN>
 struct FusedForward {
@@ -140,11 +131,8 @@ template <class Operands, int kClusterM, int kFc2BlockN>
 void preload_fused_forward() {
   auto kernel = fused_forward_kernel<Operands, kClusterM, kFc2BlockN>;
   static_assert(FusedForward<Operands, kClusterM, kFc2BlockN>::gemm_smem_bytes() <= gemm::kMaxSharedMemoryBytes);
-  MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          int(fused_forward_max_dynamic_smem(reinterpret_cast<const void*>(kernel)))));
-  if constexpr (kClusterM > 1)
-    MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 0));
-  detail::preload_kernel(kernel);
+  const void* function = reinterpret_cast<const void*>(kernel);
+  detail::preload_cluster_kernel(function, fused_forward_max_dynamic_smem(function), kClusterM);
 }
 
 // Host: one fused forward on `grid` CTAs (fused_forward_grid).

@@ -51,6 +51,17 @@ void launch_combine(const LayerView& v, const ForwardInputs& in, int num_sms, cu
 void launch_combine_cast_then_sum(const LayerView& v, const ForwardInputs& in, float* rows_f32, int num_sms,
                                   cudaStream_t stream);
 
+// Where the fused kernel's CTAs meet, in order (DeviceStatus::grid_sync_point on a timeout); the
+// last is also the number of grid syncs per forward.
+enum FusedSyncPoint : int32_t {
+  kSyncClaimed = 1,
+  kSyncDispatched = 2,
+  kSyncScheduled = 3,
+  kSyncFc1Done = 4,
+  kSyncFc2Done = 5,
+  kSyncCombineReady = 6,
+};
+
 // The whole forward, steps 1-5, in one persistent launch (fused.cuh): the same stages separated by
 // grid-wide syncs, the barriers passed by CTA 0, the counters zeroed in the kernel
 // (zero_prefix: the symmetric arena's must-zero prefix). cluster_m as for fc1/fc2.

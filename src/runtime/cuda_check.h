@@ -53,3 +53,16 @@ void* driver_function(const char* name);
     if (megamoe_err_ != cudaSuccess)                                                     \
       ::megamoe::detail::throw_cuda_error(megamoe_err_, #call, __FILE__, __LINE__);      \
   } while (0)
+
+namespace megamoe::detail {
+
+// Preloads a kernel that may use up to `max_dynamic_smem` bytes of dynamic shared memory (more than
+// the default 48 KiB) and, launched in clusters of `cluster_x` > 1 CTAs, keeps to portable cluster
+// sizes.
+inline void preload_cluster_kernel(const void* kernel, size_t max_dynamic_smem, unsigned cluster_x) {
+  MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(max_dynamic_smem)));
+  if (cluster_x > 1) MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 0));
+  preload_function(kernel);
+}
+
+}  // namespace megamoe::detail
