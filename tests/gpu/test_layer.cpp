@@ -656,6 +656,30 @@ LAYER_TEST(OneGraphServesEveryBatchSize) {
   }
 }
 
+// The same inputs through `reference` and each of `others` (built with the reference's seed, so
+// with the same weights): every routing twice, T = 0 and T = max_tokens first, then random T per
+// rank. Every layer is checked against the CPU reference, and every other output must equal the
+// reference's bit for bit.
+void expect_identical_outputs(LayerHarness& reference, const std::vector<LayerHarness*>& others, uint64_t seed,
+                              const std::string& name) {
+  const int64_t max_tokens = reference.shape().max_tokens_per_rank;
+  const auto kinds = all_routing_kinds();
+  for (size_t c = 0; c < 2 * kinds.size(); c++) {
+    const uint64_t case_seed = seed + 101 * uint64_t(c);
+    const int64_t tokens = c == 0 ? 0 : c == 1 ? max_tokens : tokens_for_rank(case_seed, max_tokens);
+    const RankInput in = reference.make_input(kinds[c % kinds.size()], tokens, case_seed);
+    const std::string what = name + ", routing " + kind_name(kinds[c % kinds.size()]) + " T=" + std::to_string(tokens);
+    reference.forward(in);
+    reference.check(in, {}, what);
+    const std::vector<bf16_t> expected = reference.output(tokens, what);
+    for (size_t i = 0; i < others.size(); i++) {
+      others[i]->forward(in);
+      others[i]->check(in, {}, what);
+      EXPECT_TRUE(identical(others[i]->output(tokens, what), expected)) << what << ": layer " << i + 1 << " differs";
+    }
+  }
+}
+
 // The fused forward (one persistent kernel) computes exactly what the staged one does: every
 // routing, random T per rank (0 included), single CTAs and CTA pairs. Then one captured fused forward
 // replayed 1000 times with a changing device-side token count and routing, checked against the
@@ -673,17 +697,8 @@ LAYER_TEST(FusedEqualsStagedAndSurvivesAThousandReplays) {
     staged_options.gemm_cluster_m = fused_options.gemm_cluster_m = cluster_m;
     LayerHarness staged(shape, seed, staged_options), fused(shape, seed, fused_options);
     ASSERT_EQ(fused.layer().impl(), ForwardImpl::kFused);
-    for (size_t c = 0; c < 2 * kinds.size(); c++) {
-      const uint64_t case_seed = seed + 101 * uint64_t(c) + uint64_t(cluster_m);
-      const int64_t tokens = c == 0 ? 0 : c == 1 ? max_tokens : tokens_for_rank(case_seed, max_tokens);
-      const RankInput in = staged.make_input(kinds[c % kinds.size()], tokens, case_seed);
-      const std::string what = std::string("fused vs staged, cluster_m=") + std::to_string(cluster_m) + " routing " +
-                               kind_name(kinds[c % kinds.size()]) + " T=" + std::to_string(tokens);
-      staged.forward(in);
-      fused.forward(in);
-      fused.check(in, {}, what);
-      EXPECT_TRUE(identical(fused.output(tokens, what), staged.output(tokens, what))) << what << ": outputs differ";
-    }
+    expect_identical_outputs(staged, {&fused}, seed + uint64_t(cluster_m),
+                             "fused vs staged, cluster_m=" + std::to_string(cluster_m));
   }
   LayerOptions options = test_layer_options();
   options.impl = ForwardImpl::kFused;
@@ -749,21 +764,7 @@ LAYER_TEST(AblationsComputeTheSameOutputs) {
   zero_whole.zero_whole_workspace = true;
   cast_then_sum.combine_cast_then_sum = true;
   LayerHarness reference(shape, seed, base), zeroed(shape, seed, zero_whole), cast(shape, seed, cast_then_sum);
-  const auto kinds = all_routing_kinds();
-  for (size_t c = 0; c < 2 * kinds.size(); c++) {
-    const uint64_t case_seed = seed + 211 * uint64_t(c);
-    const int64_t tokens = c == 0 ? max_tokens : tokens_for_rank(case_seed, max_tokens);
-    const RankInput in = reference.make_input(kinds[c % kinds.size()], tokens, case_seed);
-    const std::string what = std::string("ablations, routing ") + kind_name(kinds[c % kinds.size()]) +
-                             " T=" + std::to_string(tokens);
-    reference.forward(in);
-    zeroed.forward(in);
-    cast.forward(in);
-    reference.check(in, {}, what);
-    const std::vector<bf16_t> expected = reference.output(tokens, what);
-    EXPECT_TRUE(identical(zeroed.output(tokens, what), expected)) << what << ": zero_whole_workspace differs";
-    EXPECT_TRUE(identical(cast.output(tokens, what), expected)) << what << ": combine_cast_then_sum differs";
-  }
+  expect_identical_outputs(reference, {&zeroed, &cast}, seed, "ablations (zero_whole_workspace, combine_cast_then_sum)");
   LayerOptions bad = test_layer_options();
   bad.impl = ForwardImpl::kFused;
   bad.combine_cast_then_sum = true;
