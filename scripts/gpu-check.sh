@@ -19,6 +19,8 @@
 #   GPUS             GPUs for the NCCL runs (default: all)
 #   LOOPBACK_RANKS   loopback rank counts (default "1 2 3 4 8")
 #   FUSED_LOOPBACK_RANKS  the same for layer-fused: the layer suite with MEGAMOE_IMPL=fused (default "2 3 4")
+#   FUSED_POOL_ROWS  the fused forward's pools layer-fused runs with (MEGAMOE_POOL_ROWS; default "0 256":
+#                    the default pool, and windows of 256 rows)
 #   IMPLS            the forward implementations bench times, one table each (default staged,fused)
 #   STRESS_STEPS     forwards of the stress run at W = 4 (default 10000)
 #   SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck"), SANITIZE_RANKS (default 2),
@@ -89,20 +91,28 @@ for s in $steps; do
         step "$s-loopback-$w" "$limit" env MEGAMOE_TEST_RANKS="$w" "$BIN/test_gpu_$s" "${filter[@]}"
       done ;;
     layer-fused)
-      # Every layer test again with the whole forward in one persistent kernel (LayerOptions::impl).
-      step "layer-fused-nccl-$GPUS" 500 env MEGAMOE_IMPL=fused MEGAMOE_TEST_GPUS="$GPUS" "$BIN/test_gpu_layer" "${filter[@]}"
-      for w in ${FUSED_LOOPBACK_RANKS:-2 3 4}; do
-        step "layer-fused-loopback-$w" 500 env MEGAMOE_IMPL=fused MEGAMOE_TEST_RANKS="$w" "$BIN/test_gpu_layer" "${filter[@]}"
+      # Every layer test again with the whole forward in one persistent kernel (LayerOptions::impl),
+      # with its default pool and with a 256-row pool (MEGAMOE_POOL_ROWS: FC1 and FC2 in windows).
+      for pool in ${FUSED_POOL_ROWS:-0 256}; do
+        tag=$([ "$pool" = 0 ] && echo "" || echo "-pool$pool")
+        step "layer-fused$tag-nccl-$GPUS" 500 env MEGAMOE_IMPL=fused MEGAMOE_POOL_ROWS="$pool" MEGAMOE_TEST_GPUS="$GPUS" \
+          "$BIN/test_gpu_layer" "${filter[@]}"
+        for w in ${FUSED_LOOPBACK_RANKS:-2 3 4}; do
+          step "layer-fused$tag-loopback-$w" 500 env MEGAMOE_IMPL=fused MEGAMOE_POOL_ROWS="$pool" MEGAMOE_TEST_RANKS="$w" \
+            "$BIN/test_gpu_layer" "${filter[@]}"
+        done
       done ;;
     stress)
       step stress-loopback-4 500 env MEGAMOE_TEST_RANKS=4 MEGAMOE_STRESS_STEPS="$STRESS_STEPS" "$BIN/test_gpu_layer" --gtest_filter='Stress.*' ;;
     sanitize)
       # The tiny-shape layer tests at W = 2 on the loopback transport (ncclMemAlloc is not permitted
       # under the sanitizer on these machines); every tool must report 0 errors.
-      # Both forward implementations.
-      for impl in staged fused; do
+      # Both forward implementations, the fused one also with a 256-row pool (windows).
+      for impl in staged fused fused-pool256; do
         for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
-          step "sanitize-$impl-$tool" "${SANITIZE_TIMEOUT:-300}" env MEGAMOE_IMPL=$impl MEGAMOE_TEST_RANKS="${SANITIZE_RANKS:-2}" \
+          pool=$([ $impl = fused-pool256 ] && echo 256 || echo 0)
+          step "sanitize-$impl-$tool" "${SANITIZE_TIMEOUT:-300}" env MEGAMOE_IMPL=${impl%-pool256} MEGAMOE_POOL_ROWS=$pool \
+            MEGAMOE_TEST_RANKS="${SANITIZE_RANKS:-2}" \
             MEGAMOE_BARRIER_TIMEOUT_S=30 compute-sanitizer --tool "$tool" --error-exitcode 1 "$BIN/test_gpu_layer" \
             --gtest_filter="${SANITIZE_FILTER:-Layer*.Tiny*:Layer*.Deterministic*}"
         done

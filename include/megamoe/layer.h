@@ -46,6 +46,16 @@ struct LayerOptions {
   //     the bf16 rows are read.
   bool zero_whole_workspace = false;
   bool combine_cast_then_sum = false;
+  // Rows of the token pool and of FC1's output (WorkspaceLayout::pool_rows; MEGAMOE_POOL_ROWS sets
+  // the fused forward's default). 0: every pair of every rank (the all-to-one worst case). A multiple
+  // of 256 below that makes the fused forward run FC1 and FC2 in windows of that many rows, correct
+  // under any routing (all-to-one included), at the cost of one more pass over the weights per
+  // extra window and of a slower kernel (docs/PERFORMANCE.md: BF16 ~4%, FP8 12-40% today);
+  // compact_pool_rows(shape) is one window under uniform routing (`megamoe info` prints its
+  // memory). The staged forward rejects it. Experimental: tests with such pools hung now and then
+  // (a kernel that never ended, W = 1 and 4 ranks, most in FP8; cause open, docs/GPU-RUNS.md), so
+  // not for production yet.
+  int64_t pool_rows = 0;
 };
 
 // This rank's experts' weights in the checkpoint layout, as device pointers (row-major):

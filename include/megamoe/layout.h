@@ -18,6 +18,7 @@ namespace megamoe {
 
 enum class Arena { kSymmetric, kLocal };
 
+// P is the token pool's capacity in rows (WorkspaceLayout::pool_rows) and P128 that rounded up to 128.
 // The table itself, as one list that generates the Region ids, the printed table (layout.cpp) and the
 // typed views kernels use (WorkspaceRegions, src/core/workspace_regions.h). In placement order within
 // each arena; counters that must read zero at the start of every forward lead the symmetric arena.
@@ -36,13 +37,14 @@ enum class Arena { kSymmetric, kLocal };
   X(kTokenStagingScale, token_staging_scale, kSymmetric, float, "-|fp32", "Tmax*H/128 (fp8)", 1024, false)              \
   X(kCombineRecv, combine_recv, kSymmetric, uint8_t, "bf16", "Tmax*K*H", 1024, false)                                   \
   /* local */                                                                                                            \
-  X(kTokenPool, token_pool, kLocal, uint8_t, "bf16|e4m3", "W*Tmax*K*H", 1024, false)                                    \
-  X(kTokenPoolScale, token_pool_scale, kLocal, float, "-|fp32", "H/128*P (fp8)", 1024, false)                    \
+  X(kTokenPool, token_pool, kLocal, uint8_t, "bf16|e4m3", "P*H", 1024, false)                                           \
+  X(kTokenPoolScale, token_pool_scale, kLocal, float, "-|fp32", "H/128*P128 (fp8)", 1024, false)                        \
   X(kPoolSource, pool_source, kLocal, ::megamoe::PoolSource, "PoolSource", "W*Tmax*K", 1024, false)                     \
   X(kExpertRowOffset, expert_row_offset, kLocal, int32_t, "int32", "E/W+1", 128, false)                                 \
   X(kExpertTileOffset, expert_tile_offset, kLocal, int32_t, "int32", "E/W+1", 128, false)                               \
-  X(kFc1Out, fc1_out, kLocal, uint8_t, "bf16|e4m3", "W*Tmax*K*I", 1024, false)                                          \
-  X(kFc1OutScale, fc1_out_scale, kLocal, float, "-|fp32", "I/128*P (fp8)", 1024, false)                          \
+  X(kPoolWindows, pool_windows, kLocal, ::megamoe::PoolWindow, "PoolWindow", "windows (P < W*Tmax*K)", 128, false)      \
+  X(kFc1Out, fc1_out, kLocal, uint8_t, "bf16|e4m3", "P*I", 1024, false)                                                 \
+  X(kFc1OutScale, fc1_out_scale, kLocal, float, "-|fp32", "I/128*P128 (fp8)", 1024, false)                              \
   X(kDeviceStatus, device_status, kLocal, ::megamoe::DeviceStatus, "DeviceStatus", "1", 128, false)                   \
   X(kGridSync, grid_sync, kLocal, ::megamoe::GridSyncState, "GridSyncState", "1", 128, false)
 
@@ -65,6 +67,14 @@ struct GridSyncState {
   // start, [p] when the last CTA reached sync point p (FusedSyncPoint 1-6), [7] when the last CTA
   // finished.
   uint64_t stage_ns[8];
+};
+
+// One window of the fused forward's GEMMs when the pool is smaller than the worst case
+// (WorkspaceLayout::windowed; gemm/scheduler.h): units [unit_begin, unit_end) of the schedule, whose
+// rows [row_begin, row_end) in schedule order sit in the pool (and fc1_out) from row 0 on.
+struct PoolWindow {
+  int32_t unit_begin, unit_end;
+  int32_t row_begin, row_end;
 };
 
 // Where one row of the token pool comes from.
@@ -101,9 +111,31 @@ struct RegionPlacement {
   size_t element_bytes = 0;
 };
 
+// The token pool (and FC1's output beside it) holds P rows. The staged forward holds every (token, k)
+// pair of every rank at once, the all-to-one-rank worst case W*Tmax*K. The fused forward can run its
+// two GEMMs in windows of the received rows instead (FC1 then FC2 on each window in turn, the pool and
+// fc1_out reused), so a pool of P rows serves any routing: a window is whole GEMM units of 128 or 256
+// rows, so P is a multiple of kPoolRowsMultiple.
+inline constexpr int64_t kPoolRowsMultiple = 256;
+// W*Tmax*K.
+int64_t worst_case_pool_rows(const MoeShape& shape);
+// A compact P for the fused forward: 1.25 x the rows a rank receives under uniform routing (Tmax*K)
+// plus one 256-row unit per local expert (a window counts whole units), rounded up to
+// kPoolRowsMultiple: one window unless the routing is skewed. 0 (the worst case) when that is not
+// smaller than W*Tmax*K.
+int64_t compact_pool_rows(const MoeShape& shape);
+// Throws InvalidArgument naming `arg_name` unless rows is 0 (the worst case) or a positive multiple of
+// kPoolRowsMultiple. Rows at or above the worst case mean the worst case.
+void validate_pool_rows(const MoeShape& shape, int64_t rows, const std::string& arg_name);
+// The P a forward uses for a requested one (validated, named `arg_name` in errors): 0 is the worst
+// case for both forwards; the staged forward accepts only that or more (it cannot run in windows).
+// Returns WorkspaceLayout's pool_rows argument.
+int64_t pool_rows_for(const MoeShape& shape, int64_t requested, bool fused, const std::string& arg_name);
+
 class WorkspaceLayout {
  public:
-  explicit WorkspaceLayout(const MoeShape& shape);  // validates the shape
+  // Validates the shape and pool_rows (validate_pool_rows; 0: the worst case, no windows).
+  explicit WorkspaceLayout(const MoeShape& shape, int64_t pool_rows = 0);
 
   const MoeShape& shape() const { return shape_; }
   const RegionPlacement& operator[](Region r) const { return placement_[static_cast<int>(r)]; }
@@ -111,11 +143,16 @@ class WorkspaceLayout {
   size_t total_bytes() const { return symmetric_bytes_ + local_bytes_; }
   // The must-zero prefix of the symmetric arena: [0, zero_prefix_bytes()).
   size_t zero_prefix_bytes() const { return zero_prefix_bytes_; }
-  // Rows the token pool can hold: every (token, k) pair of every rank (the all-to-one-rank worst case).
+  // P: rows the token pool and fc1_out hold.
   int64_t pool_rows() const { return pool_rows_; }
-  // P: the row pitch of the pool's and fc1_out's fp8 scale matrices, stored one 128-column block
-  // after another ([blocks, P], the GEMM loads a tile's scales of one block with one TMA box):
-  // pool_rows rounded up to 128.
+  // Whether P is below the worst case: only the fused forward, which runs the GEMMs in windows, can
+  // use such a pool.
+  bool windowed() const { return windowed_; }
+  // The most windows a forward can need (0 unless windowed).
+  int64_t max_pool_windows() const { return max_pool_windows_; }
+  // The row pitch of the pool's and fc1_out's fp8 scale matrices, stored one 128-column block
+  // after another ([blocks, pitch], the GEMM loads a tile's scales of one block with one TMA box):
+  // P rounded up to 128.
   int64_t scale_pitch() const { return (pool_rows_ + 127) / 128 * 128; }
 
   // The table with byte sizes, as `megamoe info` prints it.
@@ -125,7 +162,8 @@ class WorkspaceLayout {
   MoeShape shape_;
   std::array<RegionPlacement, kNumRegions> placement_{};
   size_t symmetric_bytes_ = 0, local_bytes_ = 0, zero_prefix_bytes_ = 0;
-  int64_t pool_rows_ = 0;
+  int64_t pool_rows_ = 0, max_pool_windows_ = 0;
+  bool windowed_ = false;
 };
 
 // The sticky device-side status of a layer (kDeviceStatus). Written by kernels, read by the host.

@@ -17,15 +17,15 @@
 namespace megamoe::cli {
 
 const FlagSet& info_flags() {
-  static const FlagSet set{{"preset", "ep", "max-tokens", "dtype", "tokens", "hbm-gbps", "bf16-tflops", "fp8-tflops",
-                            "nvlink-gbps"},
+  static const FlagSet set{{"preset", "ep", "max-tokens", "dtype", "tokens", "impl", "pool-rows", "hbm-gbps",
+                            "bf16-tflops", "fp8-tflops", "nvlink-gbps"},
                            {}};
   return set;
 }
 
 const FlagSet& bench_flags() {
   static const FlagSet set{{"preset", "dtype", "tokens", "gpus", "routing", "iters", "json", "experts",
-                            "gemm-cluster-m", "sms", "impl", "zeroing", "combine", "hbm-gbps", "bf16-tflops", "fp8-tflops", "nvlink-gbps"},
+                            "gemm-cluster-m", "sms", "impl", "zeroing", "combine", "pool-rows", "hbm-gbps", "bf16-tflops", "fp8-tflops", "nvlink-gbps"},
                            {"comm", "stages"}};
   return set;
 }
@@ -158,6 +158,10 @@ InfoOptions parse_info_options(const Args& a) {
   InfoOptions o;
   o.shape = make_preset(a.str("preset", ""), ep, max_tokens, parse_weight_format(a.str("dtype", "bf16"), "--dtype"));
   o.ceilings = parse_ceilings(a);
+  const std::string impl = a.str("impl", "staged");
+  if (impl != "staged" && impl != "fused") throw InvalidArgument("--impl " + impl + ": must be staged or fused");
+  o.pool_rows = pool_rows_for(o.shape, a.integer("pool-rows", 0, 0, kMaxInfoTokens * kMaxEpSize * kMaxTopK),
+                              impl == "fused", "--pool-rows");
   if (a.has("tokens")) {
     o.tokens = a.integer_list("tokens", {}, 0, kMaxInfoTokens);
     for (int64_t t : o.tokens)
@@ -258,6 +262,13 @@ BenchOptions parse_bench_options(const Args& a) {
     throw InvalidArgument("--zeroing / --combine: the ablations are of the staged path; with --impl fused alone "
                           "nothing would run (add staged, or keep the defaults prefix and fused)");
   o.sms = int(a.integer("sms", 0, 1, kMaxSms));
+  o.pool_rows = a.integer("pool-rows", 0, 0, kMaxBenchTokens * kMaxEpSize * kMaxTopK);
+  if (o.pool_rows % kPoolRowsMultiple)
+    throw InvalidArgument("--pool-rows " + std::to_string(o.pool_rows) + ": must be 0 or a multiple of " +
+                          std::to_string(kPoolRowsMultiple) + " (the fused forward's windows are whole 256-row units)");
+  if (o.pool_rows && std::find(o.impls.begin(), o.impls.end(), "fused") == o.impls.end())
+    throw InvalidArgument("--pool-rows: sizes the fused forward's pool; add --impl fused (the staged forward's pool "
+                          "always holds every pair of every rank)");
   o.ceilings = parse_ceilings(a);
   o.ceiling_flags = parse_ceiling_flags(a);
   // The rank count is known here inside a job or with --gpus; without either, bench_main checks the
@@ -307,13 +318,18 @@ const char* kUsage =
 
 const char* kInfoUsage =
     "usage: megamoe info --preset dsv3|dsv4-flash|dsv4-pro|tiny [--ep N] [--max-tokens M] [--dtype bf16|fp8]\n"
-    "                    [--tokens T,...] [--hbm-gbps X] [--bf16-tflops X] [--fp8-tflops X] [--nvlink-gbps X]\n"
+    "                    [--tokens T,...] [--impl staged|fused] [--pool-rows P] [--hbm-gbps X] [--bf16-tflops X]\n"
+    "                    [--fp8-tflops X] [--nvlink-gbps X]\n"
     "The shape, its workspace per rank and the roofline floor of one forward per rank. No GPU needed.\n"
     "  --preset P        the layer's dimensions (required)\n"
     "  --ep N            ranks the experts are spread over, 1..64 (default 1)\n"
     "  --max-tokens M    the most tokens one rank passes to one forward (default 4096)\n"
     "  --dtype D         weight format, bf16 or fp8 (default bf16)\n"
     "  --tokens T,...    tokens per rank of the roofline rows, each 0..M (default 1,64,... up to M)\n"
+    "  --impl I          the forward whose workspace to show: staged (default; its pool holds every pair of\n"
+    "                    every rank) or fused (its pool may hold a window of the received rows)\n"
+    "  --pool-rows P     rows of the token pool and FC1's output: 0 (default: every pair of every rank) or a\n"
+    "                    multiple of 256 (below that: fused only, FC1 and FC2 in windows of P rows)\n"
     "  --hbm-gbps X      HBM bandwidth ceiling, GB/s, 1..1e6 (default 3000)\n"
     "  --nvlink-gbps X   NVLink bandwidth per direction, GB/s, 1..1e6 (default 385)\n"
     "  --bf16-tflops X   dense bf16 tensor-core rate, TFLOP/s, 1..1e5 (default 744)\n"
@@ -323,7 +339,7 @@ const char* kBenchUsage =
     "usage: megamoe bench [--preset P[,P...]] [--dtype bf16|fp8] [--tokens T,...] [--gpus N] [--routing R]\n"
     "                     [--iters N] [--json PATH] [--stages] [--experts E] [--gemm-cluster-m 0|1|2] [--sms N]\n"
     "                     [--impl staged,fused] [--zeroing prefix,full] [--combine fused,cast-then-sum]\n"
-    "                     [--hbm-gbps X] [--bf16-tflops X] [--fp8-tflops X] [--nvlink-gbps X]\n"
+    "                     [--pool-rows P] [--hbm-gbps X] [--bf16-tflops X] [--fp8-tflops X] [--nvlink-gbps X]\n"
     "       megamoe bench --comm [--gpus N]\n"
     "The layer's latency under CUDA-graph replay, one rank per GPU, against the roofline floor.\n"
     "  --preset P,...      dsv3, dsv4-flash, dsv4-pro, tiny (default dsv4-flash)\n"
@@ -342,6 +358,8 @@ const char* kBenchUsage =
     "                      every region no peer touches after FC2)\n"
     "  --combine C,...     ablation, staged only: fused (sum in fp32 as rows are read, default) and/or\n"
     "                      cast-then-sum (an fp32 copy of every received row first)\n"
+    "  --pool-rows P       the fused forward's token pool, rows: 0 (default: every pair of every rank) or a\n"
+    "                      multiple of 256 (FC1 and FC2 in windows of P rows; 'megamoe info' suggests one)\n"
     "  --hbm-gbps X ...    roofline ceilings, as for 'megamoe info'\n"
     "  --comm              measure NVLink bandwidth and the device barrier instead of the layer\n";
 

@@ -71,6 +71,7 @@ inline constexpr int64_t kMaxSms = 1024;
 struct InfoOptions {
   MoeShape shape;               // --preset, --ep, --max-tokens, --dtype
   std::vector<int64_t> tokens;  // --tokens, each <= --max-tokens
+  int64_t pool_rows = 0;        // --impl, --pool-rows resolved (pool_rows_for)
   Ceilings ceilings;
 };
 InfoOptions parse_info_options(const Args& a);
@@ -91,6 +92,7 @@ struct BenchOptions {
   std::vector<std::string> zeroings{"prefix"};  // --zeroing prefix,full (the staged path's ablation)
   std::vector<std::string> combines{"fused"};   // --combine fused,cast-then-sum (likewise)
   int sms = 0;            // --sms: the layer's SM budget (0 = all of the GPU's)
+  int64_t pool_rows = 0;  // --pool-rows: the fused forward's pool (0 = its default)
   Ceilings ceilings;      // --hbm-gbps, --bf16-tflops, --fp8-tflops, --nvlink-gbps over the defaults
   CeilingFlags ceiling_flags;  // the same flags, over the ceilings of the GPU the benchmark runs on
 

@@ -115,11 +115,16 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
     options.stage_timing = o.stages;
     options.gemm_cluster_m = o.gemm_cluster_m;
     options.num_sms = o.sms;
+    options.pool_rows = impl == ForwardImpl::kFused ? o.pool_rows : 0;
     Layer layer(shape, comm, options);
     load_random_weights(layer, shape, 1234 + uint64_t(rank) * 7777, s);
     if (rank == 0) {
-      std::printf("\nmegamoe bench: %s, %d x %s, routing %s, %s, %d timed graph replays per T (median of the slowest rank)\n",
-                  describe(shape).c_str(), W, prop.name, std::string(to_string(routing)).c_str(), impl_name, iters);
+      const WorkspaceLayout& layout = layer.layout();
+      std::printf("\nmegamoe bench: %s, %d x %s, routing %s, %s, %d timed graph replays per T (median of the slowest rank); "
+                  "workspace %.0f MiB/rank, pool %lld rows%s\n",
+                  describe(shape).c_str(), W, prop.name, std::string(to_string(routing)).c_str(), impl_name, iters,
+                  double(layout.total_bytes()) / (1 << 20), static_cast<long long>(layout.pool_rows()),
+                  layout.windowed() ? " (windows, experimental)" : "");
       std::printf("%8s %12s %12s %10s %12s %10s\n", "T/rank", "median us", "min us", "TFLOP/s", "floor us", "vs floor");
     }
     for (int64_t T : tokens) {
@@ -214,10 +219,11 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
                         "{\"impl\": \"megamoe\", \"variant\": \"%s\", \"dtype\": \"%s\", \"preset\": \"%s\", "
                         "\"experts\": %lld, \"ep\": %d, \"tokens\": %lld, \"latency_us\": %.2f, \"min_us\": %.2f, "
                         "\"tflops\": %.2f, \"floor_us\": %.2f, \"vs_floor\": %.3f, \"gpu\": \"%s\", \"routing\": \"%s\", "
-                        "\"sms\": %d%s}\n",
+                        "\"sms\": %d, \"pool_rows\": %lld, \"workspace_bytes\": %zu%s}\n",
                         impl_name, std::string(to_string(shape.weight_format)).c_str(), preset.c_str(), (long long)shape.num_experts, W,
                         (long long)T, slowest_median, slowest_min, tflops, roof.floor_us, slowest_median / roof.floor_us,
-                        prop.name, std::string(to_string(routing)).c_str(), layer.num_sms(), stage_json.c_str());
+                        prop.name, std::string(to_string(routing)).c_str(), layer.num_sms(),
+                        static_cast<long long>(layer.layout().pool_rows()), layer.layout().total_bytes(), stage_json.c_str());
           out << line;
         }
       }

@@ -15,8 +15,14 @@ int info_main(int argc, char** argv) {
   const MoeShape& shape = o.shape;
   const Ceilings& c = o.ceilings;
 
-  const WorkspaceLayout layout(shape);
-  std::printf("shape: %s\n\nworkspace per rank:\n%s\n", describe(shape).c_str(), layout.to_string().c_str());
+  const WorkspaceLayout layout(shape, o.pool_rows);
+  std::printf("shape: %s\n\nworkspace per rank:\n%s", describe(shape).c_str(), layout.to_string().c_str());
+  if (const int64_t compact = compact_pool_rows(shape); compact && !layout.windowed()) {
+    const WorkspaceLayout windowed(shape, compact);
+    std::printf("the fused forward with --pool-rows %lld (compact: one window under uniform routing): %.2f MiB per rank\n",
+                static_cast<long long>(compact), double(windowed.total_bytes()) / (1 << 20));
+  }
+  std::printf("\n");
   std::printf("roofline floor of one forward per rank (uniform routing; ceilings: HBM %.0f GB/s, %s %.0f TFLOP/s, "
               "NVLink %.0f GB/s):\n%s",
               c.hbm_gbps, shape.weight_format == WeightFormat::kFp8 ? "fp8" : "bf16",

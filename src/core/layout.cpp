@@ -38,11 +38,24 @@ size_t align_up(size_t v, size_t a) { return v == kSaturated ? kSaturated : mul(
 
 // Element size and count of a region for a shape; the formulas match kTable's count_formula.
 // H and I are multiples of 128, so "H/128" is exact.
-void size_region(const MoeShape& s, Region r, size_t& element_bytes, size_t& count) {
+// The windows a pool of pool_rows rows (0: the worst case, no windows) may take: units of 128 rows
+// (single CTAs) or 256 (pairs), at most pairs/128 + E/W of them (each expert's last unit partial), a
+// window holding pool_rows/256 units at least.
+size_t count_pool_windows(const MoeShape& s, size_t pool_rows) {
+  if (pool_rows == 0) return 0;
+  const size_t pairs = mul(mul(size_t(s.ep_size), size_t(s.max_tokens_per_rank)), size_t(s.top_k));
+  const size_t units = add((pairs + 127) / 128, size_t(s.experts_per_rank()));
+  const size_t per_window = pool_rows / size_t(kPoolRowsMultiple);
+  return (units + per_window - 1) / per_window;
+}
+
+// pool_rows: P (0: the worst case).
+void size_region(const MoeShape& s, size_t pool_rows, Region r, size_t& element_bytes, size_t& count) {
   const bool fp8 = s.weight_format == WeightFormat::kFp8;
   const size_t W = size_t(s.ep_size), T = size_t(s.max_tokens_per_rank), K = size_t(s.top_k);
   const size_t H = size_t(s.hidden), I = size_t(s.intermediate), El = size_t(s.experts_per_rank());
-  const size_t pool = mul(mul(W, T), K);
+  const size_t pairs = mul(mul(W, T), K);  // every (token, k) pair of every rank
+  const size_t pool = pool_rows ? pool_rows : pairs;
   const size_t pitch = align_up(pool, 128);  // WorkspaceLayout::scale_pitch
   const size_t activation_bytes = fp8 ? 1 : 2;
   switch (r) {
@@ -52,15 +65,16 @@ void size_region(const MoeShape& s, Region r, size_t& element_bytes, size_t& cou
     case Region::kExpertArrivedRows: element_bytes = 4; count = El; return;
     case Region::kBarrierFlags: element_bytes = 8; count = W; return;
     case Region::kSourcePairCount: element_bytes = 4; count = W; return;
-    case Region::kRecvPairs: element_bytes = sizeof(RecvPair); count = pool; return;
+    case Region::kRecvPairs: element_bytes = sizeof(RecvPair); count = pairs; return;
     case Region::kTokenStaging: element_bytes = activation_bytes; count = mul(T, H); return;
     case Region::kTokenStagingScale: element_bytes = 4; count = fp8 ? mul(T, H / 128) : 0; return;
     case Region::kCombineRecv: element_bytes = 2; count = mul(mul(T, K), H); return;
     case Region::kTokenPool: element_bytes = activation_bytes; count = mul(pool, H); return;
     case Region::kTokenPoolScale: element_bytes = 4; count = fp8 ? mul(H / 128, pitch) : 0; return;
-    case Region::kPoolSource: element_bytes = sizeof(PoolSource); count = pool; return;
+    case Region::kPoolSource: element_bytes = sizeof(PoolSource); count = pairs; return;
     case Region::kExpertRowOffset: element_bytes = 4; count = El + 1; return;
     case Region::kExpertTileOffset: element_bytes = 4; count = El + 1; return;
+    case Region::kPoolWindows: element_bytes = sizeof(PoolWindow); count = count_pool_windows(s, pool_rows); return;
     case Region::kFc1Out: element_bytes = activation_bytes; count = mul(pool, I); return;
     case Region::kFc1OutScale: element_bytes = 4; count = fp8 ? mul(I / 128, pitch) : 0; return;
     case Region::kDeviceStatus: element_bytes = sizeof(DeviceStatus); count = 1; return;
@@ -77,13 +91,13 @@ struct Placement {
 };
 
 // Places every region of kTable in its arena. Does not validate the shape: validate() calls it.
-Placement place_regions(const MoeShape& shape) {
+Placement place_regions(const MoeShape& shape, size_t pool_rows) {
   Placement out;
   size_t cursor[2] = {0, 0};
   bool in_zero_prefix = true;
   for (const RegionSpec& spec : kTable) {
     RegionPlacement& p = out.regions[static_cast<int>(spec.id)];
-    size_region(shape, spec.id, p.element_bytes, p.count);
+    size_region(shape, pool_rows, spec.id, p.element_bytes, p.count);
     p.bytes = mul(p.element_bytes, p.count);
     size_t& c = cursor[spec.arena == Arena::kSymmetric ? 0 : 1];
     p.offset = align_up(c, spec.alignment);
@@ -105,7 +119,7 @@ Placement place_regions(const MoeShape& shape) {
 namespace detail {
 
 WorkspaceSize workspace_size(const MoeShape& shape) {
-  const Placement p = place_regions(shape);
+  const Placement p = place_regions(shape, 0);
   WorkspaceSize out;
   out.total_bytes = add(p.arena_bytes[0], p.arena_bytes[1]);
   for (const RegionSpec& spec : kTable) {
@@ -147,10 +161,45 @@ const char* barrier_name(int32_t id) {
   }
 }
 
-WorkspaceLayout::WorkspaceLayout(const MoeShape& shape) : shape_(shape) {
+int64_t worst_case_pool_rows(const MoeShape& shape) {
+  return shape.ep_size * shape.max_tokens_per_rank * shape.top_k;
+}
+
+int64_t compact_pool_rows(const MoeShape& shape) {
+  const int64_t uniform = (shape.max_tokens_per_rank * shape.top_k * 5 + 3) / 4;
+  const int64_t rows = (uniform + kPoolRowsMultiple * shape.experts_per_rank() + kPoolRowsMultiple - 1) /
+                       kPoolRowsMultiple * kPoolRowsMultiple;
+  return rows < worst_case_pool_rows(shape) ? rows : 0;
+}
+
+void validate_pool_rows(const MoeShape& shape, int64_t rows, const std::string& arg_name) {
+  if (rows == 0) return;
+  if (rows < 0 || rows % kPoolRowsMultiple != 0)
+    throw InvalidArgument(arg_name + " = " + std::to_string(rows) +
+                          ": must be 0 (room for every pair of every rank, " + std::to_string(worst_case_pool_rows(shape)) +
+                          " rows for this shape) or a positive multiple of " + std::to_string(kPoolRowsMultiple) +
+                          " (the fused forward's window: whole 256-row GEMM units)");
+}
+
+int64_t pool_rows_for(const MoeShape& shape, int64_t requested, bool fused, const std::string& arg_name) {
+  validate_pool_rows(shape, requested, arg_name);
+  const int64_t worst = worst_case_pool_rows(shape);
+  if (fused) return requested;
+  if (requested != 0 && requested < worst)
+    throw InvalidArgument(arg_name + " = " + std::to_string(requested) + ": below the " + std::to_string(worst) +
+                          " rows of every pair of every rank, which only the fused forward can use (it runs the GEMMs "
+                          "in windows of the pool); the staged forward needs 0 or at least that many");
+  return 0;
+}
+
+WorkspaceLayout::WorkspaceLayout(const MoeShape& shape, int64_t pool_rows) : shape_(shape) {
   validate(shape);  // bounds every size below, so none of them saturated
-  pool_rows_ = shape.ep_size * shape.max_tokens_per_rank * shape.top_k;
-  const Placement p = place_regions(shape);
+  validate_pool_rows(shape, pool_rows, "pool_rows");
+  const int64_t worst = worst_case_pool_rows(shape);
+  windowed_ = pool_rows != 0 && pool_rows < worst;
+  pool_rows_ = windowed_ ? pool_rows : worst;
+  max_pool_windows_ = int64_t(count_pool_windows(shape, windowed_ ? size_t(pool_rows_) : 0));
+  const Placement p = place_regions(shape, windowed_ ? size_t(pool_rows_) : 0);
   placement_ = p.regions;
   symmetric_bytes_ = p.arena_bytes[0];
   local_bytes_ = p.arena_bytes[1];
@@ -175,7 +224,10 @@ std::string WorkspaceLayout::to_string() const {
     os << line;
   }
   std::snprintf(line, sizeof line,
-                "symmetric arena %s, local arena %s, total %s; must-zero prefix %zu B (%.6f%% of the total)\n",
+                "P = %lld pool rows (%s); symmetric arena %s, local arena %s, total %s; must-zero prefix %zu B "
+                "(%.6f%% of the total)\n",
+                static_cast<long long>(pool_rows_),
+                windowed_ ? "windows of the received rows: the fused forward only" : "every pair of every rank",
                 detail::human_bytes(symmetric_bytes_).c_str(), detail::human_bytes(local_bytes_).c_str(),
                 detail::human_bytes(total_bytes()).c_str(), zero_prefix_bytes_,
                 100.0 * double(zero_prefix_bytes_) / double(total_bytes()));

@@ -175,8 +175,8 @@ __device__ __forceinline__ void promote_partial(Accum& accum, const Partial& par
 // until an expert's rows are in (wait_rows(params, expert)); see moe/fc1.cu.
 struct NoFeed {
   struct Params {};
-  __device__ static void copy_rows(const Params&, int, int) {}
-  __device__ static void wait_rows(const Params&, int) {}
+  __device__ static void copy_rows(const Params&, int, int, int) {}
+  __device__ static void wait_rows(const Params&, int, int) {}
 };
 inline constexpr int kFeedWarpsPerCta = 3;
 inline constexpr int kConsumerWarps = 8;  // two consumer warpgroups
@@ -285,12 +285,13 @@ struct TileValues {
 // warpgroups change their register counts for the GEMM (setmaxnreg); a caller that runs more code
 // afterwards passes kRegistersAfter (the kernel's count, 65536 / kThreads rounded down to 8), and
 // every warpgroup returns to it before leaving. The CTA's mbarriers are initialised here and
-// invalidated at the end, so the same shared memory may hold another GEMM's next.
+// invalidated at the end, so the same shared memory may hold another GEMM's next. `window`: the
+// schedule's window this call computes (GroupedSchedule::windows; 0 without a window table).
 template <class Config, class Epilogue, class Feed, uint32_t kRegistersAfter = 0>
 __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, const CUtensorMap* tma_b_ptr,
                                                  const GroupedProblem& problem,
                                                  const typename Epilogue::Params& epilogue_params,
-                                                 const typename Feed::Params& feed, char* smem_raw) {
+                                                 const typename Feed::Params& feed, char* smem_raw, int window = 0) {
   using namespace cute;
   using Storage = GroupedGemmSharedStorage<Config, typename Epilogue::SharedStorage>;
   constexpr int BM = Config::kBlockM, BN = Config::kBlockN, BK = Config::kBlockK, kStages = Config::kStages;
@@ -334,7 +335,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
 
   const int n_blocks = problem.n / BN;
   const int k_blocks = problem.k / BK;
-  const int num_items = total_units(problem.schedule) * n_blocks;
+  const int num_items = total_units(problem.schedule, window) * n_blocks;
 
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
@@ -343,12 +344,12 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
     if (threadIdx.x >= 32) {
       Feed::copy_rows(feed, int(blockIdx.x) * kFeedWarpsPerCta + int(threadIdx.x) / 32 - 1,
-                      int(gridDim.x) * kFeedWarpsPerCta);
+                      int(gridDim.x) * kFeedWarpsPerCta, window);
     } else if (threadIdx.x == 0) {
       PipelineState write{0, 1, 0};  // a fresh "empty" barrier counts as already released once
       for (int item = cluster_id; item < num_items; item += num_clusters) {
-        const TileCoord c = decode_unit<kCluster>(problem.schedule, item, n_blocks, cluster_rank);
-        Feed::wait_rows(feed, c.expert);
+        const TileCoord c = decode_unit<kCluster>(problem.schedule, window, item, n_blocks, cluster_rank);
+        Feed::wait_rows(feed, c.expert, window);
         // This CTA's share of the weight tile: rows [cluster_rank * BN / kCluster, ...) of it.
         const int b_row = c.expert * problem.n + c.n_block * BN + cluster_rank * (BN / kCluster);
         for (int kb = 0; kb < k_blocks; kb++, ++write) {
@@ -403,7 +404,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
 
     PipelineState read;
     for (int item = cluster_id; item < num_items; item += num_clusters) {
-      const TileCoord c = decode_unit<kCluster>(problem.schedule, item, n_blocks, cluster_rank);
+      const TileCoord c = decode_unit<kCluster>(problem.schedule, window, item, n_blocks, cluster_rank);
       // Tiles past the expert's rows (the pair's second tile when the expert has one 128-row tile in
       // this unit), or a warpgroup's half of a tile without rows (unless split), still take part in the pipeline but
       // skip the math; the epilogue stores only valid rows.

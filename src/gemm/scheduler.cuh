@@ -8,37 +8,51 @@ namespace megamoe::gemm {
 // One output tile as the mainloop and the epilogue see it.
 struct TileCoord {
   int expert;
-  int row_begin;   // first A row of the tile
-  int rows_valid;  // rows of the tile that belong to the expert (<= kBlockM; <= 0: none)
+  int row_begin;       // first A row of the tile (in the window)
+  int schedule_row;    // the same row in schedule order (row_begin + the window's first row)
+  int rows_valid;      // rows of the tile that belong to the expert (<= kBlockM; <= 0: none)
   int n_block;
 };
 
 // Plain (coherent) loads, not __ldg: in the fused forward the schedule is written by the same
 // kernel, before a grid-wide sync, and the read-only path is only defined for data that no thread
 // of the kernel writes.
-__device__ __forceinline__ int total_units(const GroupedSchedule& s) { return s.unit_offset[s.experts]; }
+__device__ __forceinline__ PoolWindow schedule_window(const GroupedSchedule& s, int window) {
+  if (s.windows) return s.windows[window];
+  return PoolWindow{0, s.unit_offset[s.experts], 0, s.row_offset[s.experts]};
+}
+__device__ __forceinline__ int total_units(const GroupedSchedule& s, int window) {
+  const PoolWindow w = schedule_window(s, window);
+  return w.unit_end - w.unit_begin;
+}
 
-// Work item `item` (unit-major within an expert: all units of one N block, then the next N block, so
-// clusters working at the same time share a weight tile through L2) -> this CTA's tile. The expert
-// is the largest e with unit_offset[e] <= unit (experts without rows have no units). The schedule
-// stays in global memory (cache-resident): a decode reads ~log2(E) entries.
+// Work item `item` of window `window` (unit-major within an expert: all of the expert's units of one
+// N block, then the next N block, so clusters working at the same time share a weight tile through
+// L2) -> this CTA's tile. Items count from the window's first unit; an expert's share of the window
+// is whole N blocks of items, so the unit `unit_begin + item / n_blocks` belongs to the item's
+// expert: the largest e with unit_offset[e] <= that unit (experts without rows have no units). The
+// schedule stays in global memory (cache-resident): a decode reads ~log2(E) entries.
 template <int kClusterM>
-__device__ __forceinline__ TileCoord decode_unit(const GroupedSchedule& s, int item, int n_blocks, int cluster_rank) {
-  const int unit = item / n_blocks;
+__device__ __forceinline__ TileCoord decode_unit(const GroupedSchedule& s, int window, int item, int n_blocks,
+                                                 int cluster_rank) {
+  const PoolWindow w = schedule_window(s, window);
+  const int probe = w.unit_begin + item / n_blocks;
   int lo = 0, hi = s.experts - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (s.unit_offset[mid] <= unit) lo = mid; else hi = mid - 1;
+    if (s.unit_offset[mid] <= probe) lo = mid; else hi = mid - 1;
   }
   const int expert = lo;
-  const int first_unit = s.unit_offset[expert];
-  const int expert_units = s.unit_offset[expert + 1] - first_unit;
-  const int local = item - first_unit * n_blocks;
+  const int first_unit = max(w.unit_begin, s.unit_offset[expert]);  // the expert's units in the window
+  const int expert_units = min(w.unit_end, s.unit_offset[expert + 1]) - first_unit;
+  const int local = item - (first_unit - w.unit_begin) * n_blocks;
+  const int unit = first_unit + local % expert_units;
   TileCoord c;
   c.expert = expert;
   c.n_block = local / expert_units;
-  c.row_begin = s.row_offset[expert] + ((local % expert_units) * kClusterM + cluster_rank) * kBlockM;
-  c.rows_valid = min(kBlockM, s.row_offset[expert + 1] - c.row_begin);
+  c.schedule_row = s.row_offset[expert] + ((unit - s.unit_offset[expert]) * kClusterM + cluster_rank) * kBlockM;
+  c.rows_valid = min(kBlockM, s.row_offset[expert + 1] - c.schedule_row);
+  c.row_begin = c.schedule_row - w.row_begin;
   return c;
 }
 

@@ -5,11 +5,17 @@
 // [row_offset[e], row_offset[e+1]) and units [unit_offset[e], unit_offset[e+1]), one unit being
 // unit_rows = cluster_m * 128 rows of one expert (ceil of its rows over unit_rows). A GEMM work item
 // is (unit, N block); a cluster of cluster_m CTAs computes one.
+//
+// With a window table (the fused forward's pool windows, WorkspaceLayout::windowed), a GEMM computes
+// one window's units only: [unit_begin, unit_end) in the order above, whose rows are contiguous in
+// the schedule (an expert cut by a window's edge is cut at a unit boundary). Their rows sit in the A
+// matrix (and the output) from row 0 on: A row = schedule row - the window's row_begin.
 #pragma once
 #include <cstdint>
 #include <vector>
 
 #include "megamoe/communicator.h"  // MEGAMOE_HOST_DEVICE
+#include "megamoe/layout.h"        // PoolWindow
 
 namespace megamoe::gemm {
 
@@ -21,6 +27,7 @@ struct GroupedSchedule {
   const int32_t* row_offset;   // [experts + 1]
   const int32_t* unit_offset;  // [experts + 1]
   int32_t experts;
+  const PoolWindow* windows = nullptr;  // the window table; nullptr: one window, every unit
 };
 
 // Host: the schedule of the given row counts (tests and tools).

@@ -58,6 +58,21 @@ ForwardImpl resolve_impl(ForwardImpl requested) {
   throw InvalidArgument(std::string("MEGAMOE_IMPL = \"") + v + "\": must be \"staged\" or \"fused\"");
 }
 
+// LayerOptions::pool_rows resolved (pool_rows_for): the option, else (fused forward only)
+// MEGAMOE_POOL_ROWS.
+int64_t resolve_pool_rows(const MoeShape& shape, int64_t requested, ForwardImpl impl) {
+  std::string name = "options.pool_rows";
+  if (requested == 0 && impl == ForwardImpl::kFused) {
+    if (const char* v = std::getenv("MEGAMOE_POOL_ROWS"); v && *v) {
+      name = "MEGAMOE_POOL_ROWS";
+      char* end = nullptr;
+      requested = std::strtoll(v, &end, 10);
+      if (*end || requested < 0) throw InvalidArgument(name + " = \"" + v + "\": must be a whole number >= 0");
+    }
+  }
+  return pool_rows_for(shape, requested, impl == ForwardImpl::kFused, name);
+}
+
 bool env_debug() {
   const char* v = std::getenv("MEGAMOE_DEBUG");
   return v && std::string(v) == "1";
@@ -143,7 +158,7 @@ struct Layer::Impl {
   // `budget_sms`: LayerOptions::num_sms resolved and checked by Layer::Layer.
   Impl(const MoeShape& s, Communicator& c, const LayerOptions& o, int budget_sms)
       : shape(s), comm(c), timeout_s(default_timeout_s(o.barrier_timeout_s)), debug(o.debug_checks || env_debug()),
-        fp8(s.weight_format == WeightFormat::kFp8), workspace(s, c),
+        fp8(s.weight_format == WeightFormat::kFp8), workspace(s, c, o.pool_rows),
         w1(size_t(s.experts_per_rank()) * 2 * s.intermediate * s.hidden * element_bytes()),
         w2(size_t(s.experts_per_rank()) * s.hidden * s.intermediate * element_bytes()),
         w1_scale(fp8 ? size_t(s.experts_per_rank()) * (2 * s.intermediate / 128) * (s.hidden / 128) : 0),
@@ -180,7 +195,7 @@ struct Layer::Impl {
     impl = o.impl;  // resolved by Layer::Layer
     uniform_pairing = impl == ForwardImpl::kFused && std::string(c.transport()) == "loopback";
     moe::preload_kernels(fp8);
-    if (impl == ForwardImpl::kFused) moe::preload_fused_kernels(fp8);
+    if (impl == ForwardImpl::kFused) moe::preload_fused_kernels(fp8, view.pool_windowed);
     comm::preload_barrier_kernels();
     comm.host_barrier();  // every rank is fully set up before any rank's first forward can wait for it
   }
@@ -532,6 +547,7 @@ Layer::Layer(const MoeShape& shape, Communicator& comm, const LayerOptions& opti
     throw InvalidArgument("options.gemm_cluster_m = " + std::to_string(options.gemm_cluster_m) + ": must be 0 (auto), 1 or 2");
   LayerOptions resolved = options;
   resolved.impl = resolve_impl(options.impl);  // MEGAMOE_IMPL, checked before anything is allocated
+  resolved.pool_rows = resolve_pool_rows(shape, options.pool_rows, resolved.impl);
   if ((options.zero_whole_workspace || options.combine_cast_then_sum) && resolved.impl == ForwardImpl::kFused)
     throw InvalidArgument(std::string("options.") +
                           (options.zero_whole_workspace ? "zero_whole_workspace" : "combine_cast_then_sum") +

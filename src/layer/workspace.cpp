@@ -4,7 +4,7 @@
 
 namespace megamoe {
 
-Workspace::Workspace(const MoeShape& shape, Communicator& comm) : layout_(shape) {
+Workspace::Workspace(const MoeShape& shape, Communicator& comm, int64_t pool_rows) : layout_(shape, pool_rows) {
   if (shape.ep_size != comm.world_size())
     throw InvalidArgument("shape.ep_size = " + std::to_string(shape.ep_size) + ": must equal the number of ranks (" +
                           std::to_string(comm.world_size()) + ")");
@@ -23,6 +23,7 @@ Workspace::Workspace(const MoeShape& shape, Communicator& comm) : layout_(shape)
   v.rank = comm.rank();
   v.max_tokens = int32_t(shape.max_tokens_per_rank);
   v.pool_rows = int32_t(layout_.pool_rows());
+  v.pool_windowed = layout_.windowed();
   v.scale_pitch = int32_t(layout_.scale_pitch());
   v.swiglu_limit = shape.swiglu_limit;
   v.fp8 = shape.weight_format == WeightFormat::kFp8;

@@ -12,8 +12,9 @@ namespace megamoe {
 
 class Workspace {
  public:
-  // Collective. Both arenas are zeroed; returns after every rank has zeroed its own.
-  Workspace(const MoeShape& shape, Communicator& comm);
+  // Collective. Both arenas are zeroed; returns after every rank has zeroed its own. pool_rows as
+  // for WorkspaceLayout.
+  Workspace(const MoeShape& shape, Communicator& comm, int64_t pool_rows);
   ~Workspace();
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;

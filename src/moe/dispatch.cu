@@ -16,7 +16,7 @@ __global__ void __launch_bounds__(kClaimThreads) dispatch_claim_kernel(LayerView
 
 __global__ void __launch_bounds__(kScheduleThreads) dispatch_schedule_kernel(LayerView v, int unit_rows) {
   extern __shared__ int32_t schedule_smem[];
-  schedule_cta<kScheduleThreads>(v, unit_rows, schedule_smem);
+  schedule_cta<kScheduleThreads>(v, unit_rows, 0, schedule_smem);  // the staged pool: no windows
 }
 
 }  // namespace

@@ -225,9 +225,10 @@ __device__ __forceinline__ void warp_exclusive_scan(const int32_t* in, int n, in
 }
 
 // One schedule CTA (kThreads threads, all of them calling): every CTA computes the prefix sums; CTA 0
-// publishes the schedule; all CTAs share the pool_source writes.
+// publishes the schedule and, for a windowed pool (window_units > 0: units per window), the window
+// table; all CTAs share the pool_source writes.
 template <int kThreads>
-__device__ __forceinline__ void schedule_cta(const LayerView& v, int unit_rows, int32_t* smem) {
+__device__ __forceinline__ void schedule_cta(const LayerView& v, int unit_rows, int window_units, int32_t* smem) {
   const int El = v.experts_per_rank, W = v.world_size;
   int32_t* expert_counts = smem;                  // [El]
   int32_t* row_offset = expert_counts + El;       // [El+1]
@@ -242,11 +243,28 @@ __device__ __forceinline__ void schedule_cta(const LayerView& v, int unit_rows, 
   if (warp == 0) warp_exclusive_scan(expert_counts, El, row_offset, unit_offset, unit_rows);
   if (warp == 1) warp_exclusive_scan(source_counts, W, source_offset, nullptr, 1);
   __syncthreads();
-  if (blockIdx.x == 0)
+  if (blockIdx.x == 0) {
     for (int i = threadIdx.x; i <= El; i += kThreads) {
       v.ws.expert_row_offset[i] = row_offset[i];
       v.ws.expert_tile_offset[i] = unit_offset[i];
     }
+    if (window_units > 0) {
+      const int total_units = unit_offset[El];
+      auto first_row = [&](int unit) {  // of a unit in schedule order; the end of the rows for total_units
+        if (unit >= total_units) return row_offset[El];
+        int lo = 0, hi = El - 1;  // the largest expert e with unit_offset[e] <= unit (it has units)
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) / 2;
+          if (unit_offset[mid] <= unit) lo = mid; else hi = mid - 1;
+        }
+        return row_offset[lo] + (unit - unit_offset[lo]) * unit_rows;
+      };
+      for (int w = threadIdx.x; w * window_units < total_units; w += kThreads) {
+        const int first = w * window_units, end = min(total_units, first + window_units);
+        v.ws.pool_windows[w] = PoolWindow{first, end, first_row(first), first_row(end)};
+      }
+    }
+  }
 
   const int total_pairs = source_offset[W];
   const size_t list_capacity = size_t(v.max_tokens) * v.top_k;

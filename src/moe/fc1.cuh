@@ -9,6 +9,8 @@
 // from the staging area of the rank the token came from (NVLink for remote ranks), in pool order, so
 // the first experts' tiles start while later rows are still in flight.
 #pragma once
+#include <cstdint>
+
 #include "comm/bounded_wait.cuh"
 #include "comm/peer.cuh"
 #include "gemm/grouped_gemm.cuh"
@@ -31,25 +33,40 @@ struct PullRowsFeed {
     int32_t num_experts, row_bytes, scale_blocks, scale_pitch, top_k;
     uint64_t timeout_ns;
     DeviceStatus* status;
+    const PoolWindow* windows;         // the GEMM's window table (gemm::GroupedSchedule); nullptr: none
   };
   static constexpr int kVectorsInFlight = 4;  // remote 16-byte loads per lane issued before their stores
 
-  // Worker w (one warp) copies pool rows w, w + workers, ...: all workers sweep the pool in order.
-  __device__ static void copy_rows(const Params& p, int worker, int workers) {
+  // The window's rows in schedule order; schedule row r lands in pool row r - first.
+  __device__ static void window_rows(const Params& p, int window, int& first, int& end) {
+    if (p.windows) {
+      first = p.windows[window].row_begin;
+      end = p.windows[window].row_end;
+    } else {
+      first = 0;
+      end = p.expert_row_offset[p.num_experts];
+    }
+  }
+
+  // Worker w (one warp) copies the window's rows w, w + workers, ...: all workers sweep the pool in
+  // order.
+  __device__ static void copy_rows(const Params& p, int worker, int workers, int window) {
     const int lane = int(threadIdx.x) % 32;
-    const int total_rows = p.expert_row_offset[p.num_experts];
+    int first, end;
+    window_rows(p, window, first, end);
     const int row_vectors = p.row_bytes / 16;
     int expert = 0;  // this worker's rows only increase, so its expert only moves forward
-    for (int row = worker; row < total_rows; row += workers) {
+    for (int row = first + worker; row < end; row += workers) {
       while (p.expert_row_offset[expert + 1] <= row) expert++;
       const PoolSource src = p.pool_source[row];
       const int token = src.source_pair / p.top_k;
+      const int pool_row = row - first;
       comm::peer_get_warp<kVectorsInFlight>(p.peers, reinterpret_cast<const int4*>(p.token_staging) + size_t(token) * row_vectors,
-                                            src.rank, reinterpret_cast<int4*>(p.token_pool) + size_t(row) * row_vectors,
+                                            src.rank, reinterpret_cast<int4*>(p.token_pool) + size_t(pool_row) * row_vectors,
                                             row_vectors);
       if (p.scale_blocks) {  // fp8: the row's scales, into the pool's block-column-major scale matrix
         comm::peer_get_warp_strided(p.peers, p.token_staging_scale + size_t(token) * p.scale_blocks, src.rank,
-                                    p.token_pool_scale + row, size_t(p.scale_pitch), p.scale_blocks);
+                                    p.token_pool_scale + pool_row, size_t(p.scale_pitch), p.scale_blocks);
       }
       __syncwarp();
       if (lane == 0) {
@@ -59,9 +76,12 @@ struct PullRowsFeed {
     }
   }
 
-  // Before the TMA thread loads an expert's rows: wait (bounded) until all of them are in.
-  __device__ static void wait_rows(const Params& p, int expert) {
-    const int needed = p.expert_row_offset[expert + 1] - p.expert_row_offset[expert];
+  // Before the TMA thread loads an expert's rows: wait (bounded) until all of them in this window are
+  // in. The count runs on over the windows of a forward: the expert's rows up to the window's end.
+  __device__ static void wait_rows(const Params& p, int expert, int window) {
+    const int first = p.expert_row_offset[expert];
+    const int window_end = p.windows ? p.windows[window].row_end : INT32_MAX;
+    const int needed = max(first, min(p.expert_row_offset[expert + 1], window_end)) - first;
     comm::bounded_wait(
         p.status, p.timeout_ns, [&] { return comm::ld_acquire_gpu(p.expert_arrived_rows + expert) >= needed; },
         [&] {
@@ -198,7 +218,8 @@ Fc1Args<Operands, kClusterM> fc1_args(const LayerView& v, const ExpertGemmOperan
   gemm::GroupedProblem problem{};
   problem.n = 2 * v.intermediate;
   problem.k = v.hidden;
-  problem.schedule = gemm::GroupedSchedule{v.ws.expert_row_offset, v.ws.expert_tile_offset, v.experts_per_rank};
+  problem.schedule = gemm::GroupedSchedule{v.ws.expert_row_offset, v.ws.expert_tile_offset, v.experts_per_rank,
+                                           v.pool_windowed ? v.ws.pool_windows : nullptr};
   problem.a_scales = v.ws.token_pool_scale;
   problem.a_scale_pitch = v.scale_pitch;
   // Tile n_block covers outputs [128 n_block, +128): gate block row n_block, up block row I/128 + n_block.
@@ -227,7 +248,8 @@ Fc1Args<Operands, kClusterM> fc1_args(const LayerView& v, const ExpertGemmOperan
                             v.scale_pitch,
                             v.top_k,
                             v.wait_timeout_ns,
-                            v.status()};
+                            v.status(),
+                            problem.schedule.windows};
   return {problem, params, feed};
 }
 

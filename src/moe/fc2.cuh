@@ -13,7 +13,7 @@ namespace megamoe::moe {
 template <int kBlockN>
 struct ScatterEpilogue {
   struct Params {
-    const PoolSource* pool_source;  // per pool row
+    const PoolSource* pool_source;  // per schedule row
     PeerPointers peers;             // every rank's symmetric arena
     uint8_t* combine_recv;          // this rank's copy (the source's through comm::peer_store)
     int32_t hidden;
@@ -29,7 +29,7 @@ struct ScatterEpilogue {
   __device__ static void apply(const Params& p, SharedStorage& s, const Values& values, const gemm::TileCoord& c,
                                int consumer_tid) {
     gemm::consumer_sync();  // the previous tile's sources are no longer read
-    if (consumer_tid < c.rows_valid) s.source[consumer_tid] = p.pool_source[c.row_begin + consumer_tid];
+    if (consumer_tid < c.rows_valid) s.source[consumer_tid] = p.pool_source[c.schedule_row + consumer_tid];
     gemm::store_staged<kChunks>(
         s.chunk, consumer_tid, c.rows_valid,
         [&](int chunk, unsigned char* tile) {
@@ -70,7 +70,8 @@ Fc2Args<Operands, kBlockN, kClusterM> fc2_args(const LayerView& v, const ExpertG
   gemm::GroupedProblem problem{};
   problem.n = v.hidden;
   problem.k = v.intermediate;
-  problem.schedule = gemm::GroupedSchedule{v.ws.expert_row_offset, v.ws.expert_tile_offset, v.experts_per_rank};
+  problem.schedule = gemm::GroupedSchedule{v.ws.expert_row_offset, v.ws.expert_tile_offset, v.experts_per_rank,
+                                           v.pool_windowed ? v.ws.pool_windows : nullptr};
   problem.a_scales = v.ws.fc1_out_scale;
   problem.a_scale_pitch = v.scale_pitch;
   // Tile n_block covers columns [kBlockN n_block, +kBlockN): weight block rows kBlockN/128 n_block + slot.

@@ -1,9 +1,13 @@
 // The fused forward: the whole layer in one persistent launch (LayerOptions::impl = kFused). Every
 // CTA of the grid runs the stages of the staged path in turn, as the same device functions:
 //   claim (dispatch.cuh) -> [grid sync; CTA 0 passes the dispatch barrier with the peers; grid sync]
-//   -> schedule (dispatch.cuh) -> [grid sync] -> FC1 (fc1.cuh, rows pulled by its feed warps)
-//   -> [grid sync] -> FC2 (fc2.cuh, rows stored into the sources' combine_recv) -> [grid sync]
+//   -> schedule (dispatch.cuh) -> [grid sync] -> for each pool window:
+//        FC1 (fc1.cuh, rows pulled by its feed warps) -> [grid sync]
+//        -> FC2 (fc2.cuh, rows stored into the sources' combine_recv) -> [grid sync]
 //   -> CTA 0 zeroes the must-zero counters and passes the combine barrier -> [grid sync] -> combine
+// A pool smaller than the worst case (WorkspaceLayout::windowed) holds a window of the received rows
+// at a time: whole GEMM units of the schedule, FC1 and FC2 over one window, then the next in the same
+// pool and fc1_out; with the worst-case pool there is one window, every unit.
 // The grid syncs (comm/grid_sync.cuh) replace the kernel boundaries; the counters are zeroed in the
 // kernel, after their last reader and before the combine barrier (so no peer can claim on this
 // rank before they read zero), and nothing is reset by the host: a captured forward is one kernel
@@ -11,6 +15,7 @@
 // CTA is resident at once.
 #pragma once
 #include <algorithm>
+#include <type_traits>
 
 #include "comm/barrier.cuh"
 #include "comm/grid_sync.cuh"
@@ -40,6 +45,7 @@ struct FusedForward {
     Fc1 fc1;
     Fc2 fc2;
     int32_t unit_rows;             // the schedule's unit: kClusterM * 128 rows
+    int32_t window_units;          // units per pool window (pool rows / unit_rows); 0: one window
     int32_t* zero_prefix;          // the symmetric arena's must-zero counters
     int32_t zero_prefix_words;
   };
@@ -54,7 +60,10 @@ struct FusedForward {
   }
 };
 
-template <class Operands, int kClusterM, int kFc2BlockN>
+// kWindowed: the GEMMs in a loop over the pool's windows. A kernel of its own: ptxas compiles
+// setmaxnreg'd regions inside a loop at a smaller register budget (the BF16 kernel spills ~550 bytes
+// in the loop, 12-80 without it), so the one-window kernel has no loop.
+template <class Operands, int kClusterM, int kFc2BlockN, bool kWindowed>
 __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>::kThreads, 1)
     fused_forward_kernel(const __grid_constant__ CUtensorMap pool, const __grid_constant__ CUtensorMap w1,
                          const __grid_constant__ CUtensorMap fc1_out, const __grid_constant__ CUtensorMap w2,
@@ -76,19 +85,33 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
   sync(kSyncDispatched);
 
   // 2. Schedule: this rank's experts laid out in the pool.
-  schedule_cta<F::kThreads>(v, p.unit_rows, small_smem);
+  schedule_cta<F::kThreads>(v, p.unit_rows, p.window_units, small_smem);
   sync(kSyncScheduled);
 
-  // 3-4. The two grouped GEMMs, each warpgroup back at kRegisters after each.
-  gemm::grouped_gemm_cta<typename F::Fc1::Config, typename F::Fc1::Epilogue, PullRowsFeed, F::kRegisters>(
-      &pool, &w1, p.fc1.problem, p.fc1.params, p.fc1.feed, smem);
-  sync(kSyncFc1Done);
-  // FC1's epilogue wrote fc1_out through the generic proxy; FC2's TMA reads it through the async one
-  // (in the staged path the kernel boundary orders them).
-  asm volatile("fence.proxy.async.global;" ::: "memory");
-  gemm::grouped_gemm_cta<typename F::Fc2::Config, typename F::Fc2::Epilogue, gemm::NoFeed, F::kRegisters>(
-      &fc1_out, &w2, p.fc2.problem, p.fc2.params, gemm::NoFeed::Params{}, smem);
-  sync(kSyncFc2Done);
+  // 3-4. The two grouped GEMMs, window by window (the window table, schedule_cta), each warpgroup
+  // back at kRegisters after each.
+  auto gemms_of_window = [&](int w) {
+    gemm::grouped_gemm_cta<typename F::Fc1::Config, typename F::Fc1::Epilogue, PullRowsFeed, F::kRegisters>(
+        &pool, &w1, p.fc1.problem, p.fc1.params, p.fc1.feed, smem, w);
+    sync(kSyncFc1Done);
+    // FC1's epilogue wrote fc1_out through the generic proxy; FC2's TMA reads it through the async
+    // one (in the staged path the kernel boundary orders them).
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    gemm::grouped_gemm_cta<typename F::Fc2::Config, typename F::Fc2::Epilogue, gemm::NoFeed, F::kRegisters>(
+        &fc1_out, &w2, p.fc2.problem, p.fc2.params, gemm::NoFeed::Params{}, smem, w);
+    sync(kSyncFc2Done);
+  };
+  if constexpr (kWindowed) {
+    // Every CTA reads the same schedule, so all take the same number of windows (and grid syncs).
+    const int units = v.ws.expert_tile_offset[v.experts_per_rank];
+    for (int w = 0; w * p.window_units < units; w++) {
+      gemms_of_window(w);
+      // The next window's generic writes (pool rows, fc1_out) follow this one's TMA reads of them.
+      asm volatile("fence.proxy.async.global;" ::: "memory");
+    }
+  } else {
+    gemms_of_window(0);
+  }
 
   // Every reader of the counters has run: zero them for the next forward, then the combine barrier
   // (its system-scope fence orders the zeros before this rank's arrival).
@@ -115,10 +138,10 @@ inline size_t fused_forward_max_dynamic_smem(const void* kernel) {
 
 // Host: the CTAs the fused kernel may launch under the SM budget, every one resident at once
 // (computed once per kernel and budget).
-template <class Operands, int kClusterM, int kFc2BlockN>
+template <class Operands, int kClusterM, int kFc2BlockN, bool kWindowed>
 int fused_forward_grid(int num_sms, size_t smem) {
   using F = FusedForward<Operands, kClusterM, kFc2BlockN>;
-  auto kernel = fused_forward_kernel<Operands, kClusterM, kFc2BlockN>;
+  auto kernel = fused_forward_kernel<Operands, kClusterM, kFc2BlockN, kWindowed>;
   cudaLaunchAttribute cluster;
   const cudaLaunchConfig_t config = detail::cluster_launch_config(
       unsigned(std::max(1, num_sms / kClusterM) * kClusterM), F::kThreads, smem, nullptr, kClusterM, cluster);
@@ -127,16 +150,16 @@ int fused_forward_grid(int num_sms, size_t smem) {
   return std::max(1, std::min(num_sms / kClusterM, clusters)) * kClusterM;
 }
 
-template <class Operands, int kClusterM, int kFc2BlockN>
+template <class Operands, int kClusterM, int kFc2BlockN, bool kWindowed>
 void preload_fused_forward() {
-  auto kernel = fused_forward_kernel<Operands, kClusterM, kFc2BlockN>;
+  auto kernel = fused_forward_kernel<Operands, kClusterM, kFc2BlockN, kWindowed>;
   static_assert(FusedForward<Operands, kClusterM, kFc2BlockN>::gemm_smem_bytes() <= gemm::kMaxSharedMemoryBytes);
   const void* function = reinterpret_cast<const void*>(kernel);
   detail::preload_cluster_kernel(function, fused_forward_max_dynamic_smem(function), kClusterM);
 }
 
 // Host: one fused forward on `grid` CTAs (fused_forward_grid).
-template <class Operands, int kClusterM, int kFc2BlockN>
+template <class Operands, int kClusterM, int kFc2BlockN, bool kWindowed>
 void launch_fused_forward_as(const LayerView& v, const ForwardInputs& in, const ExpertGemmOperands& g,
                              const comm::DeviceBarrierView& barrier, int32_t* zero_prefix, size_t zero_prefix_bytes,
                              int num_sms, cudaStream_t stream) {
@@ -148,54 +171,68 @@ void launch_fused_forward_as(const LayerView& v, const ForwardInputs& in, const 
   p.fc1 = fc1_args<Operands, kClusterM>(v, g);
   p.fc2 = fc2_args<Operands, kFc2BlockN, kClusterM>(v, g);
   p.unit_rows = gemm::schedule_unit_rows(kClusterM);
+  p.window_units = kWindowed ? v.pool_rows / p.unit_rows : 0;
   p.zero_prefix = zero_prefix;
   p.zero_prefix_words = int32_t(zero_prefix_bytes / sizeof(int32_t));
   const size_t smem = F::smem_bytes(v);
   static thread_local size_t max_smem = 0;  // per kernel instantiation
-  if (!max_smem) max_smem = fused_forward_max_dynamic_smem(reinterpret_cast<const void*>(fused_forward_kernel<Operands, kClusterM, kFc2BlockN>));
+  if (!max_smem) max_smem = fused_forward_max_dynamic_smem(reinterpret_cast<const void*>(fused_forward_kernel<Operands, kClusterM, kFc2BlockN, kWindowed>));
   if (smem > max_smem)
     throw InvalidArgument("fused forward: needs " + std::to_string(smem) + " bytes of shared memory per CTA, more than the " +
                           std::to_string(max_smem) + " it may use");
   static thread_local int cached_budget = -1, cached_grid = 0;  // per kernel instantiation
   if (cached_budget != num_sms) {
-    cached_grid = fused_forward_grid<Operands, kClusterM, kFc2BlockN>(num_sms, max_smem);
+    cached_grid = fused_forward_grid<Operands, kClusterM, kFc2BlockN, kWindowed>(num_sms, max_smem);
     cached_budget = num_sms;
   }
   cudaLaunchAttribute cluster;
   const cudaLaunchConfig_t config =
       detail::cluster_launch_config(unsigned(cached_grid), F::kThreads, smem, stream, kClusterM, cluster);
-  MEGAMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, fused_forward_kernel<Operands, kClusterM, kFc2BlockN>, g.pool,
+  MEGAMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, fused_forward_kernel<Operands, kClusterM, kFc2BlockN, kWindowed>, g.pool,
                                         g.w1.get(kClusterM), g.fc1_out, g.w2.get(kClusterM), p));
   detail::check_launch("fused_forward_kernel");
 }
 
 // Host: the cluster pairing and FC2 width of this forward -> the kernel.
-template <class Operands>
+template <class Operands, bool kWindowed>
 void launch_fused_forward_of(const LayerView& v, const ForwardInputs& in, const ExpertGemmOperands& g,
                              const comm::DeviceBarrierView& barrier, int32_t* zero_prefix, size_t zero_prefix_bytes,
                              int cluster_m, int num_sms, cudaStream_t stream) {
   const bool wide = gemm::fc2_block_n(v.hidden) == 256;
-  if (cluster_m == 2) {
-    if (wide) launch_fused_forward_as<Operands, 2, 256>(v, in, g, barrier, zero_prefix, zero_prefix_bytes, num_sms, stream);
-    else launch_fused_forward_as<Operands, 2, 128>(v, in, g, barrier, zero_prefix, zero_prefix_bytes, num_sms, stream);
-  } else {
-    if (wide) launch_fused_forward_as<Operands, 1, 256>(v, in, g, barrier, zero_prefix, zero_prefix_bytes, num_sms, stream);
-    else launch_fused_forward_as<Operands, 1, 128>(v, in, g, barrier, zero_prefix, zero_prefix_bytes, num_sms, stream);
-  }
+  auto launch = [&](auto cluster, auto block_n) {
+    launch_fused_forward_as<Operands, decltype(cluster)::value, decltype(block_n)::value, kWindowed>(
+        v, in, g, barrier, zero_prefix, zero_prefix_bytes, num_sms, stream);
+  };
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  using Wide = std::integral_constant<int, 256>;
+  using Narrow = std::integral_constant<int, 128>;
+  if (cluster_m == 2) wide ? launch(Two{}, Wide{}) : launch(Two{}, Narrow{});
+  else wide ? launch(One{}, Wide{}) : launch(One{}, Narrow{});
 }
 
-template <class Operands>
+template <class Operands, bool kWindowed>
 void preload_fused_forward_of() {
-  preload_fused_forward<Operands, 1, 128>();
-  preload_fused_forward<Operands, 1, 256>();
-  preload_fused_forward<Operands, 2, 128>();
-  preload_fused_forward<Operands, 2, 256>();
+  preload_fused_forward<Operands, 1, 128, kWindowed>();
+  preload_fused_forward<Operands, 1, 256, kWindowed>();
+  preload_fused_forward<Operands, 2, 128, kWindowed>();
+  preload_fused_forward<Operands, 2, 256, kWindowed>();
 }
 
-// One translation unit per format (the kernels compile in parallel): fused_bf16.cu, fused_fp8.cu.
-void launch_fused_forward_bf16(const LayerView& v, const ForwardInputs& in, const ExpertGemmOperands& g,
-                               const comm::DeviceBarrierView& barrier, int32_t* zero_prefix, size_t zero_prefix_bytes,
-                               int cluster_m, int num_sms, cudaStream_t stream);
-void preload_fused_kernels_bf16();
+// The kernels of one format and windowing, one translation unit each (they compile in parallel):
+// fused_bf16.cu, fused_bf16_windowed.cu, fused_fp8.cu, fused_fp8_windowed.cu; fused.cu picks.
+struct FusedKernels {
+  void (*launch)(const LayerView&, const ForwardInputs&, const ExpertGemmOperands&, const comm::DeviceBarrierView&,
+                 int32_t*, size_t, int, int, cudaStream_t);
+  void (*preload)();
+};
+template <class Operands, bool kWindowed>
+FusedKernels fused_kernels_of() {
+  return {&launch_fused_forward_of<Operands, kWindowed>, &preload_fused_forward_of<Operands, kWindowed>};
+}
+FusedKernels fused_kernels_bf16();
+FusedKernels fused_kernels_bf16_windowed();
+FusedKernels fused_kernels_fp8();
+FusedKernels fused_kernels_fp8_windowed();
 
 }  // namespace megamoe::moe

@@ -28,7 +28,8 @@ struct LayerView {
   int32_t world_size;
   int32_t rank;
   int32_t max_tokens;       // max_tokens_per_rank
-  int32_t pool_rows;        // world_size * max_tokens * top_k
+  int32_t pool_rows;        // P (WorkspaceLayout::pool_rows)
+  bool pool_windowed;       // P < world_size * max_tokens * top_k: the fused forward works in windows
   int32_t scale_pitch;      // fp8: rows between two 128-column blocks of the pool's and fc1_out's scales
   float swiglu_limit;       // 0: no clamp
   bool fp8;                 // activations and weights in e4m3 with block scales

@@ -88,6 +88,6 @@ void preload_dispatch_kernels();
 void preload_fc1_kernels(bool fp8);
 void preload_fc2_kernels(bool fp8);
 void preload_combine_kernels();
-void preload_fused_kernels(bool fp8);
+void preload_fused_kernels(bool fp8, bool windowed);
 
 }  // namespace megamoe::moe

@@ -177,6 +177,24 @@ TEST_F(Cli, BenchImplementationsAndAblations) {
   EXPECT_INVALID(bench({"--impl", "fused", "--zeroing", "full"}), HasSubstr("the ablations are of the staged path"));
 }
 
+// --pool-rows: the fused forward's windowed pool (whole 256-row units); the staged forward's pool
+// always holds every pair of every rank.
+TEST_F(Cli, PoolRows) {
+  EXPECT_EQ(bench({}).pool_rows, 0);
+  EXPECT_EQ(bench({"--impl", "staged,fused", "--pool-rows", "512"}).pool_rows, 512);
+  EXPECT_INVALID(bench({"--impl", "fused", "--pool-rows", "300"}), HasSubstr("--pool-rows 300: must be 0 or a multiple of 256"));
+  EXPECT_INVALID(bench({"--pool-rows", "512"}), HasSubstr("--pool-rows: sizes the fused forward's pool; add --impl fused"));
+  EXPECT_EQ(info({"--preset", "dsv4-flash", "--ep", "8", "--max-tokens", "8192", "--impl", "fused", "--pool-rows", "69632"})
+                .pool_rows,
+            69632);
+  EXPECT_EQ(info({"--preset", "tiny"}).pool_rows, 0);
+  EXPECT_INVALID(info({"--preset", "dsv4-flash", "--ep", "8", "--pool-rows", "512"}),
+                 HasSubstr("--pool-rows = 512: below the"));
+  EXPECT_INVALID(info({"--preset", "dsv4-flash", "--impl", "fused", "--pool-rows", "100"}),
+                 HasSubstr("--pool-rows = 100: must be 0"));
+  EXPECT_INVALID(info({"--preset", "tiny", "--impl", "mega"}), HasSubstr("--impl mega: must be staged or fused"));
+}
+
 TEST_F(Cli, BenchRejectsBadValuesNamingTheFlag) {
   EXPECT_INVALID(bench({"--preset", "dsv2"}), HasSubstr("preset = 'dsv2': must be one of"));
   EXPECT_INVALID(bench({"--dtype", "fp16"}), HasSubstr("--dtype = 'fp16': must be bf16 or fp8"));

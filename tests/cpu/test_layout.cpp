@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "megamoe/error.h"
 #include "megamoe/layout.h"
 
 namespace megamoe {
@@ -18,9 +19,20 @@ std::vector<MoeShape> shapes_under_test() {
   return out;
 }
 
-TEST(Layout, RegionsDoNotOverlapAndAreAligned) {
+// Each shape with the worst-case pool, and with the fused forward's default pool where that is
+// smaller (compact_pool_rows, windowed).
+std::vector<WorkspaceLayout> layouts_under_test() {
+  std::vector<WorkspaceLayout> out;
   for (const MoeShape& s : shapes_under_test()) {
-    WorkspaceLayout l(s);
+    out.emplace_back(s);
+    if (const int64_t rows = compact_pool_rows(s)) out.emplace_back(s, rows);
+  }
+  return out;
+}
+
+TEST(Layout, RegionsDoNotOverlapAndAreAligned) {
+  for (const WorkspaceLayout& l : layouts_under_test()) {
+    const MoeShape& s = l.shape();
     for (Arena arena : {Arena::kSymmetric, Arena::kLocal}) {
       std::vector<std::pair<size_t, size_t>> spans;
       for (const RegionSpec& spec : workspace_table()) {
@@ -37,8 +49,7 @@ TEST(Layout, RegionsDoNotOverlapAndAreAligned) {
 }
 
 TEST(Layout, ZeroPrefixCoversExactlyTheMustZeroRegions) {
-  for (const MoeShape& s : shapes_under_test()) {
-    WorkspaceLayout l(s);
+  for (const WorkspaceLayout& l : layouts_under_test()) {
     size_t zero_end = 0;
     for (const RegionSpec& spec : workspace_table()) {
       const RegionPlacement& p = l[spec.id];
@@ -73,6 +84,56 @@ TEST(Layout, SizesFollowTheFormulas) {
   EXPECT_EQ(lf[Region::kTokenPool].bytes, W * T * K * H);
   EXPECT_EQ(lf[Region::kTokenPoolScale].bytes, W * T * K * H / 128 * 4);
   EXPECT_EQ(lf[Region::kFc1OutScale].bytes, W * T * K * I / 128 * 4);
+}
+
+// The fused forward's windowed pool: P rows in the pool, fc1_out and their scales; the pairs' lists
+// (recv_pairs, pool_source) keep the worst case; a window table; dsv4-flash at EP 8 with 8192 tokens
+// per rank fits 1 GiB per rank in FP8 with the compact pool.
+TEST(Layout, WindowedPoolSizes) {
+  const size_t W = 8, T = 8192, K = 6, H = 4096, I = 2048, El = 32;
+  const MoeShape f = make_preset("dsv4-flash", 8, 8192, WeightFormat::kFp8);
+  const int64_t rows = compact_pool_rows(f);
+  EXPECT_EQ(rows, (int64_t(T * K * 5 / 4) + 256 * int64_t(El) + 255) / 256 * 256);
+  const WorkspaceLayout l(f, rows);
+  ASSERT_TRUE(l.windowed());
+  const size_t P = size_t(rows);
+  EXPECT_EQ(l.pool_rows(), rows);
+  EXPECT_EQ(l[Region::kTokenPool].bytes, P * H);
+  EXPECT_EQ(l[Region::kTokenPoolScale].bytes, P * H / 128 * 4);
+  EXPECT_EQ(l[Region::kFc1Out].bytes, P * I);
+  EXPECT_EQ(l[Region::kFc1OutScale].bytes, P * I / 128 * 4);
+  EXPECT_EQ(l[Region::kRecvPairs].bytes, W * T * K * 16);
+  EXPECT_EQ(l[Region::kPoolSource].bytes, W * T * K * 8);
+  // Units of 128 rows at most W*T*K/128 + El of them, windows of P/256 units at least.
+  EXPECT_EQ(size_t(l.max_pool_windows()), ((W * T * K + 127) / 128 + El + P / 256 - 1) / (P / 256));
+  EXPECT_EQ(l[Region::kPoolWindows].bytes, size_t(l.max_pool_windows()) * sizeof(PoolWindow));
+  EXPECT_LE(l.total_bytes(), size_t(1) << 30);
+  EXPECT_LT(l.total_bytes(), WorkspaceLayout(f).total_bytes() / 3);
+  EXPECT_NE(l.to_string().find("windows of the received rows"), std::string::npos);
+  // The worst case has no window table.
+  EXPECT_EQ(WorkspaceLayout(f)[Region::kPoolWindows].bytes, 0u);
+}
+
+TEST(Layout, PoolRowsRules) {
+  const MoeShape s = make_preset("dsv4-flash", 2, 64);  // worst case 2 * 64 * 6 = 768 rows
+  EXPECT_EQ(worst_case_pool_rows(s), 768);
+  EXPECT_THROW(WorkspaceLayout(s, 300), InvalidArgument);
+  EXPECT_THROW(WorkspaceLayout(s, -256), InvalidArgument);
+  EXPECT_TRUE(WorkspaceLayout(s, 256).windowed());
+  EXPECT_FALSE(WorkspaceLayout(s, 1024).windowed());  // at or above the worst case: the worst case
+  EXPECT_EQ(WorkspaceLayout(s, 1024).pool_rows(), 768);
+  EXPECT_EQ(pool_rows_for(s, 0, false, "p"), 0);
+  EXPECT_EQ(pool_rows_for(s, 1024, false, "p"), 0);
+  EXPECT_EQ(pool_rows_for(s, 512, true, "p"), 512);
+  EXPECT_EQ(pool_rows_for(s, 0, true, "p"), 0);
+  try {
+    pool_rows_for(s, 512, false, "--pool-rows");
+    ADD_FAILURE() << "the staged forward accepted a windowed pool";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("--pool-rows = 512: below the 768 rows"), std::string::npos) << e.what();
+  }
+  // A small shape: the default is the worst case (nothing to save).
+  EXPECT_EQ(compact_pool_rows(make_preset("tiny", 1, 64)), 0);
 }
 
 TEST(Layout, ZeroPrefixIsUnderOnePercentAtDsv4FlashEp4) {

@@ -387,13 +387,14 @@ class LayerHarness {
   }
 
   // Poisons y, meets the other ranks, runs one forward on the uploaded inputs and checks the device
-  // status.
+  // status. The wait is the layer's bounded one: a stalled GEMM pipeline (its kernel never ends) is
+  // reported with its record instead of hanging the test.
   void run(const Variant& v, int64_t tokens) {
     y_.poison();
     comm().host_barrier();
     layer_.forward(args(v, tokens), stream());
+    layer_.synchronize(stream());
     sync_and_check("forward");
-    layer_.check_errors();
   }
   void forward(const RankInput& in, const Variant& v = {}) {
     upload(in);
@@ -442,7 +443,7 @@ class LayerHarness {
 };
 
 // One forward captured in a CUDA graph on stream(); replay() poisons y, meets the other ranks,
-// replays, synchronises and checks the device status.
+// replays, synchronises (bounded, as LayerHarness::run) and checks the device status.
 class CapturedForward {
  public:
   CapturedForward(LayerHarness& h, const Variant& v, int64_t tokens) : h_(h) {
@@ -478,8 +479,8 @@ class CapturedForward {
     h_.y().poison();
     comm().host_barrier();
     MEGAMOE_CUDA_CHECK(cudaGraphLaunch(exec_, stream()));
+    h_.layer().synchronize(stream());
     sync_and_check("graph replay");
-    h_.layer().check_errors();
   }
 
  private:
@@ -727,6 +728,57 @@ LAYER_TEST(FusedEqualsStagedAndSurvivesAThousandReplays) {
                 format_name(format), worst);
 }
 
+// A fused forward with a pool smaller than the worst case (LayerOptions::pool_rows) runs FC1 and
+// FC2 window by window and still computes exactly what the staged one (the worst-case pool) does:
+// every routing (all-to-one sends every pair of every rank to one rank: many windows), random T per
+// rank, single CTAs and CTA pairs, pools of one and two 256-row units. Then one captured windowed
+// forward, replayed with changing T and routing, checked every replay.
+LAYER_TEST(FusedWindowedPoolEqualsStaged) {
+  const uint64_t seed = test_seed();
+  const int64_t max_tokens = 160;
+  const MoeShape shape = tiny_shape(format, max_tokens);
+  const auto kinds = all_routing_kinds();
+  for (int64_t pool_rows : {256, 512})
+    for (int cluster_m : {1, 2}) {
+      LayerOptions staged_options = test_layer_options(), fused_options = test_layer_options();
+      staged_options.impl = ForwardImpl::kStaged;
+      fused_options.impl = ForwardImpl::kFused;
+      fused_options.pool_rows = pool_rows;
+      staged_options.gemm_cluster_m = fused_options.gemm_cluster_m = cluster_m;
+      LayerHarness staged(shape, seed, staged_options), fused(shape, seed, fused_options);
+      ASSERT_TRUE(fused.layer().layout().windowed());
+      ASSERT_EQ(fused.layer().layout().pool_rows(), pool_rows);
+      ASSERT_FALSE(staged.layer().layout().windowed());
+      EXPECT_LT(fused.layer().layout().total_bytes(), staged.layer().layout().total_bytes());
+      expect_identical_outputs(staged, {&fused}, seed + uint64_t(cluster_m) + uint64_t(pool_rows),
+                               "fused with a " + std::to_string(pool_rows) + "-row pool vs staged, cluster_m=" +
+                                   std::to_string(cluster_m));
+    }
+  LayerOptions options = test_layer_options();
+  options.impl = ForwardImpl::kFused;
+  options.pool_rows = 256;
+  LayerHarness h(shape, seed + 2, options);
+  Variant device_count;
+  device_count.device_count = true;
+  h.upload(h.make_input(RoutingKind::kUniform, max_tokens, seed));
+  CapturedForward graph(h, device_count, max_tokens);
+  EXPECT_EQ(graph.kernel_nodes(), 1) << "a windowed fused forward is one kernel too";
+  EXPECT_EQ(graph.other_nodes(), 0);
+  double worst = 0;
+  for (int replay = 0; replay < 60; replay++) {
+    const uint64_t s = seed + 7919 * uint64_t(replay);
+    const int64_t tokens = replay % 7 == 3 ? 0 : tokens_for_rank(s, max_tokens);
+    const RankInput in = h.make_input(kinds[size_t(replay) % kinds.size()], tokens, s);
+    h.upload(in);
+    graph.replay();
+    worst = std::max(worst, h.check(in, device_count, "windowed fused replay " + std::to_string(replay)).worst);
+  }
+  worst = worst_over_ranks(worst);
+  if (comm().rank() == 0)
+    std::printf("fused %s, 256- and 512-row pools: equal to staged; 60 replays, worst token %.2e\n", format_name(format),
+                worst);
+}
+
 LAYER_TEST(TwoHundredForwardsWithChangingTokensAndRouting) {
   const uint64_t seed = test_seed();
   LayerHarness h(tiny_shape(format, 128), seed);
@@ -770,6 +822,24 @@ LAYER_TEST(AblationsComputeTheSameOutputs) {
   bad.combine_cast_then_sum = true;
   const std::string message = invalid_argument_message([&] { Layer layer(shape, comm(), bad); });
   EXPECT_THAT(message, HasSubstr("options.combine_cast_then_sum: an ablation of the staged path"));
+}
+
+// A pool below the worst case is the fused forward's alone, and whole 256-row units: both rules are
+// errors naming the option before anything is allocated.
+LAYER_TEST(PoolRowsAreChecked) {
+  const MoeShape shape = tiny_shape(format, 128);
+  LayerOptions staged = test_layer_options(), fused = test_layer_options();
+  staged.impl = ForwardImpl::kStaged;
+  staged.pool_rows = 256;
+  EXPECT_THAT(invalid_argument_message([&] { Layer layer(shape, comm(), staged); }),
+              HasSubstr("options.pool_rows = 256: below the"));
+  fused.impl = ForwardImpl::kFused;
+  fused.pool_rows = 300;
+  EXPECT_THAT(invalid_argument_message([&] { Layer layer(shape, comm(), fused); }),
+              HasSubstr("options.pool_rows = 300: must be 0"));
+  fused.pool_rows = -256;
+  EXPECT_THAT(invalid_argument_message([&] { Layer layer(shape, comm(), fused); }),
+              HasSubstr("options.pool_rows = -256: must be 0"));
 }
 
 // Bad arguments throw InvalidArgument naming the argument before anything is launched: afterwards

@@ -178,7 +178,7 @@ MEGAMOE_RANK_TEST(Runtime, CreateAndDestroyFiftyTimesLeaksNoDeviceMemory) {
   auto cycle = [&] {
     std::unique_ptr<Communicator> c = create_fresh_communicator();
     {
-      Workspace w(shape, *c);
+      Workspace w(shape, *c, 0);
       comm::StandaloneDeviceBarrier b(*c, 5.0);
       b.launch(kTestBarrier, stream());
       b.check(stream());
