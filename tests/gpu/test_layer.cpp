@@ -681,6 +681,33 @@ void expect_identical_outputs(LayerHarness& reference, const std::vector<LayerHa
   }
 }
 
+// One captured forward of the fused layer `h` (device-side token count) must be its kernel alone;
+// replayed `replays` times with a changing T (0 included) and routing, every `check_every`-th replay
+// is checked against the reference (the checked ones cycle through the routings too: the in-kernel
+// counter reset and the grid syncs must hold across every replay). Returns the worst checked token
+// over all ranks.
+double replay_fused_graph(LayerHarness& h, uint64_t seed, int replays, int check_every) {
+  const int64_t max_tokens = h.shape().max_tokens_per_rank;
+  const auto kinds = all_routing_kinds();
+  Variant device_count;
+  device_count.device_count = true;
+  h.upload(h.make_input(RoutingKind::kUniform, max_tokens, seed));
+  CapturedForward graph(h, device_count, max_tokens);
+  EXPECT_EQ(graph.kernel_nodes(), 1) << "a fused forward is one kernel";
+  EXPECT_EQ(graph.other_nodes(), 0) << "nothing (no memset) beside the fused kernel in its graph";
+  double worst = 0;
+  for (int replay = 0; replay < replays; replay++) {
+    const uint64_t s = seed + 7919 * uint64_t(replay);
+    const int64_t tokens = replay % 7 == 3 ? 0 : tokens_for_rank(s, max_tokens);
+    const RankInput in = h.make_input(kinds[size_t(replay + replay / check_every) % kinds.size()], tokens, s);
+    h.upload(in);
+    graph.replay();
+    if (replay % check_every == check_every - 1)
+      worst = std::max(worst, h.check(in, device_count, "fused replay " + std::to_string(replay)).worst);
+  }
+  return worst_over_ranks(worst);
+}
+
 // The fused forward (one persistent kernel) computes exactly what the staged one does: every
 // routing, random T per rank (0 included), single CTAs and CTA pairs. Then one captured fused forward
 // replayed 1000 times with a changing device-side token count and routing, checked against the
@@ -690,7 +717,6 @@ LAYER_TEST(FusedEqualsStagedAndSurvivesAThousandReplays) {
   const uint64_t seed = test_seed();
   const int64_t max_tokens = 160;
   const MoeShape shape = tiny_shape(format, max_tokens);
-  const auto kinds = all_routing_kinds();
   for (int cluster_m : {1, 2}) {
     LayerOptions staged_options = test_layer_options(), fused_options = test_layer_options();
     staged_options.impl = ForwardImpl::kStaged;
@@ -704,25 +730,7 @@ LAYER_TEST(FusedEqualsStagedAndSurvivesAThousandReplays) {
   LayerOptions options = test_layer_options();
   options.impl = ForwardImpl::kFused;
   LayerHarness h(shape, seed + 1, options);
-  Variant device_count;
-  device_count.device_count = true;
-  h.upload(h.make_input(RoutingKind::kUniform, max_tokens, seed));
-  CapturedForward graph(h, device_count, max_tokens);
-  EXPECT_EQ(graph.kernel_nodes(), 1) << "a fused forward is one kernel";
-  EXPECT_EQ(graph.other_nodes(), 0) << "nothing (no memset) beside the fused kernel in its graph";
-  double worst = 0;
-  for (int replay = 0; replay < 1000; replay++) {
-    const uint64_t s = seed + 7919 * uint64_t(replay);
-    const int64_t tokens = replay % 7 == 3 ? 0 : tokens_for_rank(s, max_tokens);
-    // The routing changes every replay; every 10th replay is checked, and those cycle through all
-    // routings too.
-    const RankInput in = h.make_input(kinds[size_t(replay + replay / 10) % kinds.size()], tokens, s);
-    h.upload(in);
-    graph.replay();
-    if (replay % 10 == 9)
-      worst = std::max(worst, h.check(in, device_count, "fused replay " + std::to_string(replay)).worst);
-  }
-  worst = worst_over_ranks(worst);
+  const double worst = replay_fused_graph(h, seed, 1000, 10);
   if (comm().rank() == 0)
     std::printf("fused %s: equal to staged; 1000 replays with changing T, worst checked token %.2e\n",
                 format_name(format), worst);
@@ -737,7 +745,6 @@ LAYER_TEST(FusedWindowedPoolEqualsStaged) {
   const uint64_t seed = test_seed();
   const int64_t max_tokens = 160;
   const MoeShape shape = tiny_shape(format, max_tokens);
-  const auto kinds = all_routing_kinds();
   for (int64_t pool_rows : {256, 512})
     for (int cluster_m : {1, 2}) {
       LayerOptions staged_options = test_layer_options(), fused_options = test_layer_options();
@@ -758,22 +765,7 @@ LAYER_TEST(FusedWindowedPoolEqualsStaged) {
   options.impl = ForwardImpl::kFused;
   options.pool_rows = 256;
   LayerHarness h(shape, seed + 2, options);
-  Variant device_count;
-  device_count.device_count = true;
-  h.upload(h.make_input(RoutingKind::kUniform, max_tokens, seed));
-  CapturedForward graph(h, device_count, max_tokens);
-  EXPECT_EQ(graph.kernel_nodes(), 1) << "a windowed fused forward is one kernel too";
-  EXPECT_EQ(graph.other_nodes(), 0);
-  double worst = 0;
-  for (int replay = 0; replay < 60; replay++) {
-    const uint64_t s = seed + 7919 * uint64_t(replay);
-    const int64_t tokens = replay % 7 == 3 ? 0 : tokens_for_rank(s, max_tokens);
-    const RankInput in = h.make_input(kinds[size_t(replay) % kinds.size()], tokens, s);
-    h.upload(in);
-    graph.replay();
-    worst = std::max(worst, h.check(in, device_count, "windowed fused replay " + std::to_string(replay)).worst);
-  }
-  worst = worst_over_ranks(worst);
+  const double worst = replay_fused_graph(h, seed, 60, 1);
   if (comm().rank() == 0)
     std::printf("fused %s, 256- and 512-row pools: equal to staged; 60 replays, worst token %.2e\n", format_name(format),
                 worst);
