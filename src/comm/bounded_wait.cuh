@@ -1,6 +1,7 @@
 // The one spin-wait of the project: every wait for another rank or another CTA is bounded, and the
 // first waiter that gives up records why (under `aborted`, so only one record is kept) and makes
-// every later wait on this rank return at once. The host turns the record into a message naming
+// every later wait on this rank return at once (but the fused kernel's grid syncs: grid_sync.cuh).
+// The host turns the record into a message naming
 // what was waited for (Layer::check_errors, StandaloneDeviceBarrier::check).
 #pragma once
 #include <cstdint>
@@ -10,15 +11,16 @@
 
 namespace megamoe::comm {
 
-// Spins until ready() holds. Returns false, without waiting, when this rank has already aborted,
-// and false after timeout_ns, having called record_timeout() if this waiter was the first to give
-// up (record_timeout fills in DeviceStatus: what was waited for; set error_flags there).
-template <class Ready, class RecordTimeout>
+// Spins until ready() holds. Returns false, without waiting, when this rank has already aborted
+// (unless kReturnOnAbort is false: see grid_sync), and false after timeout_ns, having called
+// record_timeout() if this waiter was the first to give up (record_timeout fills in DeviceStatus:
+// what was waited for; set error_flags there).
+template <bool kReturnOnAbort = true, class Ready, class RecordTimeout>
 __device__ __forceinline__ bool bounded_wait(DeviceStatus* status, uint64_t timeout_ns, Ready&& ready,
                                              RecordTimeout&& record_timeout, unsigned sleep_ns = 32) {
   const uint64_t start = global_timer_ns();
   while (!ready()) {
-    if (ld_volatile(&status->aborted)) return false;
+    if (kReturnOnAbort && ld_volatile(&status->aborted)) return false;
     if (global_timer_ns() - start > timeout_ns) {
       if (atomicCAS(&status->aborted, 0, 1) == 0) record_timeout();
       return false;

@@ -17,6 +17,12 @@ namespace megamoe::comm {
 // CTA after it (gpu scope). `point` names the sync point in the timeout record. The bound is twice
 // `timeout_ns`: a CTA may be late because it waits for a peer rank (CTA 0 in a cross-rank barrier,
 // bounded by timeout_ns), and that wait's record, naming the rank, must be the one kept.
+// Unlike the other waits it still waits once this rank has aborted: after a timeout elsewhere the
+// kernel drains, every wait for a peer returning at once, and its CTAs must leave each phase
+// together. A sync that let CTAs run ahead would let a CTA read the schedule while CTA 0 still
+// writes it, so the two CTAs of a pair could take different numbers of GEMM windows and wait at
+// a cluster barrier for each other forever (a review's explanation of the windowed kernel's hangs,
+// docs/GPU-RUNS.md, fifth session).
 __device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* status, uint64_t timeout_ns, int point) {
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -29,7 +35,7 @@ __device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* st
       __threadfence();
       atomicAdd(&state->generation, 1u);
     } else {
-      bounded_wait(
+      bounded_wait</*kReturnOnAbort=*/false>(
           status, 2 * timeout_ns, [&] { return ld_acquire_gpu(&state->generation) != generation; },
           [&] {
             status->grid_sync_point = point;
