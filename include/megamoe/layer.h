@@ -50,11 +50,11 @@ struct LayerOptions {
   // the fused forward's default). 0: every pair of every rank (the all-to-one worst case). A multiple
   // of 256 below that makes the fused forward run FC1 and FC2 in windows of that many rows, correct
   // under any routing (all-to-one included), at the cost of one more pass over the weights per
-  // extra window and of a slower kernel (docs/PERFORMANCE.md: BF16 ~4%, FP8 12-40% today);
+  // extra window and of a slower kernel (docs/PERFORMANCE.md: BF16 +3-4%, FP8 +12-42% today);
   // compact_pool_rows(shape) is one window under uniform routing (`megamoe info` prints its
   // memory). The staged forward rejects it. Experimental: tests with such pools hung now and then
-  // (a kernel that never ended, W = 1 and 4 ranks, most in FP8; cause open, docs/GPU-RUNS.md), so
-  // not for production yet.
+  // (a kernel that never ended, W = 1 and 4 ranks, most in FP8); a fix for a review's explanation
+  // is in but not yet run (docs/GPU-RUNS.md, fifth session), so not for production yet.
   int64_t pool_rows = 0;
 };
 

@@ -22,7 +22,8 @@ namespace megamoe::comm {
 // together. A sync that let CTAs run ahead would let a CTA read the schedule while CTA 0 still
 // writes it, so the two CTAs of a pair could take different numbers of GEMM windows and wait at
 // a cluster barrier for each other forever (a review's explanation of the windowed kernel's hangs,
-// docs/GPU-RUNS.md, fifth session).
+// not yet confirmed on a GPU: docs/GPU-RUNS.md, fifth session). Once a grid sync itself timed out
+// (a CTA missing) the syncs stop waiting: the kernel then ends as soon as it can.
 __device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* status, uint64_t timeout_ns, int point) {
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -36,7 +37,11 @@ __device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* st
       atomicAdd(&state->generation, 1u);
     } else {
       bounded_wait</*kReturnOnAbort=*/false>(
-          status, 2 * timeout_ns, [&] { return ld_acquire_gpu(&state->generation) != generation; },
+          status, 2 * timeout_ns,
+          [&] {
+            return ld_acquire_gpu(&state->generation) != generation ||
+                   (ld_volatile(&status->error_flags) & kGridSyncTimeout) != 0;
+          },
           [&] {
             status->grid_sync_point = point;
             status->grid_sync_arrived = int32_t(*reinterpret_cast<volatile uint32_t*>(&state->arrived));

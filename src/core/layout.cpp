@@ -183,8 +183,8 @@ void validate_pool_rows(const MoeShape& shape, int64_t rows, const std::string& 
 
 int64_t pool_rows_for(const MoeShape& shape, int64_t requested, bool fused, const std::string& arg_name) {
   validate_pool_rows(shape, requested, arg_name);
-  const int64_t worst = worst_case_pool_rows(shape);
   if (fused) return requested;
+  const int64_t worst = worst_case_pool_rows(shape);
   if (requested != 0 && requested < worst)
     throw InvalidArgument(arg_name + " = " + std::to_string(requested) + ": below the " + std::to_string(worst) +
                           " rows of every pair of every rank, which only the fused forward can use (it runs the GEMMs "

@@ -454,7 +454,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
         // Scales are read one k block ahead, so that their latency (L2, often more under load) hides
         // behind wgmma instead of delaying a promotion. The A scales come after a stage's barrier:
         // FC1's feed writes them in this kernel, and the producer issues a tile's first load only
-        // once all of its expert's rows (and scales) are in, so the first stage's barrier orders
+        // once all of its expert's rows (and scales) of the window are in, so the first stage's barrier orders
         // every k block's A scales of the tile before us. __ldcg: from L2, no stale L1 line of an
         // earlier forward. Rows past the expert's are unused.
         auto load_scales = [&](int kb) {

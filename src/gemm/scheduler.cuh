@@ -36,13 +36,7 @@ template <int kClusterM>
 __device__ __forceinline__ TileCoord decode_unit(const GroupedSchedule& s, int window, int item, int n_blocks,
                                                  int cluster_rank) {
   const PoolWindow w = schedule_window(s, window);
-  const int probe = w.unit_begin + item / n_blocks;
-  int lo = 0, hi = s.experts - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (s.unit_offset[mid] <= probe) lo = mid; else hi = mid - 1;
-  }
-  const int expert = lo;
+  const int expert = expert_of_unit(s.unit_offset, s.experts, w.unit_begin + item / n_blocks);
   const int first_unit = max(w.unit_begin, s.unit_offset[expert]);  // the expert's units in the window
   const int expert_units = min(w.unit_end, s.unit_offset[expert + 1]) - first_unit;
   const int local = item - (first_unit - w.unit_begin) * n_blocks;

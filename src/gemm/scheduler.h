@@ -9,7 +9,7 @@
 // With a window table (the fused forward's pool windows, WorkspaceLayout::windowed), a GEMM computes
 // one window's units only: [unit_begin, unit_end) in the order above, whose rows are contiguous in
 // the schedule (an expert cut by a window's edge is cut at a unit boundary). Their rows sit in the A
-// matrix (and the output) from row 0 on: A row = schedule row - the window's row_begin.
+// matrix (and FC1's output) from row 0 on: A row = schedule row - the window's row_begin.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -29,6 +29,33 @@ struct GroupedSchedule {
   int32_t experts;
   const PoolWindow* windows = nullptr;  // the window table; nullptr: one window, every unit
 };
+
+// The expert a unit belongs to: the largest e with unit_offset[e] <= unit (experts without rows have
+// no units, so the one found has the unit). unit < unit_offset[experts].
+MEGAMOE_HOST_DEVICE inline int expert_of_unit(const int32_t* unit_offset, int experts, int unit) {
+  int lo = 0, hi = experts - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (unit_offset[mid] <= unit) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Window w of a windowed pool (WorkspaceLayout::windowed): units [w * window_units, +window_units)
+// of the schedule, and the rows they span in schedule order, from the first unit's first row to the
+// next window's (the end of the rows after the last unit). The fused forward's schedule_cta writes
+// them; tests check them on the host.
+MEGAMOE_HOST_DEVICE inline PoolWindow pool_window(const int32_t* row_offset, const int32_t* unit_offset, int experts,
+                                                  int unit_rows, int window_units, int w) {
+  const int total_units = unit_offset[experts];
+  auto first_row = [&](int unit) {
+    if (unit >= total_units) return row_offset[experts];
+    const int e = expert_of_unit(unit_offset, experts, unit);
+    return row_offset[e] + (unit - unit_offset[e]) * unit_rows;
+  };
+  const int first = w * window_units, end = first + window_units < total_units ? first + window_units : total_units;
+  return PoolWindow{first, end, first_row(first), first_row(end)};
+}
 
 // Host: the schedule of the given row counts (tests and tools).
 struct HostSchedule {

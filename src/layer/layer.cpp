@@ -65,9 +65,10 @@ int64_t resolve_pool_rows(const MoeShape& shape, int64_t requested, ForwardImpl 
   if (requested == 0 && impl == ForwardImpl::kFused) {
     if (const char* v = std::getenv("MEGAMOE_POOL_ROWS"); v && *v) {
       name = "MEGAMOE_POOL_ROWS";
-      char* end = nullptr;
-      requested = std::strtoll(v, &end, 10);
-      if (*end || requested < 0) throw InvalidArgument(name + " = \"" + v + "\": must be a whole number >= 0");
+      const std::string text = v;
+      if (text.size() > 12 || text.find_first_not_of("0123456789") != std::string::npos)
+        throw InvalidArgument(name + " = \"" + text + "\": must be a whole number >= 0 (digits only)");
+      requested = std::stoll(text);
     }
   }
   return pool_rows_for(shape, requested, impl == ForwardImpl::kFused, name);

@@ -248,22 +248,9 @@ __device__ __forceinline__ void schedule_cta(const LayerView& v, int unit_rows, 
       v.ws.expert_row_offset[i] = row_offset[i];
       v.ws.expert_tile_offset[i] = unit_offset[i];
     }
-    if (window_units > 0) {
-      const int total_units = unit_offset[El];
-      auto first_row = [&](int unit) {  // of a unit in schedule order; the end of the rows for total_units
-        if (unit >= total_units) return row_offset[El];
-        int lo = 0, hi = El - 1;  // the largest expert e with unit_offset[e] <= unit (it has units)
-        while (lo < hi) {
-          const int mid = (lo + hi + 1) / 2;
-          if (unit_offset[mid] <= unit) lo = mid; else hi = mid - 1;
-        }
-        return row_offset[lo] + (unit - unit_offset[lo]) * unit_rows;
-      };
-      for (int w = threadIdx.x; w * window_units < total_units; w += kThreads) {
-        const int first = w * window_units, end = min(total_units, first + window_units);
-        v.ws.pool_windows[w] = PoolWindow{first, end, first_row(first), first_row(end)};
-      }
-    }
+    if (window_units > 0)
+      for (int w = threadIdx.x; w * window_units < unit_offset[El]; w += kThreads)
+        v.ws.pool_windows[w] = gemm::pool_window(row_offset, unit_offset, El, unit_rows, window_units, w);
   }
 
   const int total_pairs = source_offset[W];

@@ -104,6 +104,12 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
   if constexpr (kWindowed) {
     // Every CTA reads the same schedule, so all take the same number of windows (and grid syncs).
     const int units = v.ws.expert_tile_offset[v.experts_per_rank];
+    // No rows, no windows: the GEMM phases' stamps (--stages) are of zero length, not the last
+    // forward's. With several windows they are the last window's ends, so "FC1" spans the earlier
+    // windows' FC1 and FC2 (the phases are not told apart).
+    if (units == 0 && blockIdx.x == 0 && threadIdx.x == 0)
+      v.ws.grid_sync->stage_ns[kSyncFc1Done] = v.ws.grid_sync->stage_ns[kSyncFc2Done] =
+          v.ws.grid_sync->stage_ns[kSyncScheduled];
     for (int w = 0; w * p.window_units < units; w++) {
       gemms_of_window(w);
       // The next window's generic writes (pool rows, fc1_out) follow this one's TMA reads of them.

@@ -19,8 +19,8 @@ std::vector<MoeShape> shapes_under_test() {
   return out;
 }
 
-// Each shape with the worst-case pool, and with the fused forward's default pool where that is
-// smaller (compact_pool_rows, windowed).
+// Each shape with the worst-case pool, and with the compact windowed pool where that is smaller
+// (compact_pool_rows).
 std::vector<WorkspaceLayout> layouts_under_test() {
   std::vector<WorkspaceLayout> out;
   for (const MoeShape& s : shapes_under_test()) {

@@ -58,6 +58,19 @@ constexpr double kBf16TokenBound = 1e-2;
 constexpr double kFp8TokenBound = 1e-2;
 constexpr double kTinyNorm = 1e-20;
 
+// Layer::synchronize (bounded: a stalled GEMM pipeline, whose kernel never ends, becomes an error
+// with its record), the error printed at once: unwinding then destroys the layer, whose destructor
+// waits for the device, so a stall would hang the test there before the failure is reported.
+void synchronize_reporting(Layer& layer, const char* what) {
+  try {
+    layer.synchronize(stream());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "rank %d, %s: %s\n", comm().rank(), what, e.what());
+    std::fflush(stderr);
+    throw;
+  }
+}
+
 // ---- shapes (E rounded up to a multiple of the rank count)
 
 int64_t experts_for(int64_t at_least) {
@@ -387,13 +400,12 @@ class LayerHarness {
   }
 
   // Poisons y, meets the other ranks, runs one forward on the uploaded inputs and checks the device
-  // status. The wait is the layer's bounded one: a stalled GEMM pipeline (its kernel never ends) is
-  // reported with its record instead of hanging the test.
+  // status. The wait is the layer's bounded one (synchronize_reporting).
   void run(const Variant& v, int64_t tokens) {
     y_.poison();
     comm().host_barrier();
     layer_.forward(args(v, tokens), stream());
-    layer_.synchronize(stream());
+    synchronize_reporting(layer_, "forward");
     sync_and_check("forward");
   }
   void forward(const RankInput& in, const Variant& v = {}) {
@@ -479,7 +491,7 @@ class CapturedForward {
     h_.y().poison();
     comm().host_barrier();
     MEGAMOE_CUDA_CHECK(cudaGraphLaunch(exec_, stream()));
-    h_.layer().synchronize(stream());
+    synchronize_reporting(h_.layer(), "graph replay");
     sync_and_check("graph replay");
   }
 
@@ -738,7 +750,8 @@ LAYER_TEST(FusedEqualsStagedAndSurvivesAThousandReplays) {
 
 // A fused forward with a pool smaller than the worst case (LayerOptions::pool_rows) runs FC1 and
 // FC2 window by window and still computes exactly what the staged one (the worst-case pool) does:
-// every routing (all-to-one sends every pair of every rank to one rank: many windows), random T per
+// every routing (all-to-one sends every token's first choice to one expert: many windows on its
+// owner), random T per
 // rank, single CTAs and CTA pairs, pools of one and two 256-row units. Then one captured windowed
 // forward, replayed with changing T and routing, checked every replay.
 LAYER_TEST(FusedWindowedPoolEqualsStaged) {
