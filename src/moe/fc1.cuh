@@ -9,8 +9,6 @@
 // from the staging area of the rank the token came from (NVLink for remote ranks), in pool order, so
 // the first experts' tiles start while later rows are still in flight.
 #pragma once
-#include <cstdint>
-
 #include "comm/bounded_wait.cuh"
 #include "comm/peer.cuh"
 #include "gemm/grouped_gemm.cuh"
@@ -28,36 +26,24 @@ struct PullRowsFeed {
     const float* token_staging_scale;  // fp8: [max_tokens, H/128], this rank's
     uint8_t* token_pool;
     float* token_pool_scale;           // fp8: [H/128, scale_pitch]
-    const int32_t* expert_row_offset;  // [E_local + 1]
+    gemm::GroupedSchedule schedule;    // FC1's: the experts' rows, the window table
     int32_t* expert_arrived_rows;      // [E_local], zero at the start of the forward
-    int32_t num_experts, row_bytes, scale_blocks, scale_pitch, top_k;
+    int32_t row_bytes, scale_blocks, scale_pitch, top_k;
     uint64_t timeout_ns;
     DeviceStatus* status;
-    const PoolWindow* windows;         // the GEMM's window table (gemm::GroupedSchedule); nullptr: none
   };
   static constexpr int kVectorsInFlight = 4;  // remote 16-byte loads per lane issued before their stores
 
-  // The window's rows in schedule order; schedule row r lands in pool row r - first.
-  __device__ static void window_rows(const Params& p, int window, int& first, int& end) {
-    if (p.windows) {
-      first = p.windows[window].row_begin;
-      end = p.windows[window].row_end;
-    } else {
-      first = 0;
-      end = p.expert_row_offset[p.num_experts];
-    }
-  }
-
   // Worker w (one warp) copies the window's rows w, w + workers, ...: all workers sweep the pool in
-  // order.
+  // order (schedule row r lands in pool row r - the window's first row).
   __device__ static void copy_rows(const Params& p, int worker, int workers, int window) {
     const int lane = int(threadIdx.x) % 32;
-    int first, end;
-    window_rows(p, window, first, end);
+    const PoolWindow w = gemm::schedule_window(p.schedule, window);
+    const int first = w.row_begin;
     const int row_vectors = p.row_bytes / 16;
     int expert = 0;  // this worker's rows only increase, so its expert only moves forward
-    for (int row = first + worker; row < end; row += workers) {
-      while (p.expert_row_offset[expert + 1] <= row) expert++;
+    for (int row = first + worker; row < w.row_end; row += workers) {
+      while (p.schedule.row_offset[expert + 1] <= row) expert++;
       const PoolSource src = p.pool_source[row];
       const int token = src.source_pair / p.top_k;
       const int pool_row = row - first;
@@ -79,9 +65,9 @@ struct PullRowsFeed {
   // Before the TMA thread loads an expert's rows: wait (bounded) until all of them in this window are
   // in. The count runs on over the windows of a forward: the expert's rows up to the window's end.
   __device__ static void wait_rows(const Params& p, int expert, int window) {
-    const int first = p.expert_row_offset[expert];
-    const int window_end = p.windows ? p.windows[window].row_end : INT32_MAX;
-    const int needed = max(first, min(p.expert_row_offset[expert + 1], window_end)) - first;
+    const int first = p.schedule.row_offset[expert];
+    const int window_end = gemm::schedule_window(p.schedule, window).row_end;
+    const int needed = max(first, min(p.schedule.row_offset[expert + 1], window_end)) - first;
     comm::bounded_wait(
         p.status, p.timeout_ns, [&] { return comm::ld_acquire_gpu(p.expert_arrived_rows + expert) >= needed; },
         [&] {
@@ -240,16 +226,14 @@ Fc1Args<Operands, kClusterM> fc1_args(const LayerView& v, const ExpertGemmOperan
                             v.ws.token_staging_scale,
                             v.ws.token_pool,
                             v.ws.token_pool_scale,
-                            v.ws.expert_row_offset,
+                            problem.schedule,
                             v.ws.expert_arrived_rows,
-                            v.experts_per_rank,
                             v.hidden * (v.fp8 ? 1 : 2),
                             v.fp8 ? v.hidden / 128 : 0,
                             v.scale_pitch,
                             v.top_k,
                             v.wait_timeout_ns,
-                            v.status(),
-                            problem.schedule.windows};
+                            v.status()};
   return {problem, params, feed};
 }
 
