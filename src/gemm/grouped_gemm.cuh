@@ -179,6 +179,9 @@ struct NoFeed {
   __device__ static void wait_rows(const Params&, int, int) {}
 };
 inline constexpr int kFeedWarpsPerCta = 3;
+// Hardware barrier 2 (1 is the claim's, CUTLASS's named barriers start at 8): the consumer warps'
+// arrival after they hand registers back, the producer's wait before it takes them (grouped_gemm_cta).
+inline constexpr int kRegisterHandbackBarrier = 2;
 inline constexpr int kConsumerWarps = 8;  // two consumer warpgroups
 
 // kOverlapAllowed_: whether CTA pairs may overlap the fp8 promotion (kOverlapPromotion); FC1 does,
@@ -374,7 +377,16 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     // .aligned (every lane of a warp must execute it together); lanes arriving while lane 0 still
     // issues loads stalled the pipeline of CTA pairs about once in a few hundred forwards.
     __syncwarp();
-    if constexpr (kRegistersAfter != 0) cutlass::arch::warpgroup_reg_alloc<kRegistersAfter>();
+    if constexpr (kRegistersAfter != 0) {
+      // The producer takes its registers back only once every consumer warp has given its own back
+      // (kRegisterHandbackBarrier): then the free registers are exactly what it asks for. Taken
+      // earlier, the producer of a CTA without work in this GEMM could grab what fast consumer warps
+      // had freed before a slow consumer warp had even made its allocation above; that warp then
+      // waited for registers forever, and its CTA, its pair and the grid sync with it (cuda-gdb on the
+      // fused windowed kernel at loopback W = 4, and every fused kernel under compute-sanitizer).
+      asm volatile("bar.sync %0, %1;" ::"n"(kRegisterHandbackBarrier), "n"(Config::kThreads) : "memory");
+      cutlass::arch::warpgroup_reg_alloc<kRegistersAfter>();
+    }
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
     const int consumer_tid = threadIdx.x - 128;
@@ -613,7 +625,10 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     // Epilogues may store to peers; the barrier that follows the GEMM publishes them system-wide.
     __threadfence_system();
     __syncwarp();  // the epilogue's stores diverge; the cluster barrier below is .aligned
-    if constexpr (kRegistersAfter != 0) cutlass::arch::warpgroup_reg_dealloc<kRegistersAfter>();
+    if constexpr (kRegistersAfter != 0) {
+      cutlass::arch::warpgroup_reg_dealloc<kRegistersAfter>();
+      asm volatile("bar.arrive %0, %1;" ::"n"(kRegisterHandbackBarrier), "n"(Config::kThreads) : "memory");
+    }
   }
   // No CTA may leave while its cluster peer can still multicast into its shared memory or arrive on
   // its barriers.
