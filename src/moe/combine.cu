@@ -10,10 +10,12 @@ namespace megamoe::moe {
 namespace {
 
 constexpr int kCombineThreads = 1024;
+constexpr int kCombineSlotsInFlight = 4;  // combine_rows's batch within 64 registers a thread
 
 template <bool kIdsInt64>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(LayerView v, ForwardInputs in) {
-  combine_rows<kIdsInt64>(v, in, int64_t(blockIdx.x) * kCombineThreads + threadIdx.x, int64_t(gridDim.x) * kCombineThreads);
+  combine_rows<kIdsInt64, kCombineSlotsInFlight>(v, in, int64_t(blockIdx.x) * kCombineThreads + threadIdx.x,
+                                                 int64_t(gridDim.x) * kCombineThreads);
 }
 
 // The cast-then-sum ablation (LayerOptions::combine_cast_then_sum): every received row of a valid
@@ -29,7 +31,7 @@ __global__ void __launch_bounds__(kCombineThreads) cast_rows_kernel(LayerView v,
     const int64_t slot = item / row_vectors;
     const int64_t id = load_expert_id(in.topk_ids, kIdsInt64, slot);
     if (id < 0 || id >= v.num_experts) continue;
-    const int4 raw = received.vector(slot, int(item % row_vectors));
+    const int4 raw = received.load(slot, int(item % row_vectors));
     const float2 p0 = ReceivedRows::pair(raw, 0), p1 = ReceivedRows::pair(raw, 1), p2 = ReceivedRows::pair(raw, 2),
                  p3 = ReceivedRows::pair(raw, 3);
     reinterpret_cast<float4*>(rows_f32)[2 * item] = make_float4(p0.x, p0.y, p1.x, p1.y);
@@ -37,13 +39,18 @@ __global__ void __launch_bounds__(kCombineThreads) cast_rows_kernel(LayerView v,
   }
 }
 
-// The fp32 copy, as combine_rows reads rows: acc += w * the 8 floats of row `slot` at vector `vec`.
+// The fp32 copy, as combine_rows reads rows: a slot's vector is its 8 floats at `vec`.
 struct Fp32Rows {
+  struct Vector {
+    float4 a, b;
+  };
   const float4* rows;
   int row_vectors;
-  __device__ __forceinline__ void add(int64_t slot, int vec, float w, float (&acc)[8]) const {
-    const float4 a = rows[2 * (slot * row_vectors + vec)], b = rows[2 * (slot * row_vectors + vec) + 1];
-    const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  __device__ __forceinline__ Vector load(int64_t slot, int vec) const {
+    return Vector{rows[2 * (slot * row_vectors + vec)], rows[2 * (slot * row_vectors + vec) + 1]};
+  }
+  __device__ __forceinline__ static void add(const Vector& v, float w, float (&acc)[8]) {
+    const float f[8] = {v.a.x, v.a.y, v.a.z, v.a.w, v.b.x, v.b.y, v.b.z, v.b.w};
 #pragma unroll
     for (int j = 0; j < 8; j++) acc[j] += w * f[j];
   }
@@ -51,9 +58,9 @@ struct Fp32Rows {
 
 template <bool kIdsInt64>
 __global__ void __launch_bounds__(kCombineThreads) sum_rows_kernel(LayerView v, ForwardInputs in, const float* rows_f32) {
-  combine_rows<kIdsInt64>(v, in, int64_t(blockIdx.x) * kCombineThreads + threadIdx.x,
-                          int64_t(gridDim.x) * kCombineThreads,
-                          Fp32Rows{reinterpret_cast<const float4*>(rows_f32), v.hidden / 8});
+  combine_rows<kIdsInt64, kCombineSlotsInFlight>(v, in, int64_t(blockIdx.x) * kCombineThreads + threadIdx.x,
+                                                 int64_t(gridDim.x) * kCombineThreads,
+                                                 Fp32Rows{reinterpret_cast<const float4*>(rows_f32), v.hidden / 8});
 }
 
 // CTAs for `items` work items, one per thread, within the SM budget.

@@ -28,6 +28,9 @@
 
 namespace megamoe::moe {
 
+// combine_rows's batch: 8 slots' loads in flight per thread (a thread has 168 registers here).
+inline constexpr int kFusedCombineSlotsInFlight = 8;
+
 template <class Operands, int kClusterM, int kFc2BlockN>
 struct FusedForward {
   using Fc1 = Fc1Args<Operands, kClusterM>;
@@ -129,8 +132,8 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
 
   // 5. Combine.
   const int64_t first = int64_t(blockIdx.x) * F::kThreads + threadIdx.x, stride = int64_t(gridDim.x) * F::kThreads;
-  if (p.in.ids_int64) combine_rows<true>(v, p.in, first, stride);
-  else combine_rows<false>(v, p.in, first, stride);
+  if (p.in.ids_int64) combine_rows<true, kFusedCombineSlotsInFlight>(v, p.in, first, stride);
+  else combine_rows<false, kFusedCombineSlotsInFlight>(v, p.in, first, stride);
   comm::grid_stamp_exit(v.ws.grid_sync);
 }
 
