@@ -21,9 +21,8 @@ namespace megamoe::comm {
 // kernel drains, every wait for a peer returning at once, and its CTAs must leave each phase
 // together. A sync that let CTAs run ahead would let a CTA read the schedule while CTA 0 still
 // writes it, so the two CTAs of a pair could take different numbers of GEMM windows and wait at
-// a cluster barrier for each other forever (a review's explanation of the windowed kernel's hangs,
-// not yet confirmed on a GPU: docs/GPU-RUNS.md, fifth session). Once a grid sync itself timed out
-// (a CTA missing) the syncs stop waiting: the kernel then ends as soon as it can.
+// a cluster barrier for each other forever. Once a grid sync itself timed out (a CTA missing) the
+// syncs stop waiting: the kernel then ends as soon as it can.
 __device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* status, uint64_t timeout_ns, int point) {
   __syncthreads();
   if (threadIdx.x == 0) {
