@@ -36,7 +36,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a convention of this header changes; bindings check it on load. */
-#define MEGAMOE_C_ABI_VERSION 1
+#define MEGAMOE_C_ABI_VERSION 2
 
 enum {
   MEGAMOE_OK = 0,
@@ -47,6 +47,15 @@ enum {
 enum {
   MEGAMOE_FORMAT_BF16 = 0,
   MEGAMOE_FORMAT_FP8 = 1,
+};
+
+/* How a layer's forward runs (megamoe::ForwardImpl): MEGAMOE_IMPL_DEFAULT (0: MEGAMOE_IMPL from the
+ * environment, else staged), MEGAMOE_IMPL_STAGED (1: one kernel per stage, the reference) or
+ * MEGAMOE_IMPL_FUSED (2: one persistent kernel per forward). */
+enum {
+  MEGAMOE_IMPL_DEFAULT = 0,
+  MEGAMOE_IMPL_STAGED = 1,
+  MEGAMOE_IMPL_FUSED = 2,
 };
 
 typedef struct megamoe_comm megamoe_comm;   /* a Communicator (one rank's end of it) */
@@ -104,10 +113,14 @@ MEGAMOE_C_EXPORT int megamoe_comm_info(const megamoe_comm* comm, int* rank, int*
 /* ---- layers */
 
 /* Collective over the communicator's ranks: ep_size = the communicator's world size. Allocates the
- * whole workspace on the communicator's device. num_sms = 0: every SM of the GPU. */
+ * whole workspace on the communicator's device. num_sms = 0: every SM of the GPU. impl: a
+ * MEGAMOE_IMPL_* value. pool_rows: megamoe::LayerOptions::pool_rows (0: the worst case; with the
+ * fused forward, MEGAMOE_POOL_ROWS from the environment; a multiple of 256 below the worst case runs
+ * the fused forward in windows, experimental; the staged forward rejects it). */
 MEGAMOE_C_EXPORT int megamoe_layer_create(megamoe_comm* comm, int64_t hidden, int64_t intermediate,
                                           int64_t num_experts, int64_t top_k, int64_t max_tokens_per_rank,
-                                          int weight_format, float swiglu_limit, int num_sms, megamoe_layer** out);
+                                          int weight_format, float swiglu_limit, int num_sms, int impl,
+                                          int64_t pool_rows, megamoe_layer** out);
 
 /* Synchronises the device and frees the workspace (collective for NCCL communicators). NULL is
  * accepted (no-op). */
@@ -145,8 +158,11 @@ MEGAMOE_C_EXPORT int megamoe_layer_check_errors(megamoe_layer* layer);
  * included) without blocking forever on a dead rank, then check_errors. */
 MEGAMOE_C_EXPORT int megamoe_layer_synchronize(megamoe_layer* layer, void* stream);
 
-/* The SM budget in effect and this layer's rank. */
-MEGAMOE_C_EXPORT int megamoe_layer_info(const megamoe_layer* layer, int* rank, int* num_sms);
+/* This layer's rank, the SM budget in effect, the forward implementation (MEGAMOE_IMPL_STAGED or
+ * MEGAMOE_IMPL_FUSED, as resolved at creation) and the token pool's rows (WorkspaceLayout::pool_rows).
+ * Any out-pointer may be NULL. */
+MEGAMOE_C_EXPORT int megamoe_layer_info(const megamoe_layer* layer, int* rank, int* num_sms, int* impl,
+                                        int64_t* pool_rows);
 
 /* The layer's own workspace table (WorkspaceLayout::to_string), same conventions as above. */
 MEGAMOE_C_EXPORT int megamoe_layer_workspace_table(const megamoe_layer* layer, char* out, size_t cap, size_t* len);

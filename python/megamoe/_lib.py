@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-ABI_VERSION = 1  # MEGAMOE_C_ABI_VERSION of the header these bindings were written for
+ABI_VERSION = 2  # MEGAMOE_C_ABI_VERSION of the header these bindings were written for
 LIBRARY_NAME = "libmegamoe.so"
 ENV_LIBRARY = "MEGAMOE_LIBRARY"
 
@@ -23,6 +23,10 @@ STATUS_RUNTIME_ERROR = 2
 
 FORMAT_BF16 = 0
 FORMAT_FP8 = 1
+
+IMPL_DEFAULT = 0  # MEGAMOE_IMPL from the environment, else staged
+IMPL_STAGED = 1
+IMPL_FUSED = 2
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -86,7 +90,10 @@ _SIGNATURES = {
     "megamoe_comm_create_local": (_c_int, [_c_int, _p_ptr]),
     "megamoe_comm_destroy": (_c_int, [_c_ptr]),
     "megamoe_comm_info": (_c_int, [_c_ptr, _p_int, _p_int, _p_int]),
-    "megamoe_layer_create": (_c_int, [_c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, _c_int, _c_float, _c_int, _p_ptr]),
+    # comm, hidden, intermediate, num_experts, top_k, max_tokens_per_rank, format, swiglu_limit, num_sms, impl,
+    # pool_rows, out
+    "megamoe_layer_create": (
+        _c_int, [_c_ptr, _c_i64, _c_i64, _c_i64, _c_i64, _c_i64, _c_int, _c_float, _c_int, _c_int, _c_i64, _p_ptr]),
     "megamoe_layer_destroy": (_c_int, [_c_ptr]),
     "megamoe_layer_load_weights": (_c_int, [_c_ptr, _c_int, _c_ptr, _c_ptr, _c_ptr, _c_ptr, _c_ptr]),
     "megamoe_layer_load_expert_weights": (
@@ -96,7 +103,7 @@ _SIGNATURES = {
         _c_int, [_c_ptr, _c_ptr, _c_ptr, _c_ptr, _c_int, _c_ptr, _c_ptr, _c_float, _c_i64, _c_ptr, _c_ptr]),
     "megamoe_layer_check_errors": (_c_int, [_c_ptr]),
     "megamoe_layer_synchronize": (_c_int, [_c_ptr, _c_ptr]),
-    "megamoe_layer_info": (_c_int, [_c_ptr, _p_int, _p_int]),
+    "megamoe_layer_info": (_c_int, [_c_ptr, _p_int, _p_int, _p_int, _p_i64]),  # rank, num_sms, impl, pool_rows
     "megamoe_layer_workspace_table": (_c_int, [_c_ptr, _c_ptr, _c_size, _p_size]),
     "megamoe_quantize_weights_fp8": (_c_int, [_c_ptr, _c_i64, _c_i64, _c_i64, _c_ptr, _c_ptr, _c_ptr]),
 }

@@ -43,6 +43,18 @@ def parse_weight_dtype(value: Any, name: str = "weight_dtype") -> int:
     raise ValueError("%s = %r: must be 'bf16' or 'fp8'" % (name, value))
 
 
+def parse_forward_impl(value: Any, name: str = "impl") -> int:
+    """How a layer's forward runs: None (MEGAMOE_IMPL from the environment, else 'staged'), 'staged'
+    (one kernel per stage, the reference) or 'fused' (one persistent kernel) -> the C code."""
+    if value is None:
+        return _lib.IMPL_DEFAULT
+    if value == "staged":
+        return _lib.IMPL_STAGED
+    if value == "fused":
+        return _lib.IMPL_FUSED
+    raise ValueError("%s = %r: must be None, 'staged' or 'fused'" % (name, value))
+
+
 def as_int64(value: Any, name: str) -> int:
     """An integer argument (int, numpy or torch integer scalar), or ValueError naming it."""
     if isinstance(value, bool):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import _lib
-from .core import as_float, as_int64, parse_weight_dtype, validate_shape
+from .core import as_float, as_int64, parse_forward_impl, parse_weight_dtype, validate_shape
 
 __all__ = ["MoE", "quantize_weights_fp8"]
 
@@ -252,6 +252,11 @@ class MoE:
     weight_dtype: 'fp8' (e4m3 weights with DeepSeek's 128x128 block scales, activations quantised
     per token and 128 columns on the device) or 'bf16'. swiglu_limit > 0: gate <= limit and
     |up| <= limit before SwiGLU (DeepSeek-V4). num_sms: SMs one forward may occupy (None: all).
+    impl: None (MEGAMOE_IMPL from the environment, else 'staged'), 'staged' (one kernel per stage,
+    the reference) or 'fused' (the whole forward in one persistent kernel). pool_rows: rows of the
+    token pool (0: every pair of every rank, the all-to-one worst case; with 'fused', a multiple of
+    256 below that runs FC1 and FC2 in windows of that many rows: less memory, slower, experimental).
+    The attributes `impl` and `pool_rows` say what the layer resolved them to.
 
     Destroy with close() (collective too: every rank in the same order, no CUDA graph that uses the
     layer may be replayed afterwards); dropping the last reference closes it as well.
@@ -259,7 +264,7 @@ class MoE:
 
     def __init__(self, group, num_experts: int, hidden: int, intermediate: int, top_k: int,
                  max_tokens_per_rank: int, weight_dtype="fp8", swiglu_limit: float = 0.0,
-                 num_sms: Optional[int] = None):
+                 num_sms: Optional[int] = None, impl: Optional[str] = None, pool_rows: int = 0):
         self._handle = 0
         self._comm = 0
         self._state: Optional[_LayerState] = None
@@ -278,6 +283,10 @@ class MoE:
         sms = 0 if num_sms is None else as_int64(num_sms, "num_sms")
         if sms < 0:
             raise ValueError("num_sms = %d: must be >= 1, or None for every SM" % sms)
+        impl_code = parse_forward_impl(impl)
+        pool_rows = as_int64(pool_rows, "pool_rows")
+        if pool_rows < 0:
+            raise ValueError("pool_rows = %d: must be >= 0 (0: the worst case)" % pool_rows)
 
         weight_name = "fp8" if fmt == _lib.FORMAT_FP8 else "bf16"
 
@@ -300,6 +309,8 @@ class MoE:
         self.first_expert = rank * self.experts_per_rank
         self.device = torch.device("cuda", device)
         self.num_sms = 0
+        self.impl = None
+        self.pool_rows = 0
         lib = _lib.get()
         self._lib = lib
         _destroy_deferred()
@@ -313,17 +324,20 @@ class MoE:
         self._comm = comm.value or 0
         layer = ctypes.c_void_p()
         status = lib.layer_create(self._comm, hidden, intermediate, num_experts, top_k, max_tokens_per_rank, fmt,
-                                  swiglu_limit, sms, ctypes.byref(layer))
+                                  swiglu_limit, sms, impl_code, pool_rows, ctypes.byref(layer))
         if status:
             message = lib.error_message()
             lib.comm_destroy(self._comm)
             self._comm = 0
             raise (ValueError if status == _lib.STATUS_INVALID_ARGUMENT else RuntimeError)(message)
         self._handle = layer.value or 0
-        info_rank, info_sms = ctypes.c_int(), ctypes.c_int()
-        lib.check(lib.layer_info(self._handle, ctypes.byref(info_rank), ctypes.byref(info_sms)))
+        info_rank, info_sms, info_impl, info_pool_rows = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int64()
+        lib.check(lib.layer_info(self._handle, ctypes.byref(info_rank), ctypes.byref(info_sms), ctypes.byref(info_impl),
+                                 ctypes.byref(info_pool_rows)))
 
         self.num_sms = info_sms.value  # the SM budget in effect
+        self.impl = "fused" if info_impl.value == _lib.IMPL_FUSED else "staged"
+        self.pool_rows = info_pool_rows.value
         self._loaded = [False] * self.experts_per_rank
         self._state = _LayerState(self._handle, hidden, top_k, max_tokens_per_rank, fmt == _lib.FORMAT_FP8, device,
                                   lib)
@@ -364,9 +378,10 @@ class MoE:
         if not hasattr(self, "num_sms"):
             return "MoE(<not created>)"
         return ("MoE(H=%d, I=%d, E=%d, K=%d, ep=%d, rank=%d, max_tokens_per_rank=%d, %s, swiglu_limit=%g, "
-                "num_sms=%d, %s)" % (self.hidden, self.intermediate, self.num_experts, self.top_k, self.world_size,
-                                      self.rank, self.max_tokens_per_rank, self.weight_dtype, self.swiglu_limit,
-                                      self.num_sms, "open" if self._handle else "closed"))
+                "num_sms=%d, impl=%s, pool_rows=%d, %s)" % (
+                    self.hidden, self.intermediate, self.num_experts, self.top_k, self.world_size, self.rank,
+                    self.max_tokens_per_rank, self.weight_dtype, self.swiglu_limit, self.num_sms, self.impl,
+                    self.pool_rows, "open" if self._handle else "closed"))
 
     def _require_open(self) -> None:
         if not self._handle:

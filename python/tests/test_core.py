@@ -7,6 +7,7 @@ import pytest
 
 import megamoe
 from megamoe import _lib
+from megamoe.core import parse_forward_impl
 
 # The tests' small shape: H=512, I=256, E=16, K=4, one rank, 256 tokens.
 SMALL = dict(hidden=512, intermediate=256, num_experts=16, top_k=4, max_tokens_per_rank=256, ep_size=1)
@@ -178,3 +179,14 @@ def test_error_message_is_per_call(lib):
     megamoe.validate_shape(**SMALL)  # a good call after a bad one still succeeds
     with pytest.raises(ValueError, match="^top_k"):
         megamoe.validate_shape(**dict(SMALL, top_k=0))
+
+
+@pytest.mark.parametrize("value, code", [(None, 0), ("staged", 1), ("fused", 2)])
+def test_parse_forward_impl(value, code):
+    assert parse_forward_impl(value) == code
+
+
+@pytest.mark.parametrize("value", ["", "Fused", "default", 1, True])
+def test_parse_forward_impl_bad(value):
+    with pytest.raises(ValueError, match="^impl = .*: must be None, 'staged' or 'fused'$"):
+        parse_forward_impl(value)

@@ -575,6 +575,55 @@ def test_create_bad_shape_names_the_field():
         MoE(None, num_experts=E, hidden=H, intermediate=I, top_k=K, max_tokens_per_rank=TMAX, num_sms=-1)
 
 
+def test_create_bad_impl_or_pool_rows_names_the_argument():
+    with pytest.raises(ValueError, match="^impl = 'one-kernel': "):
+        MoE(None, num_experts=E, hidden=H, intermediate=I, top_k=K, max_tokens_per_rank=TMAX, impl="one-kernel")
+    with pytest.raises(ValueError, match="^pool_rows = -256: "):
+        MoE(None, num_experts=E, hidden=H, intermediate=I, top_k=K, max_tokens_per_rank=TMAX, pool_rows=-256)
+    # The library's rules (layout.h: pool_rows_for), checked before anything is allocated.
+    with pytest.raises(ValueError, match="pool_rows = 100: must be 0 .* or a positive multiple of 256"):
+        MoE(None, num_experts=E, hidden=H, intermediate=I, top_k=K, max_tokens_per_rank=TMAX, impl="fused",
+            pool_rows=100)
+    with pytest.raises(ValueError, match="pool_rows = 256: below the 1024 rows .* only the fused forward"):
+        MoE(None, num_experts=E, hidden=H, intermediate=I, top_k=K, max_tokens_per_rank=TMAX, impl="staged",
+            pool_rows=256)
+
+
+@pytest.mark.parametrize("weight_dtype", ["bf16", "fp8"])
+def test_fused_and_windowed_forwards_equal_staged(gen, weight_dtype):
+    # impl and pool_rows reach the layer: the fused forward, and the fused forward with a 256-row pool
+    # (4 windows of this shape's 1024 worst-case rows), give the staged forward's outputs bit for bit,
+    # eager and in a graph replay, under routing that sends rows to every expert and tokens without any.
+    configs = (("staged", 0), ("fused", 0), ("fused", 256))
+    made = [MoE(None, num_experts=E, hidden=H, intermediate=I, top_k=K, max_tokens_per_rank=TMAX,
+                weight_dtype=weight_dtype, impl=impl, pool_rows=rows) for impl, rows in configs]
+    try:
+        assert [(layer.impl, layer.pool_rows) for layer in made] == [("staged", TMAX * K), ("fused", TMAX * K),
+                                                                      ("fused", 256)]
+        assert "impl=fused, pool_rows=256" in repr(made[2])
+        weights = Weights(gen, fp8=weight_dtype == "fp8")
+        for layer in made:
+            weights.load(layer)
+        x = uniform(gen, (TMAX, H))
+        ids, w = routing(gen, TMAX, mask_fraction=0.1)
+        outputs = []
+        for layer in made:
+            outputs.append(layer.forward(x, ids, w))
+            sync_and_check(layer)
+        assert_close_per_token(outputs[0], reference(x, ids, w, weights, made[0]), BOUND[weight_dtype], "staged")
+        for (impl, rows), y in zip(configs[1:], outputs[1:]):
+            assert torch.equal(y, outputs[0]), "%s, pool_rows %d: differs from the staged forward" % (impl, rows)
+        graph, graph_y = capture(lambda: made[2].forward(x, ids, w))
+        graph_y.fill_(float("nan"))  # the replay must write every element
+        graph.replay()
+        sync_and_check(made[2])
+        assert torch.equal(graph_y, outputs[0]), "fused with windows, graph replay: differs from the staged forward"
+    finally:
+        torch.cuda.synchronize()
+        for layer in made:
+            layer.close()
+
+
 @pytest.mark.filterwarnings("ignore:The CUDA Graph is empty")
 def test_create_during_capture_raises():
     graph = torch.cuda.CUDAGraph()

@@ -261,17 +261,24 @@ int megamoe_comm_info(const megamoe_comm* comm, int* rank, int* world, int* devi
 }
 
 int megamoe_layer_create(megamoe_comm* comm, int64_t hidden, int64_t intermediate, int64_t num_experts, int64_t top_k,
-                         int64_t max_tokens_per_rank, int weight_format, float swiglu_limit, int num_sms,
-                         megamoe_layer** out) {
+                         int64_t max_tokens_per_rank, int weight_format, float swiglu_limit, int num_sms, int impl,
+                         int64_t pool_rows, megamoe_layer** out) {
   return guarded([&] {
     megamoe_comm& c = require(comm, "comm");
     require_out(out, "out");
     if (num_sms < 0) invalid("num_sms = " + std::to_string(num_sms) + ": must be >= 0 (0: every SM of the GPU)");
+    if (impl != MEGAMOE_IMPL_DEFAULT && impl != MEGAMOE_IMPL_STAGED && impl != MEGAMOE_IMPL_FUSED)
+      invalid("impl = " + std::to_string(impl) + ": must be MEGAMOE_IMPL_DEFAULT (0), MEGAMOE_IMPL_STAGED (1) or " +
+              "MEGAMOE_IMPL_FUSED (2)");
     const megamoe::MoeShape shape = make_shape(hidden, intermediate, num_experts, top_k, c.comm->world_size(),
                                                max_tokens_per_rank, weight_format, swiglu_limit);
     megamoe::validate(shape);
     megamoe::LayerOptions options;
     options.num_sms = num_sms;
+    options.impl = impl == MEGAMOE_IMPL_STAGED  ? megamoe::ForwardImpl::kStaged
+                   : impl == MEGAMOE_IMPL_FUSED ? megamoe::ForwardImpl::kFused
+                                                : megamoe::ForwardImpl::kDefault;
+    options.pool_rows = pool_rows;  // checked by the layer against the shape (megamoe::pool_rows_for)
     auto handle = std::make_unique<megamoe_layer>();
     handle->comm = c.comm;
     handle->device = c.comm->device();
@@ -349,11 +356,13 @@ int megamoe_layer_synchronize(megamoe_layer* layer, void* stream) {
   });
 }
 
-int megamoe_layer_info(const megamoe_layer* layer, int* rank, int* num_sms) {
+int megamoe_layer_info(const megamoe_layer* layer, int* rank, int* num_sms, int* impl, int64_t* pool_rows) {
   return guarded([&] {
     const megamoe_layer& l = require(layer, "layer");
     if (rank) *rank = l.layer->rank();
     if (num_sms) *num_sms = l.layer->num_sms();
+    if (impl) *impl = l.layer->impl() == megamoe::ForwardImpl::kFused ? MEGAMOE_IMPL_FUSED : MEGAMOE_IMPL_STAGED;
+    if (pool_rows) *pool_rows = l.layer->layout().pool_rows();
   });
 }
 
