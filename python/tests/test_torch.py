@@ -590,14 +590,17 @@ def test_create_bad_impl_or_pool_rows_names_the_argument():
 
 
 @pytest.mark.parametrize("weight_dtype", ["bf16", "fp8"])
-def test_fused_and_windowed_forwards_equal_staged(gen, weight_dtype):
+def test_fused_and_windowed_forwards_equal_staged(gen, weight_dtype, monkeypatch):
     # impl and pool_rows reach the layer: the fused forward, and the fused forward with a 256-row pool
     # (4 windows of this shape's 1024 worst-case rows), give the staged forward's outputs bit for bit,
     # eager and in a graph replay, under routing that sends rows to every expert and tokens without any.
+    monkeypatch.delenv("MEGAMOE_POOL_ROWS", raising=False)  # pool_rows=0 must mean the worst case here
     configs = (("staged", 0), ("fused", 0), ("fused", 256))
-    made = [MoE(None, num_experts=E, hidden=H, intermediate=I, top_k=K, max_tokens_per_rank=TMAX,
-                weight_dtype=weight_dtype, impl=impl, pool_rows=rows) for impl, rows in configs]
+    made = []
     try:
+        for impl, rows in configs:
+            made.append(MoE(None, num_experts=E, hidden=H, intermediate=I, top_k=K, max_tokens_per_rank=TMAX,
+                            weight_dtype=weight_dtype, impl=impl, pool_rows=rows))
         assert [(layer.impl, layer.pool_rows) for layer in made] == [("staged", TMAX * K), ("fused", TMAX * K),
                                                                       ("fused", 256)]
         assert "impl=fused, pool_rows=256" in repr(made[2])
@@ -606,6 +609,7 @@ def test_fused_and_windowed_forwards_equal_staged(gen, weight_dtype):
             weights.load(layer)
         x = uniform(gen, (TMAX, H))
         ids, w = routing(gen, TMAX, mask_fraction=0.1)
+        ids[5] = -1  # a token without any expert (its output row must be exactly 0)
         outputs = []
         for layer in made:
             outputs.append(layer.forward(x, ids, w))

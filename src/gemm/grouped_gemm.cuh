@@ -179,8 +179,9 @@ struct NoFeed {
   __device__ static void wait_rows(const Params&, int, int) {}
 };
 inline constexpr int kFeedWarpsPerCta = 3;
-// Hardware barrier 2 (1 is the claim's, CUTLASS's named barriers start at 8): the consumer warps'
-// arrival after they hand registers back, the producer's wait before it takes them (grouped_gemm_cta).
+// Hardware barrier 2 (0 is __syncthreads, 1 the claim's; CUTLASS offsets user named barriers by 8
+// and keeps 1-7 for its own collectives, none of which runs here): the consumer warps' arrival after
+// they hand registers back, the producer's wait before it takes them (grouped_gemm_cta).
 inline constexpr int kRegisterHandbackBarrier = 2;
 inline constexpr int kConsumerWarps = 8;  // two consumer warpgroups
 

@@ -35,7 +35,7 @@ struct ReceivedRows {
 // issues the loads of up to kBatch slots before it adds the first: one load at a time left the fused
 // kernel's combine, with its 12 warps per SM, at half the combine kernel's speed. The sums still run
 // k in order, so the result does not depend on the batch. The batch's vectors live in registers:
-// 8 slots fit the fused kernel's 168 per thread, 4 the combine kernel's 64.
+// the combine kernel (64 per thread) takes 4, the fused kernel FusedForward::kCombineSlotsInFlight.
 template <bool kIdsInt64, int kBatch, class Rows>
 __device__ __forceinline__ void combine_rows(const LayerView& v, const ForwardInputs& in, int64_t first_item,
                                              int64_t stride, const Rows& rows) {

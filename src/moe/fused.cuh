@@ -28,9 +28,6 @@
 
 namespace megamoe::moe {
 
-// combine_rows's batch: 8 slots' loads in flight per thread (a thread has 168 registers here).
-inline constexpr int kFusedCombineSlotsInFlight = 8;
-
 template <class Operands, int kClusterM, int kFc2BlockN>
 struct FusedForward {
   using Fc1 = Fc1Args<Operands, kClusterM>;
@@ -40,6 +37,10 @@ struct FusedForward {
   // Registers per thread outside the GEMMs: the whole file shared evenly (setmaxnreg counts are
   // multiples of 8).
   static constexpr uint32_t kRegisters = (65536 / kThreads) / 8 * 8;
+  // combine_rows's batch: the slots whose loads a thread has in flight. 8 in BF16; in FP8, 8 made
+  // ptxas spill more in the GEMM code of the same kernel (FC1's quantising epilogue, the mainloop:
+  // 1228 bytes against 1076 in the pair kernel with 256-column FC2 tiles), 4 leaves it as it was.
+  static constexpr int kCombineSlotsInFlight = Operands::kBlockScaled ? 4 : 8;
 
   struct Params {
     LayerView v;
@@ -132,8 +133,8 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
 
   // 5. Combine.
   const int64_t first = int64_t(blockIdx.x) * F::kThreads + threadIdx.x, stride = int64_t(gridDim.x) * F::kThreads;
-  if (p.in.ids_int64) combine_rows<true, kFusedCombineSlotsInFlight>(v, p.in, first, stride);
-  else combine_rows<false, kFusedCombineSlotsInFlight>(v, p.in, first, stride);
+  if (p.in.ids_int64) combine_rows<true, F::kCombineSlotsInFlight>(v, p.in, first, stride);
+  else combine_rows<false, F::kCombineSlotsInFlight>(v, p.in, first, stride);
   comm::grid_stamp_exit(v.ws.grid_sync);
 }
 
