@@ -16,8 +16,8 @@
  *   cap > *len.
  * - Weight formats: MEGAMOE_FORMAT_BF16 (0) or MEGAMOE_FORMAT_FP8 (1, e4m3fn with fp32 128x128 block
  *   scales). Shapes are those of include/megamoe/shape.h (MoeShape).
- * - The torch-free functions (version, last_error, shape_validate, workspace_table) do not touch
- *   CUDA: they work on a machine without a GPU or a driver.
+ * - The torch-free functions (version, last_error, shape_validate, workspace_table, compact_pool_rows)
+ *   do not touch CUDA: they work on a machine without a GPU or a driver.
  */
 #ifndef MEGAMOE_C_API_H_
 #define MEGAMOE_C_API_H_
@@ -84,10 +84,19 @@ MEGAMOE_C_EXPORT int megamoe_shape_validate(int64_t hidden, int64_t intermediate
 MEGAMOE_C_EXPORT int megamoe_preset(const char* name, int64_t* hidden, int64_t* intermediate, int64_t* num_experts,
                                     int64_t* top_k, float* swiglu_limit);
 
-/* The workspace table of one rank for a shape (WorkspaceLayout::to_string; validates the shape). */
+/* The workspace table of one rank for a shape (WorkspaceLayout::to_string; validates the shape), with
+ * a token pool of pool_rows rows (0: the worst case, every pair of every rank; else a multiple of 256,
+ * the fused forward's windowed pool, as megamoe_layer_create's pool_rows). */
 MEGAMOE_C_EXPORT int megamoe_workspace_table(int64_t hidden, int64_t intermediate, int64_t num_experts, int64_t top_k,
                                              int64_t ep_size, int64_t max_tokens_per_rank, int weight_format,
-                                             float swiglu_limit, char* out, size_t cap, size_t* len);
+                                             float swiglu_limit, int64_t pool_rows, char* out, size_t cap, size_t* len);
+
+/* megamoe::compact_pool_rows: a windowed pool for the fused forward that is one window under uniform
+ * routing (1.25 x a rank's uniform share plus a 256-row unit per local expert, rounded up to 256), or
+ * 0 when no such pool is smaller than the worst case. Validates the shape. */
+MEGAMOE_C_EXPORT int megamoe_compact_pool_rows(int64_t hidden, int64_t intermediate, int64_t num_experts, int64_t top_k,
+                                               int64_t ep_size, int64_t max_tokens_per_rank, int weight_format,
+                                               float swiglu_limit, int64_t* out);
 
 /* ---- communicators */
 

@@ -168,6 +168,39 @@ def test_workspace_table_scales_with_ep(lib):
     assert "GiB" in " ".join(_row(one, "token_pool"))
 
 
+def test_workspace_table_with_a_windowed_pool(lib):
+    # SMALL's worst case is 1 * 256 * 4 = 1024 pool rows; 256 rows are a quarter of the token pool
+    # (and of fc1_out), in both dtypes.
+    assert "1.00 MiB" in " ".join(_row(megamoe.workspace_table(**SMALL, pool_rows=0), "token_pool"))
+    table = megamoe.workspace_table(**SMALL, pool_rows=256)
+    assert "256.00 KiB" in " ".join(_row(table, "token_pool")), _row(table, "token_pool")
+    assert "pool_windows" in table
+    fp8 = megamoe.workspace_table(**SMALL, weight_dtype="fp8", pool_rows=256)
+    assert "128.00 KiB" in " ".join(_row(fp8, "token_pool")), _row(fp8, "token_pool")
+    # at least the worst case: no windows, the worst-case pool
+    assert "1.00 MiB" in " ".join(_row(megamoe.workspace_table(**SMALL, pool_rows=2048), "token_pool"))
+
+
+@pytest.mark.parametrize("rows", [100, -256, 255])
+def test_workspace_table_bad_pool_rows(lib, rows):
+    with pytest.raises(ValueError, match="^pool_rows = %d: must be 0 .* or a positive multiple of 256" % rows):
+        megamoe.workspace_table(**SMALL, pool_rows=rows)
+
+
+def test_compact_pool_rows(lib):
+    # SMALL: 1.25 x 1024 + 256 x 16 experts is above the 1024 worst-case rows: no smaller pool.
+    assert megamoe.compact_pool_rows(**SMALL) == 0
+    # DSV3 at EP 8: 1.25 x 4096 x 8 + 256 x 32 = 49152 rows, a multiple of 256, against 262144.
+    rows = megamoe.compact_pool_rows(**DSV3)
+    assert rows == 49152
+    worst = megamoe.workspace_table(**DSV3)
+    compact = megamoe.workspace_table(**DSV3, pool_rows=rows)
+    total = lambda t: re.search(r"total ([0-9.]+ [KMG]iB)", t).group(1)  # noqa: E731
+    assert total(compact) != total(worst), (total(compact), total(worst))
+    with pytest.raises(ValueError, match="^top_k = 0: "):
+        megamoe.compact_pool_rows(**dict(DSV3, top_k=0))
+
+
 def test_workspace_table_invalid_shape(lib):
     with pytest.raises(ValueError, match="^intermediate = 100: "):
         megamoe.workspace_table(**dict(SMALL, intermediate=100))

@@ -199,13 +199,24 @@ int megamoe_preset(const char* name, int64_t* hidden, int64_t* intermediate, int
 }
 
 int megamoe_workspace_table(int64_t hidden, int64_t intermediate, int64_t num_experts, int64_t top_k, int64_t ep_size,
-                            int64_t max_tokens_per_rank, int weight_format, float swiglu_limit, char* out, size_t cap,
-                            size_t* len) {
+                            int64_t max_tokens_per_rank, int weight_format, float swiglu_limit, int64_t pool_rows,
+                            char* out, size_t cap, size_t* len) {
   return guarded([&] {
     const megamoe::MoeShape shape =
         make_shape(hidden, intermediate, num_experts, top_k, ep_size, max_tokens_per_rank, weight_format, swiglu_limit);
     megamoe::validate(shape);
-    write_bytes(megamoe::WorkspaceLayout(shape).to_string(), out, cap, len);
+    write_bytes(megamoe::WorkspaceLayout(shape, pool_rows).to_string(), out, cap, len);  // checks pool_rows
+  });
+}
+
+int megamoe_compact_pool_rows(int64_t hidden, int64_t intermediate, int64_t num_experts, int64_t top_k, int64_t ep_size,
+                              int64_t max_tokens_per_rank, int weight_format, float swiglu_limit, int64_t* out) {
+  return guarded([&] {
+    require_out(out, "out");
+    const megamoe::MoeShape shape =
+        make_shape(hidden, intermediate, num_experts, top_k, ep_size, max_tokens_per_rank, weight_format, swiglu_limit);
+    megamoe::validate(shape);
+    *out = megamoe::compact_pool_rows(shape);
   });
 }
 
