@@ -52,7 +52,8 @@ void launch_combine_cast_then_sum(const LayerView& v, const ForwardInputs& in, f
                                   cudaStream_t stream);
 
 // Where the fused kernel's CTAs meet, in order (DeviceStatus::grid_sync_point on a timeout); the
-// last is also the number of grid syncs per forward.
+// last is also the number of grid syncs per forward without pool windows (each window past the first
+// adds an FC1 and an FC2 sync).
 enum FusedSyncPoint : int32_t {
   kSyncClaimed = 1,
   kSyncDispatched = 2,
