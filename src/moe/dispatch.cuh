@@ -42,9 +42,13 @@ inline size_t schedule_smem_bytes(int experts_per_rank, int world_size) {
   return sizeof(int32_t) * (3 * size_t(experts_per_rank) + 2 + 2 * size_t(world_size) + 1);
 }
 
-// The claim's CTA-wide barrier: named barrier 1 over its kClaimThreads threads, so that a larger CTA
-// (the fused kernel's) can run the claim on its first kClaimThreads threads while the rest wait.
-__device__ __forceinline__ void claim_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kClaimThreads) : "memory"); }
+// The claim's CTA-wide barrier: named barrier 1 over the kCtaThreads threads of the CTA. A larger CTA
+// than the claim's (the fused kernel's) runs the claim on its first kClaimThreads threads, and the
+// others take part in every one of its barriers (claim_barriers_only): after a named barrier that only
+// part of a CTA took, compute-sanitizer's racecheck reported hazards on later shared-memory accesses
+// that __syncthreads orders (a probe kernel reproduces them).
+template <int kCtaThreads>
+__device__ __forceinline__ void claim_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kCtaThreads) : "memory"); }
 
 // Tokens [token_begin, token_begin + count) of x into token_staging, in the layer's format, by the
 // claim's kClaimThreads threads.
@@ -104,8 +108,9 @@ __device__ __forceinline__ void stage_tokens(const LayerView& v, const ForwardIn
 
 // One claim CTA (its first kClaimThreads threads) stages its share of the tokens, then handles chunks of
 // kClaimTokensPerCta tokens: blockIdx.x, blockIdx.x + gridDim.x, ... (the grid stays within the SM
-// budget); then the last CTA to finish publishes this rank's list lengths.
-template <bool kIdsInt64>
+// budget); then the last CTA to finish publishes this rank's list lengths. Its barriers (4 per chunk,
+// 2 at the end) are what claim_barriers_only repeats.
+template <bool kIdsInt64, int kCtaThreads = kClaimThreads>
 __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInputs& in, int32_t* smem) {
   int32_t* expert_pairs = smem;                               // [E] pairs of this chunk per expert
   int32_t* expert_first_slot = expert_pairs + v.num_experts;  // [E] first slot claimed on the owner
@@ -128,7 +133,7 @@ __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInput
 
     for (int i = threadIdx.x; i < E; i += kClaimThreads) expert_pairs[i] = 0;
     for (int i = threadIdx.x; i < v.world_size; i += kClaimThreads) rank_pairs[i] = 0;
-    claim_sync();
+    claim_sync<kCtaThreads>();
 
     // Count, and remember each pair's position within its expert and its owner's list.
     int32_t pair_expert[kClaimPairsPerThread], pos_in_expert[kClaimPairsPerThread], pos_in_list[kClaimPairsPerThread];
@@ -149,7 +154,7 @@ __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInput
         }
       }
     }
-    claim_sync();
+    claim_sync<kCtaThreads>();
 
     // One remote atomic per (chunk, expert): claim slots on the owner.
     for (int e = threadIdx.x; e < E; e += kClaimThreads) {
@@ -163,7 +168,7 @@ __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInput
       const int n = rank_pairs[r];
       if (n) rank_first_entry[r] = atomicAdd(&v.ws.send_pair_count[r], n);
     }
-    claim_sync();
+    claim_sync<kCtaThreads>();
 
 #pragma unroll
     for (int j = 0; j < kClaimPairsPerThread; j++) {
@@ -176,20 +181,30 @@ __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInput
                          RecvPair{id % experts_per_rank, expert_first_slot[id] + pos_in_expert[j], token_begin * K + p, 0});
       }
     }
-    claim_sync();  // the counters are reset for the next chunk only after every thread used them
+    claim_sync<kCtaThreads>();  // the counters are reset for the next chunk only after every thread used them
   }
 
   // The last CTA publishes this rank's list lengths on every owner (zero included).
   __threadfence_system();
-  claim_sync();
+  claim_sync<kCtaThreads>();
   if (threadIdx.x == 0) is_last_cta = atomicAdd(v.ws.dispatch_done_ctas, 1) == int(gridDim.x) - 1;
-  claim_sync();
+  claim_sync<kCtaThreads>();
   if (is_last_cta) {
     __threadfence();
     for (int r = threadIdx.x; r < v.world_size; r += kClaimThreads)
       comm::peer_store(v.peers, v.ws.source_pair_count + v.rank, r, atomicAdd(&v.ws.send_pair_count[r], 0));
     __threadfence_system();
   }
+}
+
+// The threads of a CTA past the claim's kClaimThreads: every barrier of claim_cta, nothing else. One
+// chunk takes 4 barriers, the end 2.
+template <int kCtaThreads>
+__device__ __forceinline__ void claim_barriers_only(const LayerView& v, const ForwardInputs& in) {
+  const int num_tokens = read_token_count(in.tokens, v.max_tokens, v.status(), false);
+  const int chunks = (num_tokens + kClaimTokensPerCta - 1) / kClaimTokensPerCta;
+  const int cta_chunks = chunks > int(blockIdx.x) ? (chunks - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x) : 0;
+  for (int i = 0; i < 4 * cta_chunks + 2; i++) claim_sync<kCtaThreads>();
 }
 
 // Exclusive prefix sums by one warp: out[i] = sum(in[0..i)), out[n] = total; optionally also the

@@ -81,8 +81,10 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
   comm::grid_stamp_start(v.ws.grid_sync);
   // 1. Claim: stage this rank's tokens, claim slots on the experts' owners.
   if (threadIdx.x < kClaimThreads) {
-    if (p.in.ids_int64) claim_cta<true>(v, p.in, small_smem);
-    else claim_cta<false>(v, p.in, small_smem);
+    if (p.in.ids_int64) claim_cta<true, F::kThreads>(v, p.in, small_smem);
+    else claim_cta<false, F::kThreads>(v, p.in, small_smem);
+  } else {
+    claim_barriers_only<F::kThreads>(v, p.in);
   }
   sync(kSyncClaimed);
   if (blockIdx.x == 0) comm::device_barrier_cta(p.barrier, kDispatchBarrier);
