@@ -46,9 +46,10 @@ inline size_t schedule_smem_bytes(int experts_per_rank, int world_size) {
 // than the claim's (the fused kernel's) runs the claim on its first kClaimThreads threads, and the
 // others take part in every one of its barriers (claim_barriers_only): after a named barrier that only
 // part of a CTA took, compute-sanitizer's racecheck reported hazards on later shared-memory accesses
-// that __syncthreads orders (a probe kernel reproduces them).
+// that __syncthreads orders (a probe kernel reproduces them). The non-.aligned form, since the two
+// groups reach it from different code (bar.sync is .aligned: synccheck reports divergent threads).
 template <int kCtaThreads>
-__device__ __forceinline__ void claim_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kCtaThreads) : "memory"); }
+__device__ __forceinline__ void claim_sync() { asm volatile("barrier.sync 1, %0;" ::"n"(kCtaThreads) : "memory"); }
 
 // Tokens [token_begin, token_begin + count) of x into token_staging, in the layer's format, by the
 // claim's kClaimThreads threads.
