@@ -23,8 +23,15 @@ namespace megamoe::comm {
 // writes it, so the two CTAs of a pair could take different numbers of GEMM windows and wait at
 // a cluster barrier for each other forever. Once a grid sync itself timed out (a CTA missing) the
 // syncs stop waiting: the kernel then ends as soon as it can.
+// kAnyBranch: the CTA's barriers are the non-.aligned ones, for callers whose warpgroups call from
+// branches of their own (the windowed fused kernel).
+template <bool kAnyBranch = false>
 __device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* status, uint64_t timeout_ns, int point) {
-  __syncthreads();
+  auto cta_sync = [] {
+    if constexpr (kAnyBranch) cta_sync_any_branch();
+    else __syncthreads();
+  };
+  cta_sync();
   if (threadIdx.x == 0) {
     // Read before arriving: the generation cannot move on until this CTA has arrived.
     const uint32_t generation = *reinterpret_cast<volatile uint32_t*>(&state->generation);
@@ -51,7 +58,7 @@ __device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* st
     }
     __threadfence();
   }
-  __syncthreads();
+  cta_sync();
 }
 
 // The kernel's start (CTA 0, first thing) and end (the last CTA to leave) into state->stage_ns; the

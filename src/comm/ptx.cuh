@@ -39,6 +39,11 @@ __device__ __forceinline__ bool mbarrier_try_wait_parity(const uint64_t* barrier
   return done != 0;
 }
 
+// A barrier over the whole CTA that its warps may reach from different places in the code (the
+// non-.aligned form: __syncthreads is .aligned, which requires every thread of the CTA to execute the
+// same instruction), e.g. the windowed fused kernel's grid syncs inside its warpgroups' role branches.
+__device__ __forceinline__ void cta_sync_any_branch() { asm volatile("barrier.sync 0;" ::: "memory"); }
+
 // Ends an mbarrier's life, so that its shared memory may hold a freshly initialised one (a fused
 // kernel's second GEMM).
 __device__ __forceinline__ void mbarrier_invalidate(uint64_t* barrier) {

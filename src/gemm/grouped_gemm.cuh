@@ -181,7 +181,8 @@ struct NoFeed {
 inline constexpr int kFeedWarpsPerCta = 3;
 // Hardware barrier 2 (0 is __syncthreads, 1 the claim's; CUTLASS offsets user named barriers by 8
 // and keeps 1-7 for its own collectives, none of which runs here): the consumer warps' arrival after
-// they hand registers back, the producer's wait before it takes them (grouped_gemm_cta).
+// they hand registers back, the producer's wait before it takes them (grouped_gemm_cta, the fused
+// forward).
 inline constexpr int kRegisterHandbackBarrier = 2;
 inline constexpr int kConsumerWarps = 8;  // two consumer warpgroups
 
@@ -291,7 +292,11 @@ struct TileValues {
 // every warpgroup returns to it before leaving. The CTA's mbarriers are initialised here and
 // invalidated at the end, so the same shared memory may hold another GEMM's next. `window`: the
 // schedule's window this call computes (GroupedSchedule::windows; 0 without a window table).
-template <class Config, class Epilogue, class Feed, uint32_t kRegistersAfter = 0>
+// kRole: -1, every thread of the CTA calls and the warpgroups take their roles (and registers) here;
+// 0 or 1, the caller has split the register file between the roles already, and calls from a branch
+// per role: the producer warpgroup with 0, the consumer warpgroups with 1. Then nothing here changes
+// registers, and the CTA-wide barriers are the non-.aligned ones.
+template <class Config, class Epilogue, class Feed, uint32_t kRegistersAfter = 0, int kRole = -1>
 __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, const CUtensorMap* tma_b_ptr,
                                                  const GroupedProblem& problem,
                                                  const typename Epilogue::Params& epilogue_params,
@@ -303,9 +308,17 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
   using PipelineState = cutlass::PipelineState<kStages>;
   constexpr bool kHasFeed = !std::is_same_v<Feed, NoFeed>;
   constexpr uint32_t kProducerRegisters = kHasFeed ? 56 : 24, kConsumerRegisters = kHasFeed ? 224 : 240;
+  constexpr bool kRoleGiven = kRole >= 0;
+  static_assert(kRole >= -1 && kRole <= 1 && !(kRoleGiven && kRegistersAfter != 0));
   static_assert(kRegistersAfter == 0 || (kRegistersAfter % 8 == 0 && kRegistersAfter >= kProducerRegisters &&
                                          kRegistersAfter <= kConsumerRegisters),
                 "setmaxnreg: the count after the GEMM must lie between the producer's and the consumers'");
+  // The shared memory is used again after this call (a fused kernel): leave once every wait is over.
+  constexpr bool kSharedMemoryReused = kRegistersAfter != 0 || kRoleGiven;
+  auto cta_sync = [] {
+    if constexpr (kRoleGiven) comm::cta_sync_any_branch();
+    else __syncthreads();
+  };
   const CUtensorMap& tma_a = *tma_a_ptr;
   const CUtensorMap& tma_b = *tma_b_ptr;
 
@@ -334,18 +347,18 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     cluster_arrive_relaxed();  // barriers initialised before any peer multicasts or arrives on them
     cluster_wait();
   } else {
-    __syncthreads();
+    cta_sync();
   }
 
   const int n_blocks = problem.n / BN;
   const int k_blocks = problem.k / BK;
   const int num_items = total_units(problem.schedule, window) * n_blocks;
 
-  const int warpgroup = threadIdx.x / 128;
-  if (warpgroup == 0) {
+  const bool producer = kRoleGiven ? kRole == 0 : threadIdx.x / 128 == 0;
+  if (producer) {
     // The 64K register file: 56 + 2 x 224 per thread when feed warps copy rows (they need more than
     // 40), else 24 + 2 x 240 (only the TMA thread works here).
-    cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
+    if constexpr (!kRoleGiven) cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
     if (threadIdx.x >= 32) {
       Feed::copy_rows(feed, int(blockIdx.x) * kFeedWarpsPerCta + int(threadIdx.x) / 32 - 1,
                       int(gridDim.x) * kFeedWarpsPerCta, window);
@@ -389,7 +402,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
       cutlass::arch::warpgroup_reg_alloc<kRegistersAfter>();
     }
   } else {
-    cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
+    if constexpr (!kRoleGiven) cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
     const int consumer_tid = threadIdx.x - 128;
     const int consumer_wg = consumer_tid / 128;
     const bool releases = consumer_tid % 32 == 0;  // one arrival per consumer warp (see the empty barriers)
@@ -636,17 +649,17 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
   if constexpr (kCluster > 1) {
     cute::cluster_arrive();  // release: this CTA's arrivals on its peer's barriers land before the peer may exit
     cluster_wait();
-  } else if constexpr (kRegistersAfter != 0) {
-    __syncthreads();
+  } else if constexpr (kSharedMemoryReused) {
+    cta_sync();
   }
-  if constexpr (kRegistersAfter != 0) {
+  if constexpr (kSharedMemoryReused) {
     // Every wait on these barriers is over (the cluster barrier above): they may be re-initialised.
     if (threadIdx.x == 0)
       for (int s = 0; s < kStages; s++) {
         comm::mbarrier_invalidate(&smem.full[s]);
         comm::mbarrier_invalidate(&smem.empty[s]);
       }
-    __syncthreads();
+    cta_sync();
   }
 }
 

@@ -37,6 +37,12 @@ struct FusedForward {
   // Registers per thread outside the GEMMs: the whole file shared evenly (setmaxnreg counts are
   // multiples of 8).
   static constexpr uint32_t kRegisters = (65536 / kThreads) / 8 * 8;
+  // The windowed kernel's split for both GEMMs (it runs them role by role): what the producer
+  // warpgroup gives up is all the consumers may take (the CTA holds 3 x kRegisters per thread slot);
+  // FC1's feed warps get by with 40, and FC2's epilogue wants the most the consumers can have.
+  static constexpr uint32_t kProducerRegisters = 40;
+  static constexpr uint32_t kConsumerRegisters = (3 * kRegisters - kProducerRegisters) / 2 / 8 * 8;
+  static_assert(kProducerRegisters + 2 * kConsumerRegisters <= 3 * kRegisters && kConsumerRegisters == 232);
   // combine_rows's batch: the slots whose loads a thread has in flight. 8 in BF16; in FP8, 8 made
   // ptxas spill more in the GEMM code of the same kernel (FC1's quantising epilogue, the mainloop:
   // 1228 bytes against 1076 in the pair kernel with 256-column FC2 tiles), 4 leaves it as it was.
@@ -77,6 +83,10 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
   int32_t* small_smem = reinterpret_cast<int32_t*>(smem);  // the claim's and the schedule's counters
   const LayerView& v = p.v;
   auto sync = [&](FusedSyncPoint point) { comm::grid_sync(v.ws.grid_sync, v.status(), v.wait_timeout_ns, point); };
+  // The same from the warpgroups' own branches (the windowed kernel's GEMMs).
+  auto sync_in_branch = [&](FusedSyncPoint point) {
+    comm::grid_sync<true>(v.ws.grid_sync, v.status(), v.wait_timeout_ns, point);
+  };
 
   comm::grid_stamp_start(v.ws.grid_sync);
   // 1. Claim: stage this rank's tokens, claim slots on the experts' owners.
@@ -94,18 +104,22 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
   schedule_cta<F::kThreads>(v, p.unit_rows, p.window_units, small_smem);
   sync(kSyncScheduled);
 
-  // 3-4. The two grouped GEMMs, window by window (the window table, schedule_cta), each warpgroup
-  // back at kRegisters after each.
-  auto gemms_of_window = [&](int w) {
-    gemm::grouped_gemm_cta<typename F::Fc1::Config, typename F::Fc1::Epilogue, PullRowsFeed, F::kRegisters>(
+  // 3-4. The two grouped GEMMs, window by window (the window table, schedule_cta).
+  auto gemms_of_window = [&](auto role_c, int w) {
+    constexpr int kRole = decltype(role_c)::value;
+    // Without role branches (kRole -1), each warpgroup goes back to kRegisters after each GEMM.
+    constexpr uint32_t kAfter = kRole < 0 ? F::kRegisters : 0;
+    gemm::grouped_gemm_cta<typename F::Fc1::Config, typename F::Fc1::Epilogue, PullRowsFeed, kAfter, kRole>(
         &pool, &w1, p.fc1.problem, p.fc1.params, p.fc1.feed, smem, w);
-    sync(kSyncFc1Done);
+    if constexpr (kRole < 0) sync(kSyncFc1Done);
+    else sync_in_branch(kSyncFc1Done);
     // FC1's epilogue wrote fc1_out through the generic proxy; FC2's TMA reads it through the async
     // one (in the staged path the kernel boundary orders them).
     asm volatile("fence.proxy.async.global;" ::: "memory");
-    gemm::grouped_gemm_cta<typename F::Fc2::Config, typename F::Fc2::Epilogue, gemm::NoFeed, F::kRegisters>(
+    gemm::grouped_gemm_cta<typename F::Fc2::Config, typename F::Fc2::Epilogue, gemm::NoFeed, kAfter, kRole>(
         &fc1_out, &w2, p.fc2.problem, p.fc2.params, gemm::NoFeed::Params{}, smem, w);
-    sync(kSyncFc2Done);
+    if constexpr (kRole < 0) sync(kSyncFc2Done);
+    else sync_in_branch(kSyncFc2Done);
   };
   if constexpr (kWindowed) {
     // Every CTA reads the same schedule, so all take the same number of windows (and grid syncs).
@@ -116,13 +130,32 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
     if (units == 0 && blockIdx.x == 0 && threadIdx.x == 0)
       v.ws.grid_sync->stage_ns[kSyncFc1Done] = v.ws.grid_sync->stage_ns[kSyncFc2Done] =
           v.ws.grid_sync->stage_ns[kSyncScheduled];
-    for (int w = 0; w * p.window_units < units; w++) {
-      gemms_of_window(w);
-      // The next window's generic writes (pool rows, fc1_out) follow this one's TMA reads of them.
-      asm volatile("fence.proxy.async.global;" ::: "memory");
+    // The warpgroups split the register file once for every window (F::kProducerRegisters,
+    // F::kConsumerRegisters) and each runs its role's part of the GEMMs, and the grid syncs, in a
+    // branch of its own: with register changes for the whole CTA around each GEMM inside the loop,
+    // ptxas compiled the GEMM code at a smaller budget (600-1700 bytes of spills in FP8).
+    auto windows = [&](auto role_c) {
+      for (int w = 0; w * p.window_units < units; w++) {
+        gemms_of_window(role_c, w);
+        // The next window's generic writes (pool rows, fc1_out) follow this one's TMA reads of them.
+        asm volatile("fence.proxy.async.global;" ::: "memory");
+      }
+    };
+    if (threadIdx.x < 128) {
+      cutlass::arch::warpgroup_reg_dealloc<F::kProducerRegisters>();
+      windows(std::integral_constant<int, 0>{});
+      // Back to the kernel's count only once every consumer warp has given its own back
+      // (gemm::kRegisterHandbackBarrier; grouped_gemm_cta says why).
+      asm volatile("bar.sync %0, %1;" ::"n"(gemm::kRegisterHandbackBarrier), "n"(F::kThreads) : "memory");
+      cutlass::arch::warpgroup_reg_alloc<F::kRegisters>();
+    } else {
+      cutlass::arch::warpgroup_reg_alloc<F::kConsumerRegisters>();
+      windows(std::integral_constant<int, 1>{});
+      cutlass::arch::warpgroup_reg_dealloc<F::kRegisters>();
+      asm volatile("bar.arrive %0, %1;" ::"n"(gemm::kRegisterHandbackBarrier), "n"(F::kThreads) : "memory");
     }
   } else {
-    gemms_of_window(0);
+    gemms_of_window(std::integral_constant<int, -1>{}, 0);
   }
 
   // Every reader of the counters has run: zero them for the next forward, then the combine barrier
