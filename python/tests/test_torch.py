@@ -580,11 +580,12 @@ def test_create_bad_impl_or_pool_rows_names_the_argument():
         MoE(None, num_experts=E, hidden=H, intermediate=I, top_k=K, max_tokens_per_rank=TMAX, impl="one-kernel")
     with pytest.raises(ValueError, match="^pool_rows = -256: "):
         MoE(None, num_experts=E, hidden=H, intermediate=I, top_k=K, max_tokens_per_rank=TMAX, pool_rows=-256)
-    # The library's rules (layout.h: pool_rows_for), checked before anything is allocated.
-    with pytest.raises(ValueError, match="pool_rows = 100: must be 0 .* or a positive multiple of 256"):
+    # The library's rules (layout.h: pool_rows_for), checked before anything is allocated and named as
+    # the argument (pool_rows, not the C++ layer's options.pool_rows).
+    with pytest.raises(ValueError, match=r"(?<![.\w])pool_rows = 100: must be 0 .* or a positive multiple of 256"):
         MoE(None, num_experts=E, hidden=H, intermediate=I, top_k=K, max_tokens_per_rank=TMAX, impl="fused",
             pool_rows=100)
-    with pytest.raises(ValueError, match="pool_rows = 256: below the 1024 rows .* only the fused forward"):
+    with pytest.raises(ValueError, match=r"(?<![.\w])pool_rows = 256: below the 1024 rows .* only the fused forward"):
         MoE(None, num_experts=E, hidden=H, intermediate=I, top_k=K, max_tokens_per_rank=TMAX, impl="staged",
             pool_rows=256)
 

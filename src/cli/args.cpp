@@ -263,9 +263,6 @@ BenchOptions parse_bench_options(const Args& a) {
                           "nothing would run (add staged, or keep the defaults prefix and fused)");
   o.sms = int(a.integer("sms", 0, 1, kMaxSms));
   o.pool_rows = a.integer("pool-rows", 0, 0, kMaxBenchTokens * kMaxEpSize * kMaxTopK);
-  if (o.pool_rows % kPoolRowsMultiple)
-    throw InvalidArgument("--pool-rows " + std::to_string(o.pool_rows) + ": must be 0 or a multiple of " +
-                          std::to_string(kPoolRowsMultiple) + " (the fused forward's windows are whole 256-row units)");
   if (o.pool_rows && std::find(o.impls.begin(), o.impls.end(), "fused") == o.impls.end())
     throw InvalidArgument("--pool-rows: sizes the fused forward's pool; add --impl fused (the staged forward's pool "
                           "always holds every pair of every rank)");
@@ -275,7 +272,7 @@ BenchOptions parse_bench_options(const Args& a) {
   // shapes again once it has counted the GPUs.
   int64_t ranks = o.gpus > 0 ? o.gpus : 1;
   if (const std::optional<RankEnv> env = rank_env_from_environment()) ranks = env->world_size;
-  for (const std::string& p : o.presets) o.shape(p, ranks);
+  for (const std::string& p : o.presets) validate_pool_rows(o.shape(p, ranks), o.pool_rows, "--pool-rows");
   return o;
 }
 
