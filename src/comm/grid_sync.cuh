@@ -27,11 +27,7 @@ namespace megamoe::comm {
 // branches of their own (the windowed fused kernel).
 template <bool kAnyBranch = false>
 __device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* status, uint64_t timeout_ns, int point) {
-  auto cta_sync = [] {
-    if constexpr (kAnyBranch) cta_sync_any_branch();
-    else __syncthreads();
-  };
-  cta_sync();
+  cta_sync<kAnyBranch>();
   if (threadIdx.x == 0) {
     // Read before arriving: the generation cannot move on until this CTA has arrived.
     const uint32_t generation = *reinterpret_cast<volatile uint32_t*>(&state->generation);
@@ -58,7 +54,7 @@ __device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* st
     }
     __threadfence();
   }
-  cta_sync();
+  cta_sync<kAnyBranch>();
 }
 
 // The kernel's start (CTA 0, first thing) and end (the last CTA to leave) into state->stage_ns; the

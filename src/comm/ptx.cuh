@@ -39,10 +39,15 @@ __device__ __forceinline__ bool mbarrier_try_wait_parity(const uint64_t* barrier
   return done != 0;
 }
 
-// A barrier over the whole CTA that its warps may reach from different places in the code (the
-// non-.aligned form: __syncthreads is .aligned, which requires every thread of the CTA to execute the
-// same instruction), e.g. the windowed fused kernel's grid syncs inside its warpgroups' role branches.
-__device__ __forceinline__ void cta_sync_any_branch() { asm volatile("barrier.sync 0;" ::: "memory"); }
+// A barrier over the whole CTA. kAnyBranch: its warps may reach it from different places in the code
+// (the non-.aligned barrier.sync; __syncthreads is .aligned, which requires every thread of the CTA
+// to execute the same instruction), e.g. the windowed fused kernel's warpgroups in their role
+// branches.
+template <bool kAnyBranch>
+__device__ __forceinline__ void cta_sync() {
+  if constexpr (kAnyBranch) asm volatile("barrier.sync 0;" ::: "memory");
+  else __syncthreads();
+}
 
 // Ends an mbarrier's life, so that its shared memory may hold a freshly initialised one (a fused
 // kernel's second GEMM).

@@ -184,6 +184,24 @@ inline constexpr int kFeedWarpsPerCta = 3;
 // they hand registers back, the producer's wait before it takes them (grouped_gemm_cta, the fused
 // forward).
 inline constexpr int kRegisterHandbackBarrier = 2;
+
+// Back to kCount registers after a region with the producer / consumer split, in the order that
+// keeps every allocation satisfiable: the consumer warps give theirs back and arrive, the producer
+// warpgroup waits for all of them before it takes its own. Taken earlier, the producer of a CTA
+// without work could grab what fast consumer warps had freed before a slow consumer warp had even
+// made its allocation for the region; that warp then waited for registers forever, and its CTA, its
+// pair and the grid sync with it (cuda-gdb on the fused windowed kernel at loopback W = 4, and every
+// fused kernel under compute-sanitizer). kThreads: the CTA's.
+template <uint32_t kCount, int kThreads>
+__device__ __forceinline__ void consumers_hand_back_registers() {
+  cutlass::arch::warpgroup_reg_dealloc<kCount>();
+  asm volatile("bar.arrive %0, %1;" ::"n"(kRegisterHandbackBarrier), "n"(kThreads) : "memory");
+}
+template <uint32_t kCount, int kThreads>
+__device__ __forceinline__ void producer_takes_back_registers() {
+  asm volatile("bar.sync %0, %1;" ::"n"(kRegisterHandbackBarrier), "n"(kThreads) : "memory");
+  cutlass::arch::warpgroup_reg_alloc<kCount>();
+}
 inline constexpr int kConsumerWarps = 8;  // two consumer warpgroups
 
 // kOverlapAllowed_: whether CTA pairs may overlap the fp8 promotion (kOverlapPromotion); FC1 does,
@@ -315,10 +333,6 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
                 "setmaxnreg: the count after the GEMM must lie between the producer's and the consumers'");
   // The shared memory is used again after this call (a fused kernel): leave once every wait is over.
   constexpr bool kSharedMemoryReused = kRegistersAfter != 0 || kRoleGiven;
-  auto cta_sync = [] {
-    if constexpr (kRoleGiven) comm::cta_sync_any_branch();
-    else __syncthreads();
-  };
   const CUtensorMap& tma_a = *tma_a_ptr;
   const CUtensorMap& tma_b = *tma_b_ptr;
 
@@ -347,7 +361,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     cluster_arrive_relaxed();  // barriers initialised before any peer multicasts or arrives on them
     cluster_wait();
   } else {
-    cta_sync();
+    comm::cta_sync<kRoleGiven>();
   }
 
   const int n_blocks = problem.n / BN;
@@ -391,16 +405,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     // .aligned (every lane of a warp must execute it together); lanes arriving while lane 0 still
     // issues loads stalled the pipeline of CTA pairs about once in a few hundred forwards.
     __syncwarp();
-    if constexpr (kRegistersAfter != 0) {
-      // The producer takes its registers back only once every consumer warp has given its own back
-      // (kRegisterHandbackBarrier): then the free registers are exactly what it asks for. Taken
-      // earlier, the producer of a CTA without work in this GEMM could grab what fast consumer warps
-      // had freed before a slow consumer warp had even made its allocation above; that warp then
-      // waited for registers forever, and its CTA, its pair and the grid sync with it (cuda-gdb on the
-      // fused windowed kernel at loopback W = 4, and every fused kernel under compute-sanitizer).
-      asm volatile("bar.sync %0, %1;" ::"n"(kRegisterHandbackBarrier), "n"(Config::kThreads) : "memory");
-      cutlass::arch::warpgroup_reg_alloc<kRegistersAfter>();
-    }
+    if constexpr (kRegistersAfter != 0) producer_takes_back_registers<kRegistersAfter, Config::kThreads>();
   } else {
     if constexpr (!kRoleGiven) cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
     const int consumer_tid = threadIdx.x - 128;
@@ -639,10 +644,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     // Epilogues may store to peers; the barrier that follows the GEMM publishes them system-wide.
     __threadfence_system();
     __syncwarp();  // the epilogue's stores diverge; the cluster barrier below is .aligned
-    if constexpr (kRegistersAfter != 0) {
-      cutlass::arch::warpgroup_reg_dealloc<kRegistersAfter>();
-      asm volatile("bar.arrive %0, %1;" ::"n"(kRegisterHandbackBarrier), "n"(Config::kThreads) : "memory");
-    }
+    if constexpr (kRegistersAfter != 0) consumers_hand_back_registers<kRegistersAfter, Config::kThreads>();
   }
   // No CTA may leave while its cluster peer can still multicast into its shared memory or arrive on
   // its barriers.
@@ -650,7 +652,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     cute::cluster_arrive();  // release: this CTA's arrivals on its peer's barriers land before the peer may exit
     cluster_wait();
   } else if constexpr (kSharedMemoryReused) {
-    cta_sync();
+    comm::cta_sync<kRoleGiven>();
   }
   if constexpr (kSharedMemoryReused) {
     // Every wait on these barriers is over (the cluster barrier above): they may be re-initialised.
@@ -659,7 +661,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
         comm::mbarrier_invalidate(&smem.full[s]);
         comm::mbarrier_invalidate(&smem.empty[s]);
       }
-    cta_sync();
+    comm::cta_sync<kRoleGiven>();
   }
 }
 

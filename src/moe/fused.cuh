@@ -144,15 +144,11 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
     if (threadIdx.x < 128) {
       cutlass::arch::warpgroup_reg_dealloc<F::kProducerRegisters>();
       windows(std::integral_constant<int, 0>{});
-      // Back to the kernel's count only once every consumer warp has given its own back
-      // (gemm::kRegisterHandbackBarrier; grouped_gemm_cta says why).
-      asm volatile("bar.sync %0, %1;" ::"n"(gemm::kRegisterHandbackBarrier), "n"(F::kThreads) : "memory");
-      cutlass::arch::warpgroup_reg_alloc<F::kRegisters>();
+      gemm::producer_takes_back_registers<F::kRegisters, F::kThreads>();
     } else {
       cutlass::arch::warpgroup_reg_alloc<F::kConsumerRegisters>();
       windows(std::integral_constant<int, 1>{});
-      cutlass::arch::warpgroup_reg_dealloc<F::kRegisters>();
-      asm volatile("bar.arrive %0, %1;" ::"n"(gemm::kRegisterHandbackBarrier), "n"(F::kThreads) : "memory");
+      gemm::consumers_hand_back_registers<F::kRegisters, F::kThreads>();
     }
   } else {
     gemms_of_window(std::integral_constant<int, -1>{}, 0);
