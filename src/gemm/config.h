@@ -70,8 +70,7 @@ inline constexpr uint32_t weight_box_rows(int block_n, int cluster_m) { return u
 inline std::string describe_gemm_heuristics() {
   return "grouped GEMM: 128-row tiles (2 consumer warpgroups x 64 rows), FC1 256 interleaved gate/up columns, "
          "FC2 256 columns (128 when hidden % 256 != 0); k blocks of 64 (bf16) or 128 (fp8, promoted per block: "
-         "one waited-for 128-column partial per pass on single CTAs, two alternating 64-column partials "
-         "overlapped with the wgmma on CTA pairs" +
+         "one waited-for 128-column partial per pass" +
          std::string(kFp8SplitSmallTiles ? "; 256-column tiles of <= 64 rows split by columns between the warpgroups"
                                          : "") +
          "); stages: as many as fit in 227 KiB beside the epilogue; CTA pairs sharing "

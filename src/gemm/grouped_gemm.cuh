@@ -9,10 +9,8 @@
 //     columns, B one per 128 x 128 block (both read by the consumers from global memory). Hopper's
 //     fp8 wgmma accumulates with reduced precision, so each 128-deep k block is computed into a
 //     zeroed partial accumulator and added, scaled by a_scale[row] * b_scale[block], into the fp32
-//     tile ("promotion"). On CTA pairs (many rows per expert) partials cover 64 columns and
-//     alternate between two register sets, so that the wgmma of the next 64 columns runs while the
-//     previous partial is promoted; single CTAs promote one waited-for 128-column partial per pass
-//     (GroupedGemmConfig::kOverlapPromotion says why).
+//     tile ("promotion"), one 128-column pass at a time: the warpgroup waits for the pass's wgmma
+//     and promotes it while the other consumer warpgroup's wgmma run.
 //
 // One persistent CTA per SM, 384 threads, warp-specialised, in clusters of kClusterM CTAs (see
 // cluster_m_for in config.h for when 2 pays):
@@ -61,12 +59,9 @@ struct Fp8Operands {
   using Element = cute::float_e4m3_t;
   static constexpr int kBlockK = 128;  // one scale block deep, 128 bytes: one swizzle row
   static constexpr bool kBlockScaled = true;
-  // The 128-column accumulator fragments' shape, and the wgmma of single CTAs; CTA pairs issue the
-  // 64-column partial's (GroupedGemmConfig::kOverlapPromotion).
+  // The wgmma of one 128-column pass (the promotion's unit).
   template <int kN>
   using MmaAtom = cute::SM90::GMMA::MMA_64x128x32_F32E4M3E4M3_SS_TN<>;
-  static constexpr int kPartialN = 64;
-  using PartialAtom = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>;
   static_assert(kBlockK == 128, "a k block is one 128-deep scale block");
 };
 
@@ -204,9 +199,7 @@ __device__ __forceinline__ void producer_takes_back_registers() {
 }
 inline constexpr int kConsumerWarps = 8;  // two consumer warpgroups
 
-// kOverlapAllowed_: whether CTA pairs may overlap the fp8 promotion (kOverlapPromotion); FC1 does,
-// FC2 does not (moe/fc2.cu says why).
-template <class Operands_, int kBlockN_, int kClusterM_, class EpilogueStorage, bool kOverlapAllowed_ = true>
+template <class Operands_, int kBlockN_, int kClusterM_, class EpilogueStorage>
 struct GroupedGemmConfig {
   using Operands = Operands_;
   using Element = typename Operands::Element;
@@ -216,19 +209,13 @@ struct GroupedGemmConfig {
   static constexpr int kClusterM = kClusterM_;
   static constexpr int kThreads = 384;
   static constexpr bool kBlockScaled = Operands::kBlockScaled;
-  // Columns of one accumulator fragment (the epilogue's pass): the whole tile (bf16), or 128 (fp8).
+  // Columns of one accumulator fragment and of one wgmma pass: the whole tile (bf16), or 128 (fp8:
+  // each pass's partial is waited for and promoted). Overlapping the promotion with the next wgmma
+  // instead (two alternating 64-column partials on CTA pairs) was slower once the epilogues and
+  // the tile decode got lighter: FC1 at 8192 tokens 2735 against 2402 us (docs/PERFORMANCE.md,
+  // eighth session).
   static constexpr int kMmaN = kBlockScaled ? 128 : kBlockN;
   static constexpr int kMmaPasses = kBlockN / kMmaN;
-  // FP8 promotion: overlapped with the next wgmma (two 64-column partials, see the kernel) on CTA
-  // pairs; single CTAs wait for each 128-column partial before promoting it. Measured on one H200
-  // (docs/PERFORMANCE.md, 64 experts): the overlap takes FC1 at 8192 tokens from 2810 to 2577 us
-  // but costs 4-17% up to 1024 tokens, where tiles are single CTAs: twice the wgmma instructions
-  // and the spills of a fuller register file outweigh it.
-  static constexpr bool kOverlapPromotion = kBlockScaled && kClusterM > 1 && kOverlapAllowed_;
-  // Columns of one wgmma batch: the whole tile (bf16), the overlapped fp8 partial's 64 or the
-  // waited-for one's 128; B's shared-memory pages have that many rows.
-  static constexpr int kBatchN = !kBlockScaled ? kBlockN : (kOverlapPromotion ? Fp8Operands::kPartialN : kMmaN);
-  static constexpr int kBatches = kBlockN / kBatchN;
   // FP8 tiles with <= 64 rows: both consumer warpgroups on those rows, 128 columns each.
   static constexpr bool kSplitSmallTiles = kBlockScaled && kMmaPasses == 2 && kFp8SplitSmallTiles;
   static constexpr uint32_t kBytesA = kBlockM * kBlockK * sizeof(Element);
@@ -239,19 +226,13 @@ struct GroupedGemmConfig {
   using SwizzleAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
   using SmemLayoutA = decltype(cute::tile_to_shape(
       SwizzleAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockK>, cute::Int<kStages>>{}));
-  // B as pages of kBatchN rows (a stage's tile is kBatches consecutive pages: the same bytes, since
-  // the K extent is one swizzle atom wide).
+  // B as pages of kMmaN rows, one per pass (a stage's tile is kMmaPasses consecutive pages: the same
+  // bytes, since the K extent is one swizzle atom wide).
   using SmemLayoutB = decltype(cute::tile_to_shape(
-      SwizzleAtom{}, cute::Shape<cute::Int<kBatchN>, cute::Int<kBlockK>, cute::Int<kStages * kBatches>>{}));
+      SwizzleAtom{}, cute::Shape<cute::Int<kMmaN>, cute::Int<kBlockK>, cute::Int<kStages * kMmaPasses>>{}));
   // Two 64-row atoms along M: consumer warpgroup w computes rows [64w, 64w+64) of the tile.
   using TiledMma = decltype(cute::make_tiled_mma(typename Operands::template MmaAtom<kMmaN>{},
                                                  cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
-  // The wgmma issued per batch: TiledMma's, or the overlapped fp8 path's 64-column one.
-  using BatchMma = std::conditional_t<
-      kOverlapPromotion,
-      decltype(cute::make_tiled_mma(typename Fp8Operands::PartialAtom{},
-                                    cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{})),
-      TiledMma>;
   static_assert(kBlockN == 128 || kBlockN == 256);
   static_assert(kStages >= 2);
   static_assert(2 * kStages <= kStallLogBarrierWords, "the stall log keeps kStallLogBarrierWords mbarrier words per CTA");
@@ -265,6 +246,10 @@ struct alignas(1024) GroupedGemmSharedStorage {
   alignas(128) EpilogueStorage epilogue;
   alignas(8) uint64_t full[Config::kStages];
   alignas(8) uint64_t empty[Config::kStages];
+  // The tile of the item whose first k block a stage holds, written by the producer before it arms
+  // the stage's full barrier: consumers read it there instead of decoding the item themselves (a
+  // binary search over the schedule: dependent global loads at the start of every tile).
+  alignas(16) TileCoord tile[Config::kStages];
 };
 
 template <class Config, class EpilogueStorage>
@@ -286,6 +271,25 @@ struct TileValues {
   template <class F>
   __device__ __forceinline__ void for_each_pair(F&& f) const {
     for_each_pair_with_half([&](int row, int col, float& v0, float& v1, int) { f(row, col, v0, v1); });
+  }
+  // The same for the pairs in tile columns [first_col, first_col + num_cols) only (multiples of 8).
+  // Which columns a value holds depends on the thread only below 8 (value i of a pass: column
+  // (i >> 2) * 8 + (i & 1) + 2 * (lane % 4), the SM90 accumulator layout), so with the bounds known
+  // at compile time after unrolling (an epilogue's chunk loop) the selection costs nothing at run
+  // time; a test on each pair's column would be evaluated for every value of every chunk.
+  template <class F>
+  __device__ __forceinline__ void for_each_pair_in_columns(int first_col, int num_cols, F&& f) const {
+#pragma unroll
+    for (int pass = 0; pass < kPasses; pass++) {
+      if (split_n && pass != warpgroup) continue;
+#pragma unroll
+      for (int i = 0; i < cute::size(accum[pass]); i += 2) {
+        const int group_col = pass * kPassCols + (i >> 2) * 8;
+        if (group_col < first_col || group_col >= first_col + num_cols) continue;
+        f(int(cute::get<0>(coords(i))) - (split_n ? 64 * warpgroup : 0), pass * kPassCols + int(cute::get<1>(coords(i))),
+          accum[pass](i), accum[pass](i + 1));
+      }
+    }
   }
   // The same, also passing which of its two rows (row0, row0 + 8) the pair is in, as a constant after
   // unrolling: per-row state indexed by it stays in registers.
@@ -386,6 +390,9 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
         for (int kb = 0; kb < k_blocks; kb++, ++write) {
           const int stage = write.index();
           wait_stage(problem, &smem.empty[stage], write.phase(), 0, item, kb, stage, smem.full, 2 * kStages);
+          // Published by the arrive below (release), read after the consumers' wait (acquire); the
+          // slot is free again once every consumer warp has released the stage.
+          if (kb == 0) smem.tile[stage] = c;
           cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full[stage],
                                                                          Config::kBytesA + Config::kBytesB);
           SM90_TMA_LOAD_2D::copy(&tma_a, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_LAST),
@@ -418,24 +425,24 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
         if (releases) cutlass::arch::ClusterBarrier::arrive(&smem.empty[s]);
       }
     };
-    typename Config::TiledMma tiled_mma;    // the accumulators' layout (and bf16's wgmma)
-    typename Config::BatchMma batch_mma;    // the wgmma issued per batch (fp8: 64-column partials)
+    typename Config::TiledMma tiled_mma;
     auto thread_mma = tiled_mma.get_thread_slice(consumer_tid);
-    auto thread_batch = batch_mma.get_thread_slice(consumer_tid);
     Tensor sA = make_tensor(make_smem_ptr(smem.a), typename Config::SmemLayoutA{});  // (BM, BK, stages)
-    Tensor sB = make_tensor(make_smem_ptr(smem.b), typename Config::SmemLayoutB{});  // (kBatchN, BK, pages)
-    Tensor tCrA = thread_batch.make_fragment_A(thread_batch.partition_A(sA));  // wgmma smem descriptors
-    Tensor tCrB = thread_batch.make_fragment_B(thread_batch.partition_B(sB));
+    Tensor sB = make_tensor(make_smem_ptr(smem.b), typename Config::SmemLayoutB{});  // (kMmaN, BK, pages)
+    Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // wgmma smem descriptors
+    Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));
     using Fragment = decltype(partition_fragment_C(tiled_mma, Shape<Int<BM>, Int<kMmaN>>{}));
     Fragment accum[kPasses];
     Tensor tile_coords = thread_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<kMmaN>>{}));
     // The A operand of the tile's first 64 rows, which both warpgroups use on split tiles.
-    Tensor tCrA_first = batch_mma.get_thread_slice(consumer_tid % 128).make_fragment_A(
-        batch_mma.get_thread_slice(consumer_tid % 128).partition_A(sA));
+    Tensor tCrA_first = tiled_mma.get_thread_slice(consumer_tid % 128).make_fragment_A(
+        tiled_mma.get_thread_slice(consumer_tid % 128).partition_A(sA));
 
     PipelineState read;
     for (int item = cluster_id; item < num_items; item += num_clusters) {
-      const TileCoord c = decode_unit<kCluster>(problem.schedule, window, item, n_blocks, cluster_rank);
+      // The tile, from the producer (its first stage is waited for again, at once, by the mainloop).
+      wait_stage(problem, &smem.full[read.index()], read.phase(), 1, item, 0, read.index());
+      const TileCoord c = smem.tile[read.index()];
       // Tiles past the expert's rows (the pair's second tile when the expert has one 128-row tile in
       // this unit), or a warpgroup's half of a tile without rows (unless split), still take part in the pipeline but
       // skip the math; the epilogue stores only valid rows.
@@ -470,7 +477,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
         warpgroup_fence_operand(accum[0]);
         if (previous_stage >= 0) release(previous_stage);
       } else {
-        // Block-scaled fp8: per k block, partial = A_kb * B_kb^T for a batch of columns, then
+        // Block-scaled fp8: per k block, partial = A_kb * B_kb^T for a pass of 128 columns, then
         // accum += partial * a_scale[row] * b_scale[slot of the column] (promote_partial).
         CUTE_UNROLL
         for (int pass = 0; pass < kPasses; pass++) clear(accum[pass]);
@@ -498,22 +505,22 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
           s.b1 = kTwoWeightBlocks ? __ldg(b_scale_base + size_t(ws.slot_stride) * k_blocks + kb) : s.b0;
           return s;
         };
-        // One wgmma batch into `frag` (zeroed first): A_kb of the warpgroup's own rows, or of the
+        // One pass's wgmma into `frag` (zeroed first): A_kb of the warpgroup's own rows, or of the
         // tile's first 64 rows (kFirstRows: a split tile), times B page `page` of the stage. The A
-        // rows are a compile-time choice: a run-time branch between a batch's issue and its wait
+        // rows are a compile-time choice: a run-time branch between a pass's issue and its wait
         // makes ptxas serialise every wgmma (C7518/C7520).
-        auto issue_batch = [&](auto first_rows_c, auto& frag, int stage, int page) {
-          batch_mma.accumulate_ = GMMA::ScaleOut::Zero;
+        auto issue_pass = [&](auto first_rows_c, auto& frag, int stage, int page) {
+          tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
           warpgroup_fence_operand(frag);
           warpgroup_arrive();
           CUTE_UNROLL
           for (int k = 0; k < size<2>(tCrA); k++) {
             if constexpr (decltype(first_rows_c)::value) {
-              cute::gemm(batch_mma, tCrA_first(_, _, k, stage), tCrB(_, _, k, page), frag);
+              cute::gemm(tiled_mma, tCrA_first(_, _, k, stage), tCrB(_, _, k, page), frag);
             } else {
-              cute::gemm(batch_mma, tCrA(_, _, k, stage), tCrB(_, _, k, page), frag);
+              cute::gemm(tiled_mma, tCrA(_, _, k, stage), tCrB(_, _, k, page), frag);
             }
-            batch_mma.accumulate_ = GMMA::ScaleOut::One;
+            tiled_mma.accumulate_ = GMMA::ScaleOut::One;
           }
           warpgroup_commit_batch();
           warpgroup_fence_operand(frag);
@@ -524,90 +531,9 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
             wait_stage(problem, &smem.full[stage], read.phase(), 1, item, kb, stage);
             release(stage);
           }
-        } else if constexpr (Config::kOverlapPromotion) {
-          // Overlapped: value i of a 64-column partial is value i + 32 * (b % 2) of the 128-column
-          // accumulator b / 2. A warpgroup's batches form one chain over the tile's k blocks: batch j
-          // writes partial[j % 2]; after issuing it the warpgroup waits only for batch j - 1 and
-          // promotes that one while batch j runs (the last batch of a block: while the first of the
-          // next one runs). A stage is released once the last batch reading it is done. Everything in
-          // the chain is a compile-time choice (which batches, which A rows, which accumulator).
-          using Partial = decltype(partition_fragment_C(batch_mma, Shape<Int<BM>, Int<Config::kBatchN>>{}));
-          static_assert(Config::kBatchN * 2 == kMmaN && cute::size(Partial{}) * 2 == cute::size(Fragment{}));
-          constexpr int kBatches = Config::kBatches;
-          constexpr int kSplitBatches = kBatches / 2;  // a split tile's batches per warpgroup
-          Partial partial[2];
-          // kSplitWg: -1 for an unsplit tile (batches 0 .. kBatches - 1 of the warpgroup's own rows into
-          // accum[b / 2]), else the warpgroup of a split tile (batches 2w, 2w + 1 of the first 64 rows
-          // into accum[w], as TileValues expects).
-          auto chain = [&](auto split_wg_c) {
-            constexpr int kSplitWg = decltype(split_wg_c)::value;
-            constexpr int kChain = kSplitWg < 0 ? kBatches : kSplitBatches;
-            // The last batch of a block and the first of the next must use different register sets.
-            static_assert(kChain % 2 == 0);
-            BlockScales promoted{}, upcoming{};  // the scales of the batches being promoted; of the next block
-            auto issue = [&](auto local_c, int stage) {
-              constexpr int local = decltype(local_c)::value, kSet = local % 2;
-              constexpr int kTileBatch = kSplitWg < 0 ? local : kSplitWg * kSplitBatches + local;
-              issue_batch(cute::bool_constant<(kSplitWg >= 0)>{}, partial[kSet], stage, stage * kBatches + kTileBatch);
-            };
-            auto promote = [&](auto local_c) {
-              constexpr int local = decltype(local_c)::value, kSet = local % 2;
-              constexpr int kTileBatch = kSplitWg < 0 ? local : kSplitWg * kSplitBatches + local;
-              constexpr int kAccum = kSplitWg < 0 ? local / 2 : kSplitWg;
-              constexpr int kOffset = (local % 2) * cute::size(Partial{});
-              constexpr bool kSecondBlock = kTileBatch * Config::kBatchN >= 128;
-              warpgroup_fence_operand(partial[kSet]);
-              promote_partial<Epilogue::kScaleSlotIsParity, kSecondBlock, kOffset>(accum[kAccum], partial[kSet], promoted);
-            };
-            // k block 0: nothing to promote before its first batch.
-            int stage = read.index();
-            wait_stage(problem, &smem.full[stage], read.phase(), 1, item, 0, stage);
-            promoted = load_scales(0);
-            upcoming = load_scales(1);
-            cute::for_each(cute::make_int_sequence<kChain>{}, [&](auto local_c) {
-              constexpr int local = decltype(local_c)::value;
-              issue(local_c, stage);
-              warpgroup_wait<1>();  // the batch before this one is done
-              if constexpr (local > 0) promote(cute::Int<local - 1>{});
-            });
-            int previous_stage = stage;
-            ++read;
-            for (int kb = 1; kb < k_blocks; kb++, ++read) {
-              stage = read.index();
-              // No batch stays in flight across the stage wait: ptxas then spills registers of the
-              // running batch and serialises every wgmma (C7514). The previous block's stage is free
-              // at once (held until the next stage arrived, it cost a quarter of the ring in flight).
-              warpgroup_wait<0>();
-              warpgroup_fence_operand(partial[0]);
-              warpgroup_fence_operand(partial[1]);
-              release(previous_stage);
-              wait_stage(problem, &smem.full[stage], read.phase(), 1, item, kb, stage);
-              cute::for_each(cute::make_int_sequence<kChain>{}, [&](auto local_c) {
-                constexpr int local = decltype(local_c)::value;
-                issue(local_c, stage);
-                warpgroup_wait<1>();
-                if constexpr (local == 0) {  // the previous block's last batch, with its scales
-                  promote(cute::Int<kChain - 1>{});
-                  promoted = upcoming;
-                  upcoming = load_scales(kb + 1);
-                } else {
-                  promote(cute::Int<local - 1>{});
-                }
-              });
-              previous_stage = stage;
-            }
-            warpgroup_wait<0>();
-            release(previous_stage);
-            promote(cute::Int<kChain - 1>{});
-          };
-          if (!split) {
-            chain(cute::Int<-1>{});
-          } else if constexpr (Config::kSplitSmallTiles) {  // (split is never true otherwise)
-            if (consumer_wg == 0) chain(cute::Int<0>{});
-            else chain(cute::Int<1>{});
-          }
         } else {
-          // One 128-column partial per pass, waited for before its promotion.
+          // One 128-column partial per pass, waited for before its promotion (the other warpgroup's
+          // wgmma keep the tensor cores busy meanwhile).
           Fragment partial;
           BlockScales now{}, next{};
           for (int kb = 0; kb < k_blocks; kb++, ++read) {
@@ -620,7 +546,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
             auto run_pass = [&](auto pass_c, auto split_c) {
               constexpr int pass = decltype(pass_c)::value;
               constexpr bool kSplit = decltype(split_c)::value;
-              issue_batch(split_c, partial, stage, stage * kPasses + pass);
+              issue_pass(split_c, partial, stage, stage * kPasses + pass);
               warpgroup_wait<0>();
               warpgroup_fence_operand(partial);
               // The last wgmma of this warpgroup that reads this stage is done.

@@ -106,9 +106,10 @@ struct SwigluBf16Epilogue {
     gemm::store_staged<kChunks>(
         s, consumer_tid, c.rows_valid,
         [&](int chunk, unsigned char* tile) {
-          values.for_each_pair([&](int row, int col, float& gate, float& up) {
+          // Interleaved gate/up columns: a chunk's outputs come from twice as many tile columns.
+          values.for_each_pair_in_columns(2 * chunk * gemm::kEpilogueChunkCols, 2 * gemm::kEpilogueChunkCols,
+                                          [&](int row, int col, float& gate, float& up) {
             const int out_col = col / 2 - chunk * gemm::kEpilogueChunkCols;
-            if (out_col < 0 || out_col >= gemm::kEpilogueChunkCols) return;
             reinterpret_cast<__nv_bfloat16*>(tile + row * gemm::kEpilogueRowPitchBytes)[out_col] =
                 __float2bfloat16_rn(swiglu(gate, up, p.limit));
           });

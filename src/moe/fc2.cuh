@@ -33,9 +33,9 @@ struct ScatterEpilogue {
     gemm::store_staged<kChunks>(
         s.chunk, consumer_tid, c.rows_valid,
         [&](int chunk, unsigned char* tile) {
-          values.for_each_pair([&](int row, int col, float& v0, float& v1) {
+          values.for_each_pair_in_columns(chunk * gemm::kEpilogueChunkCols, gemm::kEpilogueChunkCols,
+                                          [&](int row, int col, float& v0, float& v1) {
             const int chunk_col = col - chunk * gemm::kEpilogueChunkCols;
-            if (chunk_col < 0 || chunk_col >= gemm::kEpilogueChunkCols) return;
             *reinterpret_cast<__nv_bfloat162*>(tile + row * gemm::kEpilogueRowPitchBytes + chunk_col * 2) =
                 __floats2bfloat162_rn(v0, v1);
           });
@@ -49,12 +49,8 @@ struct ScatterEpilogue {
   }
 };
 
-// FP8 FC2 never overlaps the promotion (kOverlapAllowed = false): on CTA pairs the waited-for pass
-// was faster from 2048 tokens up (one H200, 64 experts: FC2 1458 -> 1283 us at 8192) and equal below
-// (docs/PERFORMANCE.md, FP8 step 7).
 template <class Operands, int kBlockN, int kClusterM>
-using Fc2Config = gemm::GroupedGemmConfig<Operands, kBlockN, kClusterM, typename ScatterEpilogue<kBlockN>::SharedStorage,
-                                          false>;
+using Fc2Config = gemm::GroupedGemmConfig<Operands, kBlockN, kClusterM, typename ScatterEpilogue<kBlockN>::SharedStorage>;
 
 // FC2's GEMM arguments, as the staged kernel and the fused forward both pass them.
 template <class Operands, int kBlockN, int kClusterM>
