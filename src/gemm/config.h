@@ -35,7 +35,12 @@ inline constexpr int stages_for(size_t stage_bytes, size_t other_bytes) {
 // bytes are in flight) and win 25-35% as soon as many experts need a second tile (4 x H100, EP 4:
 // dsv3 at 128 expected rows per expert 3566 -> 2661 us, dsv4-pro 7591 -> 5639 us; docs/PERFORMANCE.md).
 // With uniform routing an expert's row count is about Poisson(expected), so pair when expected rows
-// plus two standard deviations reach a second tile.
+// plus two standard deviations reach a second tile (BF16).
+// FP8 tiles always run as single CTAs: there pairs gained at most 7% (one H200, dsv4-flash, 64
+// experts, uniform routing: 1152 -> 1069 us at 2048 tokens, within 3% either way at 4096-8192) and
+// lost 31% under skewed routing at 2048 tokens (1085 -> 1419 us), where most experts hold fewer than
+// 128 rows and a pair's second CTA idles through every one of their items (docs/PERFORMANCE.md,
+// eighth session). Which experts are cold is only known on the device, after the launch is fixed.
 // FP8 tiles with <= 64 valid rows: split N instead of M between the two consumer warpgroups (both
 // on the same 64 rows, one 128-column pass each), so that at decode sizes the second warpgroup
 // works instead of idling. On by default since its first GPU run (one H200, 64 experts: FC1 at 64
@@ -58,7 +63,8 @@ inline constexpr int stall_log_barrier_entry(int cta) {
 }
 inline constexpr int kStallLogEntries = stall_log_barrier_entry(kStallLogCtas);
 
-inline int cluster_m_for(double expected_rows_per_expert) {
+inline int cluster_m_for(double expected_rows_per_expert, bool block_scaled) {
+  if (block_scaled) return 1;
   const double high = expected_rows_per_expert + 2.0 * std::sqrt(std::max(expected_rows_per_expert, 0.0));
   return high > kBlockM ? 2 : 1;
 }
@@ -74,7 +80,7 @@ inline std::string describe_gemm_heuristics() {
          std::string(kFp8SplitSmallTiles ? "; 256-column tiles of <= 64 rows split by columns between the warpgroups"
                                          : "") +
          "); stages: as many as fit in 227 KiB beside the epilogue; CTA pairs sharing "
-         "weight tiles when expected rows per expert + 2 sqrt(expected) > 128";
+         "weight tiles (bf16 only) when expected rows per expert + 2 sqrt(expected) > 128";
 }
 
 }  // namespace megamoe::gemm
