@@ -36,11 +36,12 @@ inline constexpr int stages_for(size_t stage_bytes, size_t other_bytes) {
 // dsv3 at 128 expected rows per expert 3566 -> 2661 us, dsv4-pro 7591 -> 5639 us; docs/PERFORMANCE.md).
 // With uniform routing an expert's row count is about Poisson(expected), so pair when expected rows
 // plus two standard deviations reach a second tile (BF16).
-// FP8 tiles always run as single CTAs: there pairs gained at most 7% (one H200, dsv4-flash, 64
-// experts, uniform routing: 1152 -> 1069 us at 2048 tokens, within 3% either way at 4096-8192) and
-// lost 31% under skewed routing at 2048 tokens (1085 -> 1419 us), where most experts hold fewer than
-// 128 rows and a pair's second CTA idles through every one of their items (docs/PERFORMANCE.md,
-// eighth session). Which experts are cold is only known on the device, after the launch is fixed.
+// FP8 tiles run as single CTAs (unless LayerOptions::gemm_cluster_m forces pairs): pairs gained at
+// most 7% (one H200, dsv4-flash, 64 experts, uniform routing: 1152 -> 1069 us at 2048 tokens,
+// within 3% either way at 4096-8192) and lost 31% under skewed routing at 2048 tokens (1085 -> 1419
+// us), where most experts hold fewer than 128 rows and a pair's second CTA idles through every one
+// of their items; below 2048 tokens pairs lost 40-64% (docs/PERFORMANCE.md, eighth session). Which
+// experts are cold is only known on the device, after the launch is fixed.
 // FP8 tiles with <= 64 valid rows: split N instead of M between the two consumer warpgroups (both
 // on the same 64 rows, one 128-column pass each), so that at decode sizes the second warpgroup
 // works instead of idling. On by default since its first GPU run (one H200, 64 experts: FC1 at 64

@@ -151,18 +151,18 @@ struct BlockScales {
   float a0, a1, b0, b1;
 };
 
-// Promotion of one fp8 partial: accum(kOffset + i) += partial(i) * a_scale * b_scale. The SM90
+// Promotion of one fp8 partial: accum(i) += partial(i) * a_scale * b_scale. The SM90
 // accumulator layout of a 64 x N wgmma gives value i of a thread row (i >> 1 & 1) * 8 + its first row
 // and column (i >> 2) * 8 + (i & 1) + its first column (even), so the row scale follows from i; the
 // weight block is the column's parity (kSlotIsParity: FC1's interleaved gate/up columns) or, for
 // FC2, whether the partial's columns lie in the tile's second 128-column block.
-template <bool kSlotIsParity, bool kSecondBlock, int kOffset, class Accum, class Partial>
+template <bool kSlotIsParity, bool kSecondBlock, class Accum, class Partial>
 __device__ __forceinline__ void promote_partial(Accum& accum, const Partial& partial, const BlockScales& s) {
   const float b_even = kSlotIsParity ? s.b0 : (kSecondBlock ? s.b1 : s.b0);
   const float b_odd = kSlotIsParity ? s.b1 : b_even;
   const float scale[4] = {s.a0 * b_even, s.a0 * b_odd, s.a1 * b_even, s.a1 * b_odd};
   CUTE_UNROLL
-  for (int i = 0; i < cute::size(partial); i++) accum(kOffset + i) = fmaf(partial(i), scale[i & 3], accum(kOffset + i));
+  for (int i = 0; i < cute::size(partial); i++) accum(i) = fmaf(partial(i), scale[i & 3], accum(i));
 }
 
 // What feeds the A operand besides TMA. NoFeed: A is already in memory (FC2). A Feed runs on warps
@@ -220,7 +220,7 @@ struct GroupedGemmConfig {
   static constexpr bool kSplitSmallTiles = kBlockScaled && kMmaPasses == 2 && kFp8SplitSmallTiles;
   static constexpr uint32_t kBytesA = kBlockM * kBlockK * sizeof(Element);
   static constexpr uint32_t kBytesB = kBlockN * kBlockK * sizeof(Element);
-  static constexpr size_t kStageBytes = kBytesA + kBytesB + 16 /* two mbarriers */;
+  static constexpr size_t kStageBytes = kBytesA + kBytesB + 16 /* two mbarriers */ + sizeof(TileCoord);
   static constexpr int kStages = stages_for(kStageBytes, sizeof(EpilogueStorage) + 128);
 
   using SwizzleAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
@@ -257,9 +257,9 @@ constexpr size_t grouped_gemm_smem_bytes() {
   return sizeof(GroupedGemmSharedStorage<Config, EpilogueStorage>) + 1024;  // slack to align the base to 1 KiB
 }
 
-// Hands the epilogue every pair of adjacent accumulator columns a consumer thread holds:
-// f(row, col, v0, v1) with v0 at (row, col) and v1 at (row, col + 1), tile coordinates; the values
-// are references, so an epilogue may keep a transformed value in place for a second pass.
+// Hands the epilogue pairs of adjacent accumulator columns a consumer thread holds: f(row, col, v0,
+// v1, ...) with v0 at (row, col) and v1 at (row, col + 1), tile coordinates; the values are
+// references, so an epilogue may keep a transformed value in place for a second pass.
 template <class Accum, class Coords, int kPasses, int kPassCols>
 struct TileValues {
   Accum (&accum)[kPasses];  // fragments of 128 x kPassCols
@@ -268,40 +268,40 @@ struct TileValues {
   // pass w only; the second warpgroup's coordinates are those of rows 64-127, shifted up by 64.
   bool split_n = false;
   int warpgroup = 0;
-  template <class F>
-  __device__ __forceinline__ void for_each_pair(F&& f) const {
-    for_each_pair_with_half([&](int row, int col, float& v0, float& v1, int) { f(row, col, v0, v1); });
-  }
-  // The same for the pairs in tile columns [first_col, first_col + num_cols) only (multiples of 8).
-  // Which columns a value holds depends on the thread only below 8 (value i of a pass: column
-  // (i >> 2) * 8 + (i & 1) + 2 * (lane % 4), the SM90 accumulator layout), so with the bounds known
-  // at compile time after unrolling (an epilogue's chunk loop) the selection costs nothing at run
-  // time; a test on each pair's column would be evaluated for every value of every chunk.
-  template <class F>
-  __device__ __forceinline__ void for_each_pair_in_columns(int first_col, int num_cols, F&& f) const {
-#pragma unroll
-    for (int pass = 0; pass < kPasses; pass++) {
-      if (split_n && pass != warpgroup) continue;
-#pragma unroll
-      for (int i = 0; i < cute::size(accum[pass]); i += 2) {
-        const int group_col = pass * kPassCols + (i >> 2) * 8;
-        if (group_col < first_col || group_col >= first_col + num_cols) continue;
-        f(int(cute::get<0>(coords(i))) - (split_n ? 64 * warpgroup : 0), pass * kPassCols + int(cute::get<1>(coords(i))),
-          accum[pass](i), accum[pass](i + 1));
-      }
-    }
-  }
-  // The same, also passing which of its two rows (row0, row0 + 8) the pair is in, as a constant after
-  // unrolling: per-row state indexed by it stays in registers.
+  // Every pair, also passing which of its two rows (row0, row0 + 8) the pair is in, as a constant
+  // after unrolling: per-row state indexed by it stays in registers.
   template <class F>
   __device__ __forceinline__ void for_each_pair_with_half(F&& f) const {
+    walk([&](int pass, int i) {
+      f(row_of(i), pass * kPassCols + int(cute::get<1>(coords(i))), accum[pass](i), accum[pass](i + 1), (i >> 1) & 1);
+    });
+  }
+  // The pairs in tile columns [first_col, first_col + num_cols) only (multiples of 8). Which columns
+  // a value holds depends on the thread only below 8 (value i of a pass: column (i >> 2) * 8 + (i & 1)
+  // + 2 * (lane % 4), the SM90 accumulator layout), so with the bounds known at compile time after
+  // unrolling (an epilogue's chunk loop) the selection costs nothing at run time; a test on each
+  // pair's column would be evaluated for every value of every chunk.
+  template <class F>
+  __device__ __forceinline__ void for_each_pair_in_columns(int first_col, int num_cols, F&& f) const {
+    walk([&](int pass, int i) {
+      const int group_col = pass * kPassCols + (i >> 2) * 8;
+      if (group_col < first_col || group_col >= first_col + num_cols) return;
+      f(row_of(i), pass * kPassCols + int(cute::get<1>(coords(i))), accum[pass](i), accum[pass](i + 1));
+    });
+  }
+
+ private:
+  __device__ __forceinline__ int row_of(int i) const {
+    return int(cute::get<0>(coords(i))) - (split_n ? 64 * warpgroup : 0);
+  }
+  // g(pass, i) for the first value i of every pair this thread holds (a split tile: its pass only).
+  template <class G>
+  __device__ __forceinline__ void walk(G&& g) const {
 #pragma unroll
     for (int pass = 0; pass < kPasses; pass++) {
       if (split_n && pass != warpgroup) continue;
 #pragma unroll
-      for (int i = 0; i < cute::size(accum[pass]); i += 2)
-        f(int(cute::get<0>(coords(i))) - (split_n ? 64 * warpgroup : 0), pass * kPassCols + int(cute::get<1>(coords(i))), accum[pass](i),
-          accum[pass](i + 1), (i >> 1) & 1);
+      for (int i = 0; i < cute::size(accum[pass]); i += 2) g(pass, i);
     }
   }
 };
@@ -393,6 +393,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
           // Published by the arrive below (release), read after the consumers' wait (acquire); the
           // slot is free again once every consumer warp has released the stage.
           if (kb == 0) smem.tile[stage] = c;
+          asm volatile("" ::: "memory");  // (the arrive's asm has no memory clobber: keep the store before it)
           cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full[stage],
                                                                          Config::kBytesA + Config::kBytesB);
           SM90_TMA_LOAD_2D::copy(&tma_a, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_LAST),
@@ -551,7 +552,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
               warpgroup_fence_operand(partial);
               // The last wgmma of this warpgroup that reads this stage is done.
               if (kSplit || pass == kPasses - 1) release(stage);
-              promote_partial<Epilogue::kScaleSlotIsParity, (pass > 0), 0>(accum[pass], partial, now);
+              promote_partial<Epilogue::kScaleSlotIsParity, (pass > 0)>(accum[pass], partial, now);
             };
             cute::for_each(cute::make_int_sequence<kPasses>{}, [&](auto pass_c) {
               constexpr int pass = decltype(pass_c)::value;

@@ -1,16 +1,30 @@
 // The GEMM schedule's pool windows (gemm::pool_window, what the fused forward's schedule_cta writes
 // for a windowed pool), on the host: over adversarial row counts, the windows cover every unit and
-// every row once, in order, each within the pool, each cut at a unit boundary.
+// every row once, in order, each within the pool, each cut at a unit boundary. And the CTA pairing
+// heuristic (gemm::cluster_m_for).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <random>
 #include <vector>
 
+#include "gemm/config.h"
 #include "gemm/scheduler.h"
 
 namespace megamoe {
 namespace {
+
+// FP8 tiles never pair (pairs lost up to 31% under skewed routing); BF16 pairs once expected rows per
+// expert plus two standard deviations pass one 128-row tile: 107 + 2 sqrt(107) = 127.7, 108 -> 128.8.
+TEST(GemmHeuristics, Fp8OnSingleCtasBf16PairsFromASecondTile) {
+  for (double rows : {0.0, 1.0, 96.0, 108.0, 192.0, 768.0, 1e6}) EXPECT_EQ(gemm::cluster_m_for(rows, true), 1) << rows;
+  EXPECT_EQ(gemm::cluster_m_for(0.0, false), 1);
+  EXPECT_EQ(gemm::cluster_m_for(96.0, false), 1);
+  EXPECT_EQ(gemm::cluster_m_for(107.0, false), 1);
+  EXPECT_EQ(gemm::cluster_m_for(108.0, false), 2);
+  EXPECT_EQ(gemm::cluster_m_for(192.0, false), 2);
+  EXPECT_EQ(gemm::cluster_m_for(1e6, false), 2);
+}
 
 TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
   std::mt19937 rng(12345);
