@@ -10,7 +10,8 @@
 #     steps: machine ceilings sass gemm runtime layer layer-fused stress sanitize selftest golden python example
 #            python-dist example-dist comm bench naive op-bench compare   (default: all of them, in that
 #            order; python-dist and example-dist run under torchrun and only with 2 or more GPUs;
-#            `profile` (Nsight Compute on the grouped GEMMs) runs only when named;
+#            `profile` (Nsight Compute on the grouped GEMMs) and `profile-source` (their warp samples
+#            by source line) run only when named;
 #            op-bench times torch.ops.megamoe.forward as bench times the C++ layer, and compare puts
 #            the two side by side)
 # Environment:
@@ -29,7 +30,7 @@
 #   PRESETS (default dsv4-flash,dsv4-pro,dsv3), TOKENS (default 1,64,512,1024,2048,4096,8192),
 #   DTYPES (default "fp8 bf16"), ITERS (default 30), EXPERTS_dsv4_flash etc. (default: the experts of
 #   one rank of EP 4 on one GPU: 64, 96, 64), GTEST_FILTER (optional, for the test binaries),
-#   PROFILE_TOKENS   tokens of the profile step (default 64)
+#   PROFILE_TOKENS   tokens of the profile steps (default 64)
 set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -180,6 +181,17 @@ for s in $steps; do
           -f -o "$OUT/profile-$d" "$BIN/megamoe" bench --gpus 1 --preset dsv4-flash --experts 64 --dtype "$d" \
           --tokens "${PROFILE_TOKENS:-64}" --iters 2
         step "profile-$d-text" 60 ncu --import "$OUT/profile-$d.ncu-rep" --page details
+      done ;;
+    profile-source)
+      # Not in the default list: where the grouped GEMMs' warps wait, by source line (Nsight Compute's
+      # warp-state samples with the sources imported, summarised by bench/ncu_source_summary.py), for
+      # the staged FP8 and BF16 GEMMs at PROFILE_TOKENS. Reports in $OUT/source-<dtype>.ncu-rep.
+      for d in $DTYPES; do
+        step "profile-source-$d" 300 ncu --target-processes all -k regex:grouped_gemm_kernel --launch-skip 8 \
+          --launch-count 2 --set full --import-source yes -f -o "$OUT/source-$d" "$BIN/megamoe" bench --gpus 1 \
+          --preset dsv4-flash --experts 64 --dtype "$d" --tokens "${PROFILE_TOKENS:-64}" --iters 2 --impl staged
+        step "profile-source-$d-lines" 120 bash -c "ncu --import '$OUT/source-$d.ncu-rep' --page source --csv \
+          --print-source cuda,sass > '$OUT/source-$d.csv' && python3 bench/ncu_source_summary.py '$OUT/source-$d.csv'"
       done ;;
     *) echo "unknown step $s"; exit 2 ;;
   esac
