@@ -18,7 +18,8 @@
 //     one thread of warp 0 streams the CTA's 128 x BK A tile (and its scales) and its share of the
 //     BN x BK weight tile into a ring of shared-memory stages with TMA (128B swizzle); the weight
 //     share is multicast to every CTA of the cluster, which all work on the same expert and N block
-//     (the cluster's unit is kClusterM * 128 rows), so weights cross L2 once per cluster;
+//     (the cluster's unit is kClusterM * 128 rows), so weights cross L2 once per cluster; with
+//     a tile's first stage it hands the consumers the tile's coordinates (the storage's `tile`);
 //   warpgroups 1-2 (consumers): each owns 64 of the tile's 128 rows, issues wgmma (SS, fp32
 //     accumulators) per stage, and each of its warps releases the stage on the "empty" mbarrier of
 //     every CTA of the cluster,

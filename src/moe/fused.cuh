@@ -83,10 +83,6 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
   int32_t* small_smem = reinterpret_cast<int32_t*>(smem);  // the claim's and the schedule's counters
   const LayerView& v = p.v;
   auto sync = [&](FusedSyncPoint point) { comm::grid_sync(v.ws.grid_sync, v.status(), v.wait_timeout_ns, point); };
-  // The same from the warpgroups' own branches (the windowed kernel's GEMMs).
-  auto sync_in_branch = [&](FusedSyncPoint point) {
-    comm::grid_sync<true>(v.ws.grid_sync, v.status(), v.wait_timeout_ns, point);
-  };
 
   comm::grid_stamp_start(v.ws.grid_sync);
   // 1. Claim: stage this rank's tokens, claim slots on the experts' owners.
@@ -109,17 +105,19 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
     constexpr int kRole = decltype(role_c)::value;
     // Without role branches (kRole -1), each warpgroup goes back to kRegisters after each GEMM.
     constexpr uint32_t kAfter = kRole < 0 ? F::kRegisters : 0;
+    // With role branches, the grid syncs too are reached from each warpgroup's own branch.
+    auto sync_after_gemm = [&](FusedSyncPoint point) {
+      comm::grid_sync<(kRole >= 0)>(v.ws.grid_sync, v.status(), v.wait_timeout_ns, point);
+    };
     gemm::grouped_gemm_cta<typename F::Fc1::Config, typename F::Fc1::Epilogue, PullRowsFeed, kAfter, kRole>(
         &pool, &w1, p.fc1.problem, p.fc1.params, p.fc1.feed, smem, w);
-    if constexpr (kRole < 0) sync(kSyncFc1Done);
-    else sync_in_branch(kSyncFc1Done);
+    sync_after_gemm(kSyncFc1Done);
     // FC1's epilogue wrote fc1_out through the generic proxy; FC2's TMA reads it through the async
     // one (in the staged path the kernel boundary orders them).
     asm volatile("fence.proxy.async.global;" ::: "memory");
     gemm::grouped_gemm_cta<typename F::Fc2::Config, typename F::Fc2::Epilogue, gemm::NoFeed, kAfter, kRole>(
         &fc1_out, &w2, p.fc2.problem, p.fc2.params, gemm::NoFeed::Params{}, smem, w);
-    if constexpr (kRole < 0) sync(kSyncFc2Done);
-    else sync_in_branch(kSyncFc2Done);
+    sync_after_gemm(kSyncFc2Done);
   };
   if constexpr (kWindowed) {
     // Every CTA reads the same schedule, so all take the same number of windows (and grid syncs).
