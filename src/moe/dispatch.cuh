@@ -96,13 +96,20 @@ __device__ __forceinline__ void stage_tokens(const LayerView& v, const ForwardIn
       amax = fmaxf(amax, fmaxf(fabsf(p.x), fabsf(p.y)));
     }
     amax = lanes_max(amax, 16);
-    const float scale = fp8_block_scale(amax);
-    uint2 q;
-    q.x = uint32_t(quantize_pair_e4m3(f[0], f[1], scale)) | (uint32_t(quantize_pair_e4m3(f[2], f[3], scale)) << 16);
-    q.y = uint32_t(quantize_pair_e4m3(f[4], f[5], scale)) | (uint32_t(quantize_pair_e4m3(f[6], f[7], scale)) << 16);
+    const Fp8Divisor divisor = fp8_divisor(fp8_block_scale(amax));
+    auto quantise = [&](auto by_inverse) {
+      constexpr bool kByInverse = decltype(by_inverse)::value;
+      uint2 q;
+      q.x = uint32_t(quantize_pair_e4m3<kByInverse>(f[0], f[1], divisor)) |
+            (uint32_t(quantize_pair_e4m3<kByInverse>(f[2], f[3], divisor)) << 16);
+      q.y = uint32_t(quantize_pair_e4m3<kByInverse>(f[4], f[5], divisor)) |
+            (uint32_t(quantize_pair_e4m3<kByInverse>(f[6], f[7], divisor)) << 16);
+      return q;
+    };
+    const uint2 q = divisor.exact_by_inverse ? quantise(std::true_type{}) : quantise(std::false_type{});
     if (valid) {
       dst[size_t(block) * 16 + sub] = q;
-      if (sub == 0) scale_dst[block] = scale;
+      if (sub == 0) scale_dst[block] = divisor.scale;
     }
   }
 }

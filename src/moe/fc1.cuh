@@ -162,16 +162,21 @@ struct SwigluFp8Epilogue {
 #pragma unroll
       for (int r = 0; r < 2; r++) amax[r] = fmaxf(amax[r], exchange[(1 - wg) * 64 + rows[r]]);
     }
-    float scale[2];
+    Fp8Divisor divisor[2];
 #pragma unroll
-    for (int r = 0; r < 2; r++) scale[r] = fp8_block_scale(amax[r]);
+    for (int r = 0; r < 2; r++) divisor[r] = fp8_divisor(fp8_block_scale(amax[r]));
     gemm::store_staged<1>(
         s, consumer_tid, c.rows_valid,
         [&](int, unsigned char* tile) {
-          values.for_each_pair_with_half([&](int row, int col, float& h, float&, int r) {
-            tile[row * gemm::kEpilogueRowPitchBytes + col / 2] =
-                __nv_cvt_float_to_fp8(divide_by_scale(h, scale[r]), __NV_SATFINITE, __NV_E4M3);
-          });
+          auto quantise = [&](auto by_inverse) {
+            values.for_each_pair_with_half([&](int row, int col, float& h, float&, int r) {
+              tile[row * gemm::kEpilogueRowPitchBytes + col / 2] = __nv_cvt_float_to_fp8(
+                  divide_by<decltype(by_inverse)::value>(h, divisor[r]), __NV_SATFINITE, __NV_E4M3);
+            });
+          };
+          // Both of this thread's rows by their reciprocals, unless a scale lies outside that range.
+          if (divisor[0].exact_by_inverse && divisor[1].exact_by_inverse) quantise(std::true_type{});
+          else quantise(std::false_type{});
         },
         [&](int row, int, int byte, int4 vector) {
           *reinterpret_cast<int4*>(p.out + size_t(c.row_begin + row) * p.out_cols + c.n_block * kOutCols + byte) = vector;
@@ -179,7 +184,7 @@ struct SwigluFp8Epilogue {
     if (consumer_tid % 4 == 0 && !(values.split_n && consumer_tid >= 128))  // a split tile's rows: once
 #pragma unroll
       for (int r = 0; r < 2; r++)
-        if (rows[r] < c.rows_valid) p.out_scale[size_t(c.n_block) * p.scale_pitch + c.row_begin + rows[r]] = scale[r];
+        if (rows[r] < c.rows_valid) p.out_scale[size_t(c.n_block) * p.scale_pitch + c.row_begin + rows[r]] = divisor[r].scale;
   }
 };
 

@@ -1,10 +1,14 @@
 // DeepSeek's fp8 activation format on the device, the one convention of the whole project (the CPU
 // reference uses the same): per block of 128 values, scale = amax / 448 (1 for an all-zero block) in
-// fp32, q = e4m3 round-to-nearest-even of value / scale (an IEEE division), saturating at 448.
+// fp32, q = e4m3 round-to-nearest-even of value / scale (an IEEE division), saturating at 448. The
+// kernels get that quotient from the block's reciprocal and two FMA corrections (fp8_divisor.h), or
+// from the division where the scale lies outside the range in which that is exact.
 #pragma once
 #include <cuda_fp8.h>
 
 #include <cstdint>
+
+#include "moe/fp8_divisor.h"
 
 namespace megamoe::moe {
 
@@ -20,9 +24,18 @@ __device__ __forceinline__ float divide_by_scale(float value, float scale) {
   return value == 0.0f ? value : __fdiv_rn(value, scale);
 }
 
+// value / scale by the block's reciprocal (kByInverse, for d.exact_by_inverse: fp8_divisor.h) or by
+// the division; the same quotient either way.
+template <bool kByInverse>
+__device__ __forceinline__ float divide_by(float value, const Fp8Divisor& d) {
+  if constexpr (kByInverse) return divide_by_inverse(value, d);
+  else return divide_by_scale(value, d.scale);
+}
+
 // Two values -> two e4m3 bytes (low byte: a).
-__device__ __forceinline__ uint16_t quantize_pair_e4m3(float a, float b, float scale) {
-  const float2 v = make_float2(divide_by_scale(a, scale), divide_by_scale(b, scale));
+template <bool kByInverse>
+__device__ __forceinline__ uint16_t quantize_pair_e4m3(float a, float b, const Fp8Divisor& d) {
+  const float2 v = make_float2(divide_by<kByInverse>(a, d), divide_by<kByInverse>(b, d));
   return uint16_t(__nv_cvt_float2_to_fp8x2(v, __NV_SATFINITE, __NV_E4M3));
 }
 

@@ -57,8 +57,8 @@ __global__ void __launch_bounds__(kQuantizeThreads)
   float block_max = 0.0f;
 #pragma unroll
   for (int i = 0; i < kQuantizeThreads / 32; i++) block_max = fmaxf(block_max, warp_max[i]);
-  const float scale = fp8_block_scale(block_max);
-  if (t == 0) scales[block] = scale;
+  const Fp8Divisor divisor = fp8_divisor(fp8_block_scale(block_max));  // once per load: the division
+  if (t == 0) scales[block] = divisor.scale;
 #pragma unroll
   for (int pass = 0; pass < 8; pass++) {
     const int64_t row = first_row + pass * 16 + row_in_pass;
@@ -68,7 +68,8 @@ __global__ void __launch_bounds__(kQuantizeThreads)
 #pragma unroll
     for (int j = 0; j < 4; j += 2) {
       const float2 a = __bfloat1622float2(h[j]), b = __bfloat1622float2(h[j + 1]);
-      words[j / 2] = uint32_t(quantize_pair_e4m3(a.x, a.y, scale)) | (uint32_t(quantize_pair_e4m3(b.x, b.y, scale)) << 16);
+      words[j / 2] = uint32_t(quantize_pair_e4m3<false>(a.x, a.y, divisor)) |
+                     (uint32_t(quantize_pair_e4m3<false>(b.x, b.y, divisor)) << 16);
     }
     *reinterpret_cast<uint2*>(q + row * cols + block_col * 128 + vec_in_row * 8) = out;
   }
