@@ -84,7 +84,7 @@ TEST(Fp8Divisor, EqualsTheDivisionForRandomScalesAndValues) {
   EXPECT_GT(checked, 5'000'000);
 }
 
-// Every fp32 value in the top binades of a block (where e4m3 has its coarsest steps and 448 lies),
+// Every fp32 value in the top two binades of a block up to 448 s (where e4m3 has its coarsest steps),
 // for the scales at both ends of the range and one random scale.
 TEST(Fp8Divisor, EqualsTheDivisionForEveryValueOfTheTopBinades) {
   std::random_device seed_source;
@@ -102,7 +102,7 @@ TEST(Fp8Divisor, EqualsTheDivisionForEveryValueOfTheTopBinades) {
         c.check(-v);
       }
     EXPECT_EQ(c.mismatches, 0) << "of " << c.checked;
-    EXPECT_GT(c.checked, 20'000'000);
+    EXPECT_GE(c.checked, int64_t(2) << 23);  // at least the binade below 448 s, both signs
   }
 }
 
