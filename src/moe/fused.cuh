@@ -43,10 +43,12 @@ struct FusedForward {
   static constexpr uint32_t kProducerRegisters = 40;
   static constexpr uint32_t kConsumerRegisters = (3 * kRegisters - kProducerRegisters) / 2 / 8 * 8;
   static_assert(kProducerRegisters + 2 * kConsumerRegisters <= 3 * kRegisters && kConsumerRegisters == 232);
-  // combine_rows's batch: the slots whose loads a thread has in flight. 8 in BF16; in FP8, 8 made
-  // ptxas spill more in the GEMM code of the same kernel (FC1's quantising epilogue, the mainloop:
-  // 1228 bytes against 1076 in the pair kernel with 256-column FC2 tiles), 4 leaves it as it was.
-  static constexpr int kCombineSlotsInFlight = Operands::kBlockScaled ? 4 : 8;
+  // combine_rows's batch: the slots whose loads a thread has in flight. 8 (the FP8 combine at 8192
+  // tokens: 188-190 us against 214-217 with 4; the combine kernel 127), except in the FP8 kernels
+  // with 128-column FC2 tiles, where 8 makes ptxas spill more in the GEMM code of the same kernel
+  // (92 -> 248 bytes of spill stores; with 256-column tiles 340 either way since the FP8 epilogue's
+  // division went, 1228 against 1076 before).
+  static constexpr int kCombineSlotsInFlight = Operands::kBlockScaled && kFc2BlockN == 128 ? 4 : 8;
 
   struct Params {
     LayerView v;
