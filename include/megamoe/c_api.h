@@ -85,13 +85,13 @@ MEGAMOE_C_EXPORT int megamoe_preset(const char* name, int64_t* hidden, int64_t* 
                                     int64_t* top_k, float* swiglu_limit);
 
 /* The workspace table of one rank for a shape (WorkspaceLayout::to_string; validates the shape), with
- * a token pool of pool_rows rows (0: the worst case, every pair of every rank; else a multiple of 256,
- * the fused forward's windowed pool, as megamoe_layer_create's pool_rows). */
+ * a token pool of pool_rows rows (0 or at least W*Tmax*K: the worst case, every pair of every rank;
+ * else a multiple of 256, a windowed pool of the fused forward, as megamoe_layer_create takes it). */
 MEGAMOE_C_EXPORT int megamoe_workspace_table(int64_t hidden, int64_t intermediate, int64_t num_experts, int64_t top_k,
                                              int64_t ep_size, int64_t max_tokens_per_rank, int weight_format,
                                              float swiglu_limit, int64_t pool_rows, char* out, size_t cap, size_t* len);
 
-/* megamoe::compact_pool_rows: a windowed pool for the fused forward that is one window under uniform
+/* megamoe::compact_pool_rows: the fused forward's default pool, one window under uniform
  * routing (1.25 x a rank's uniform share plus a 256-row unit per local expert, rounded up to 256), or
  * 0 when no such pool is smaller than the worst case. Validates the shape. */
 MEGAMOE_C_EXPORT int megamoe_compact_pool_rows(int64_t hidden, int64_t intermediate, int64_t num_experts, int64_t top_k,
@@ -123,9 +123,10 @@ MEGAMOE_C_EXPORT int megamoe_comm_info(const megamoe_comm* comm, int* rank, int*
 
 /* Collective over the communicator's ranks: ep_size = the communicator's world size. Allocates the
  * whole workspace on the communicator's device. num_sms = 0: every SM of the GPU. impl: a
- * MEGAMOE_IMPL_* value. pool_rows: megamoe::LayerOptions::pool_rows (0: the worst case; with the
- * fused forward, MEGAMOE_POOL_ROWS from the environment; a multiple of 256 below the worst case runs
- * the fused forward in windows, experimental; the staged forward rejects it). */
+ * MEGAMOE_IMPL_* value. pool_rows: megamoe::LayerOptions::pool_rows (0: the forward's default: the
+ * worst case for the staged forward; for the fused one MEGAMOE_POOL_ROWS from the environment, else
+ * megamoe_compact_pool_rows; at least W*Tmax*K: the worst case; a multiple of 256 below that runs the
+ * fused forward in windows; the staged forward rejects it). */
 MEGAMOE_C_EXPORT int megamoe_layer_create(megamoe_comm* comm, int64_t hidden, int64_t intermediate,
                                           int64_t num_experts, int64_t top_k, int64_t max_tokens_per_rank,
                                           int weight_format, float swiglu_limit, int num_sms, int impl,

@@ -46,15 +46,15 @@ struct LayerOptions {
   //     the bf16 rows are read.
   bool zero_whole_workspace = false;
   bool combine_cast_then_sum = false;
-  // Rows of the token pool and of FC1's output (WorkspaceLayout::pool_rows; MEGAMOE_POOL_ROWS sets
-  // the fused forward's default). 0: every pair of every rank (the all-to-one worst case). A multiple
+  // Rows of the token pool and of FC1's output (WorkspaceLayout::pool_rows). At least W*Tmax*K:
+  // every pair of every rank (the all-to-one worst case), the staged forward's only pool. A multiple
   // of 256 below that makes the fused forward run FC1 and FC2 in windows of that many rows, correct
   // under any routing (all-to-one included), at the cost of one more pass over the weights per
-  // extra window and of a slower kernel (docs/PERFORMANCE.md: BF16 +3-4%, FP8 +12-42% today);
-  // compact_pool_rows(shape) is one window under uniform routing (`megamoe info` prints its
-  // memory). The staged forward rejects it. Experimental: tests with such pools hung now and then
-  // until a fix of the GEMM's register hand-back (docs/GPU-RUNS.md, sixth session), and the fix has
-  // had one session of runs (the layer suite at W = 1 over NCCL and at loopback W = 3, 4 and 8).
+  // extra window (one window: within 0-4% of the worst-case pool, docs/PERFORMANCE.md); the staged
+  // forward rejects it. 0: the forward's default: the worst case for the staged forward; for the
+  // fused one MEGAMOE_POOL_ROWS, else compact_pool_rows(shape), one window under uniform routing
+  // (dsv4-flash FP8 at EP 8, 8192 tokens per rank: 847 MiB per rank against 2.74 GiB; `megamoe info
+  // --impl fused` prints it).
   int64_t pool_rows = 0;
 };
 

@@ -119,17 +119,16 @@ struct RegionPlacement {
 inline constexpr int64_t kPoolRowsMultiple = 256;
 // W*Tmax*K.
 int64_t worst_case_pool_rows(const MoeShape& shape);
-// A compact P for the fused forward: 1.25 x the rows a rank receives under uniform routing (Tmax*K)
-// plus one 256-row unit per local expert (a window counts whole units), rounded up to
-// kPoolRowsMultiple: one window unless the routing is skewed. 0 (the worst case) when that is not
-// smaller than W*Tmax*K.
+// The fused forward's default P: 1.25 x the rows a rank receives under uniform routing (Tmax*K) plus
+// one 256-row unit per local expert (a window counts whole units), rounded up to kPoolRowsMultiple:
+// one window unless the routing is skewed. 0 (the worst case) when that is not smaller than W*Tmax*K.
 int64_t compact_pool_rows(const MoeShape& shape);
-// Throws InvalidArgument naming `arg_name` unless rows is 0 (the worst case) or a positive multiple of
-// kPoolRowsMultiple. Rows at or above the worst case mean the worst case.
+// Throws InvalidArgument naming `arg_name` unless rows is 0 (the forward's default), at least W*Tmax*K
+// (the worst case) or a positive multiple of kPoolRowsMultiple below that (windows).
 void validate_pool_rows(const MoeShape& shape, int64_t rows, const std::string& arg_name);
-// The P a forward uses for a requested one (validated, named `arg_name` in errors): 0 is the worst
-// case for both forwards; the staged forward accepts only that or more (it cannot run in windows).
-// Returns WorkspaceLayout's pool_rows argument.
+// The P a forward uses for a requested one (validated, named `arg_name` in errors). 0: the staged
+// forward's worst case, the fused forward's compact_pool_rows. The staged forward accepts only 0 or
+// the worst case or more (it cannot run in windows). Returns WorkspaceLayout's pool_rows argument.
 int64_t pool_rows_for(const MoeShape& shape, int64_t requested, bool fused, const std::string& arg_name);
 
 class WorkspaceLayout {

@@ -121,7 +121,8 @@ def workspace_table(*, hidden, intermediate, num_experts, top_k, max_tokens_per_
                     weight_dtype="bf16", swiglu_limit=0.0, pool_rows=0) -> str:
     """The workspace of one rank for a shape, as `megamoe info` prints it (region, arena, type,
     elements, alignment, offset, bytes, zeroed per forward; then the arena totals). pool_rows: the
-    token pool's rows, as MoE(pool_rows=...) takes them (0: the worst case)."""
+    token pool's rows (0 or at least every pair of every rank: the worst case; a multiple of 256 below
+    that: a windowed pool of MoE(impl='fused'), whose default is compact_pool_rows(...))."""
     lib = _lib.get()
     args = _shape_args(hidden, intermediate, num_experts, top_k, ep_size, max_tokens_per_rank, weight_dtype,
                        swiglu_limit)
@@ -130,9 +131,9 @@ def workspace_table(*, hidden, intermediate, num_experts, top_k, max_tokens_per_
 
 def compact_pool_rows(*, hidden, intermediate, num_experts, top_k, max_tokens_per_rank, ep_size=1,
                       weight_dtype="bf16", swiglu_limit=0.0) -> int:
-    """A token pool for MoE(impl='fused', pool_rows=...) that is one window under uniform routing
-    (1.25 x a rank's uniform share plus 256 rows per local expert), or 0 when no such pool is smaller
-    than the worst case (every pair of every rank)."""
+    """The token pool MoE(impl='fused') takes by default: one window under uniform routing (1.25 x a
+    rank's uniform share plus 256 rows per local expert), or 0 when no such pool is smaller than the
+    worst case (every pair of every rank)."""
     lib = _lib.get()
     args = _shape_args(hidden, intermediate, num_experts, top_k, ep_size, max_tokens_per_rank, weight_dtype,
                        swiglu_limit)

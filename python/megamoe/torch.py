@@ -254,8 +254,10 @@ class MoE:
     |up| <= limit before SwiGLU (DeepSeek-V4). num_sms: SMs one forward may occupy (None: all).
     impl: None (MEGAMOE_IMPL from the environment, else 'staged'), 'staged' (one kernel per stage,
     the reference) or 'fused' (the whole forward in one persistent kernel). pool_rows: rows of the
-    token pool (0: every pair of every rank, the all-to-one worst case; with 'fused', a multiple of
-    256 below that runs FC1 and FC2 in windows of that many rows: less memory, slower, experimental).
+    token pool: 0, the forward's default ('staged': every pair of every rank, the all-to-one worst
+    case; 'fused': MEGAMOE_POOL_ROWS, else compact_pool_rows(...), one window under uniform routing);
+    at least that worst case; or, with 'fused', a multiple of 256 below it (FC1 and FC2 in windows of
+    that many rows: less memory, one more pass over the weights per extra window).
     The attributes `impl` and `pool_rows` say what the layer resolved them to.
 
     Destroy with close() (collective too: every rank in the same order, no CUDA graph that uses the
@@ -286,7 +288,7 @@ class MoE:
         impl_code = parse_forward_impl(impl)
         pool_rows = as_int64(pool_rows, "pool_rows")
         if pool_rows < 0:
-            raise ValueError("pool_rows = %d: must be >= 0 (0: the worst case)" % pool_rows)
+            raise ValueError("pool_rows = %d: must be >= 0 (0: the forward's default)" % pool_rows)
 
         weight_name = "fp8" if fmt == _lib.FORMAT_FP8 else "bf16"
 

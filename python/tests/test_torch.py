@@ -595,7 +595,8 @@ def test_fused_and_windowed_forwards_equal_staged(gen, weight_dtype, monkeypatch
     # impl and pool_rows reach the layer: the fused forward, and the fused forward with a 256-row pool
     # (4 windows of this shape's 1024 worst-case rows), give the staged forward's outputs bit for bit,
     # eager and in a graph replay, under routing that sends rows to every expert and tokens without any.
-    monkeypatch.delenv("MEGAMOE_POOL_ROWS", raising=False)  # pool_rows=0 must mean the worst case here
+    # pool_rows=0: the fused forward's default, compact_pool_rows, which is the worst case for this shape
+    monkeypatch.delenv("MEGAMOE_POOL_ROWS", raising=False)
     configs = (("staged", 0), ("fused", 0), ("fused", 256))
     made = []
     try:

@@ -289,7 +289,8 @@ int megamoe_layer_create(megamoe_comm* comm, int64_t hidden, int64_t intermediat
     options.impl = impl == MEGAMOE_IMPL_STAGED  ? megamoe::ForwardImpl::kStaged
                    : impl == MEGAMOE_IMPL_FUSED ? megamoe::ForwardImpl::kFused
                                                 : megamoe::ForwardImpl::kDefault;
-    // The rules of megamoe::pool_rows_for, named as this function's argument: the layer checks again
+    // The rules of megamoe::pool_rows_for, named as this function's argument (0 stays 0: the default
+    // the layer resolves for its forward); the layer checks again
     // (naming options.pool_rows) once the default forward is resolved (MEGAMOE_IMPL).
     if (impl == MEGAMOE_IMPL_DEFAULT) megamoe::validate_pool_rows(shape, pool_rows, "pool_rows");
     else megamoe::pool_rows_for(shape, pool_rows, impl == MEGAMOE_IMPL_FUSED, "pool_rows");

@@ -325,8 +325,9 @@ const char* kInfoUsage =
     "  --tokens T,...    tokens per rank of the roofline rows, each 0..M (default 1,64,... up to M)\n"
     "  --impl I          the forward whose workspace to show: staged (default; its pool holds every pair of\n"
     "                    every rank) or fused (its pool may hold a window of the received rows)\n"
-    "  --pool-rows P     rows of the token pool and FC1's output: 0 (default: every pair of every rank) or a\n"
-    "                    multiple of 256 (below that: fused only, FC1 and FC2 in windows of P rows)\n"
+    "  --pool-rows P     rows of the token pool and FC1's output: 0 (default: every pair of every rank for\n"
+    "                    staged, the compact pool for fused), at least every pair of every rank, or a\n"
+    "                    multiple of 256 below that (fused only: FC1 and FC2 in windows of P rows)\n"
     "  --hbm-gbps X      HBM bandwidth ceiling, GB/s, 1..1e6 (default 3000)\n"
     "  --nvlink-gbps X   NVLink bandwidth per direction, GB/s, 1..1e6 (default 385)\n"
     "  --bf16-tflops X   dense bf16 tensor-core rate, TFLOP/s, 1..1e5 (default 744)\n"
@@ -355,8 +356,9 @@ const char* kBenchUsage =
     "                      every region no peer touches after FC2)\n"
     "  --combine C,...     ablation, staged only: fused (sum in fp32 as rows are read, default) and/or\n"
     "                      cast-then-sum (an fp32 copy of every received row first)\n"
-    "  --pool-rows P       the fused forward's token pool, rows: 0 (default: every pair of every rank) or a\n"
-    "                      multiple of 256 (FC1 and FC2 in windows of P rows; 'megamoe info' suggests one)\n"
+    "  --pool-rows P       the fused forward's token pool, rows: 0 (default: compact, one window under\n"
+    "                      uniform routing; 'megamoe info --impl fused' shows it), at least every pair of\n"
+    "                      every rank (no windows), or a multiple of 256 (FC1 and FC2 in windows of P rows)\n"
     "  --hbm-gbps X ...    roofline ceilings, as for 'megamoe info'\n"
     "  --comm              measure NVLink bandwidth and the device barrier instead of the layer\n";
 

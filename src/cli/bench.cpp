@@ -124,7 +124,7 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
                   "workspace %.0f MiB/rank, pool %lld rows%s\n",
                   describe(shape).c_str(), W, prop.name, std::string(to_string(routing)).c_str(), impl_name, iters,
                   double(layout.total_bytes()) / (1 << 20), static_cast<long long>(layout.pool_rows()),
-                  layout.windowed() ? " (windows, experimental)" : "");
+                  layout.windowed() ? " (windows)" : "");
       std::printf("%8s %12s %12s %10s %12s %10s\n", "T/rank", "median us", "min us", "TFLOP/s", "floor us", "vs floor");
     }
     for (int64_t T : tokens) {

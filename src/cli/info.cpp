@@ -19,7 +19,8 @@ int info_main(int argc, char** argv) {
   std::printf("shape: %s\n\nworkspace per rank:\n%s", describe(shape).c_str(), layout.to_string().c_str());
   if (const int64_t compact = compact_pool_rows(shape); compact && !layout.windowed()) {
     const WorkspaceLayout windowed(shape, compact);
-    std::printf("the fused forward with --pool-rows %lld (compact: one window under uniform routing): %.2f MiB per rank\n",
+    std::printf("the fused forward's default pool, %lld rows (compact: one window under uniform routing; "
+                "--impl fused shows it): %.2f MiB per rank\n",
                 static_cast<long long>(compact), double(windowed.total_bytes()) / (1 << 20));
   }
   std::printf("\n");

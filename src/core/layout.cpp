@@ -173,17 +173,18 @@ int64_t compact_pool_rows(const MoeShape& shape) {
 }
 
 void validate_pool_rows(const MoeShape& shape, int64_t rows, const std::string& arg_name) {
-  if (rows == 0) return;
+  const int64_t worst = worst_case_pool_rows(shape);
+  if (rows == 0 || rows >= worst) return;
   if (rows < 0 || rows % kPoolRowsMultiple != 0)
     throw InvalidArgument(arg_name + " = " + std::to_string(rows) +
-                          ": must be 0 (room for every pair of every rank, " + std::to_string(worst_case_pool_rows(shape)) +
-                          " rows for this shape) or a positive multiple of " + std::to_string(kPoolRowsMultiple) +
+                          ": must be 0 (the forward's default), at least " + std::to_string(worst) +
+                          " (room for every pair of every rank) or a positive multiple of " + std::to_string(kPoolRowsMultiple) +
                           " (the fused forward's window: whole 256-row GEMM units)");
 }
 
 int64_t pool_rows_for(const MoeShape& shape, int64_t requested, bool fused, const std::string& arg_name) {
   validate_pool_rows(shape, requested, arg_name);
-  if (fused) return requested;
+  if (fused) return requested == 0 ? compact_pool_rows(shape) : requested;
   const int64_t worst = worst_case_pool_rows(shape);
   if (requested != 0 && requested < worst)
     throw InvalidArgument(arg_name + " = " + std::to_string(requested) + ": below the " + std::to_string(worst) +

@@ -59,7 +59,7 @@ ForwardImpl resolve_impl(ForwardImpl requested) {
 }
 
 // LayerOptions::pool_rows resolved (pool_rows_for): the option, else (fused forward only)
-// MEGAMOE_POOL_ROWS.
+// MEGAMOE_POOL_ROWS, else the forward's default (the fused forward's: compact_pool_rows).
 int64_t resolve_pool_rows(const MoeShape& shape, int64_t requested, ForwardImpl impl) {
   std::string name = "options.pool_rows";
   if (requested == 0 && impl == ForwardImpl::kFused) {

@@ -177,8 +177,8 @@ TEST_F(Cli, BenchImplementationsAndAblations) {
   EXPECT_INVALID(bench({"--impl", "fused", "--zeroing", "full"}), HasSubstr("the ablations are of the staged path"));
 }
 
-// --pool-rows: the fused forward's windowed pool (whole 256-row units); the staged forward's pool
-// always holds every pair of every rank.
+// --pool-rows: the fused forward's windowed pool (whole 256-row units; by default the compact one);
+// the staged forward's pool always holds every pair of every rank.
 TEST_F(Cli, PoolRows) {
   EXPECT_EQ(bench({}).pool_rows, 0);
   EXPECT_EQ(bench({"--impl", "staged,fused", "--pool-rows", "512"}).pool_rows, 512);
@@ -188,6 +188,8 @@ TEST_F(Cli, PoolRows) {
   EXPECT_EQ(info({"--preset", "dsv4-flash", "--ep", "8", "--max-tokens", "8192", "--impl", "fused", "--pool-rows", "69632"})
                 .pool_rows,
             69632);
+  EXPECT_EQ(info({"--preset", "dsv4-flash", "--ep", "8", "--max-tokens", "8192", "--impl", "fused"}).pool_rows, 69632);
+  EXPECT_EQ(info({"--preset", "dsv4-flash", "--ep", "8", "--max-tokens", "8192"}).pool_rows, 0);
   EXPECT_EQ(info({"--preset", "tiny"}).pool_rows, 0);
   EXPECT_INVALID(info({"--preset", "dsv4-flash", "--ep", "8", "--pool-rows", "512"}),
                  HasSubstr("--pool-rows = 512: below the"));

@@ -125,7 +125,27 @@ TEST(Layout, PoolRowsRules) {
   EXPECT_EQ(pool_rows_for(s, 0, false, "p"), 0);
   EXPECT_EQ(pool_rows_for(s, 1024, false, "p"), 0);
   EXPECT_EQ(pool_rows_for(s, 512, true, "p"), 512);
-  EXPECT_EQ(pool_rows_for(s, 0, true, "p"), 0);
+  EXPECT_EQ(pool_rows_for(s, 0, true, "p"), 0);  // the compact pool is not smaller here: the worst case
+  // At least the worst case (a multiple of 256 or not): the worst case, for either forward.
+  EXPECT_EQ(pool_rows_for(s, 769, false, "p"), 0);
+  EXPECT_EQ(pool_rows_for(s, 769, true, "p"), 769);
+  EXPECT_FALSE(WorkspaceLayout(s, 769).windowed());
+  EXPECT_EQ(WorkspaceLayout(s, 769).pool_rows(), 768);
+  try {
+    pool_rows_for(s, 700, true, "--pool-rows");
+    ADD_FAILURE() << "a pool below the worst case that is not whole 256-row units was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("--pool-rows = 700: must be 0 (the forward's default), at least 768"),
+              std::string::npos)
+        << e.what();
+  }
+  // The fused forward's default where the compact pool is smaller: that pool, windowed.
+  const MoeShape big = make_preset("dsv4-flash", 8, 8192, WeightFormat::kFp8);
+  ASSERT_GT(compact_pool_rows(big), 0);
+  EXPECT_EQ(pool_rows_for(big, 0, true, "p"), compact_pool_rows(big));
+  EXPECT_TRUE(WorkspaceLayout(big, pool_rows_for(big, 0, true, "p")).windowed());
+  EXPECT_EQ(pool_rows_for(big, 0, false, "p"), 0);
+  EXPECT_FALSE(WorkspaceLayout(big, pool_rows_for(big, worst_case_pool_rows(big), true, "p")).windowed());
   try {
     pool_rows_for(s, 512, false, "--pool-rows");
     ADD_FAILURE() << "the staged forward accepted a windowed pool";

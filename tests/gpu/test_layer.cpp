@@ -751,15 +751,20 @@ LAYER_TEST(FusedEqualsStagedAndSurvivesAThousandReplays) {
 // A fused forward with a pool smaller than the worst case (LayerOptions::pool_rows) runs FC1 and
 // FC2 window by window and still computes exactly what the staged one (the worst-case pool) does:
 // every routing (all-to-one sends every token's first choice to one expert: many windows on its
-// owner), random T per
-// rank, single CTAs and CTA pairs, pools of one and two 256-row units. Then one captured windowed
-// forward, replayed with changing T and routing, checked every replay.
+// owner), random T per rank, single CTAs and CTA pairs, pools of one and two 256-row units and the
+// default pool (compact_pool_rows: windowed at 4 ranks and more for this shape, the worst case
+// below). Then one captured windowed forward, replayed with changing T and routing, checked every
+// replay.
 LAYER_TEST(FusedWindowedPoolEqualsStaged) {
   const uint64_t seed = test_seed();
   const int64_t max_tokens = 160;
   const MoeShape shape = tiny_shape(format, max_tokens);
-  for (int64_t pool_rows : {256, 512})
+  const char* pool_env = std::getenv("MEGAMOE_POOL_ROWS");  // sets the fused forward's default instead
+  const bool default_is_compact = !pool_env || !*pool_env || std::string(pool_env) == "0";
+  for (int64_t pool_rows : {int64_t(0), int64_t(256), int64_t(512)})
     for (int cluster_m : {1, 2}) {
+      if (pool_rows == 0 && !(default_is_compact && compact_pool_rows(shape) != 0)) continue;
+      const int64_t expected_rows = pool_rows ? pool_rows : compact_pool_rows(shape);
       LayerOptions staged_options = test_layer_options(), fused_options = test_layer_options();
       staged_options.impl = ForwardImpl::kStaged;
       fused_options.impl = ForwardImpl::kFused;
@@ -767,11 +772,12 @@ LAYER_TEST(FusedWindowedPoolEqualsStaged) {
       staged_options.gemm_cluster_m = fused_options.gemm_cluster_m = cluster_m;
       LayerHarness staged(shape, seed, staged_options), fused(shape, seed, fused_options);
       ASSERT_TRUE(fused.layer().layout().windowed());
-      ASSERT_EQ(fused.layer().layout().pool_rows(), pool_rows);
+      ASSERT_EQ(fused.layer().layout().pool_rows(), expected_rows);
       ASSERT_FALSE(staged.layer().layout().windowed());
       EXPECT_LT(fused.layer().layout().total_bytes(), staged.layer().layout().total_bytes());
       expect_identical_outputs(staged, {&fused}, seed + uint64_t(cluster_m) + uint64_t(pool_rows),
-                               "fused with a " + std::to_string(pool_rows) + "-row pool vs staged, cluster_m=" +
+                               "fused with a " + std::to_string(expected_rows) + "-row pool" +
+                                   (pool_rows ? "" : " (its default)") + " vs staged, cluster_m=" +
                                    std::to_string(cluster_m));
     }
   LayerOptions options = test_layer_options();
@@ -780,8 +786,9 @@ LAYER_TEST(FusedWindowedPoolEqualsStaged) {
   LayerHarness h(shape, seed + 2, options);
   const double worst = replay_fused_graph(h, seed, 60, 1);
   if (comm().rank() == 0)
-    std::printf("fused %s, 256- and 512-row pools: equal to staged; 60 replays, worst token %.2e\n", format_name(format),
-                worst);
+    std::printf("fused %s, 256- and 512-row pools%s: equal to staged; 60 replays, worst token %.2e\n",
+                format_name(format),
+                default_is_compact && compact_pool_rows(shape) ? " and the default pool" : "", worst);
 }
 
 LAYER_TEST(TwoHundredForwardsWithChangingTokensAndRouting) {
