@@ -21,8 +21,8 @@
 #   LOOPBACK_RANKS   loopback rank counts (default "1 2 3 4 8")
 #   FUSED_LOOPBACK_RANKS  the same for layer-fused: the layer suite with MEGAMOE_IMPL=fused (default "2 3 4")
 #   FUSED_POOL_ROWS  the fused forward's pools layer-fused runs with (MEGAMOE_POOL_ROWS; default "0 256":
-#                    the default pool, compact_pool_rows, which is the worst case at the tests' shapes,
-#                    and windows of 256 rows)
+#                    the default pool, compact_pool_rows, which at the tests' shapes is the worst case
+#                    below 4 ranks and windows from 4 ranks on, and windows of 256 rows)
 #   IMPLS            the forward implementations bench times, one table each (default staged,fused)
 #   STRESS_STEPS     forwards of the stress run at W = 4 (default 10000)
 #   SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck"), SANITIZE_RANKS (default 2),

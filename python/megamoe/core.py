@@ -131,9 +131,9 @@ def workspace_table(*, hidden, intermediate, num_experts, top_k, max_tokens_per_
 
 def compact_pool_rows(*, hidden, intermediate, num_experts, top_k, max_tokens_per_rank, ep_size=1,
                       weight_dtype="bf16", swiglu_limit=0.0) -> int:
-    """The token pool MoE(impl='fused') takes by default: one window under uniform routing (1.25 x a
-    rank's uniform share plus 256 rows per local expert), or 0 when no such pool is smaller than the
-    worst case (every pair of every rank)."""
+    """The token pool MoE(impl='fused') takes by default (unless MEGAMOE_POOL_ROWS sets another): one
+    window under uniform routing (1.25 x a rank's uniform share plus 256 rows per local expert), or 0
+    when no such pool is smaller than the worst case (every pair of every rank)."""
     lib = _lib.get()
     args = _shape_args(hidden, intermediate, num_experts, top_k, ep_size, max_tokens_per_rank, weight_dtype,
                        swiglu_limit)

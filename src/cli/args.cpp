@@ -356,9 +356,9 @@ const char* kBenchUsage =
     "                      every region no peer touches after FC2)\n"
     "  --combine C,...     ablation, staged only: fused (sum in fp32 as rows are read, default) and/or\n"
     "                      cast-then-sum (an fp32 copy of every received row first)\n"
-    "  --pool-rows P       the fused forward's token pool, rows: 0 (default: compact, one window under\n"
-    "                      uniform routing; 'megamoe info --impl fused' shows it), at least every pair of\n"
-    "                      every rank (no windows), or a multiple of 256 (FC1 and FC2 in windows of P rows)\n"
+    "  --pool-rows P       the fused forward's token pool, rows: 0 (default: MEGAMOE_POOL_ROWS, else compact,\n"
+    "                      one window under uniform routing; 'megamoe info --impl fused' shows it), at least\n"
+    "                      every pair of every rank (no windows), or a multiple of 256 (windows of P rows)\n"
     "  --hbm-gbps X ...    roofline ceilings, as for 'megamoe info'\n"
     "  --comm              measure NVLink bandwidth and the device barrier instead of the layer\n";
 

@@ -177,7 +177,7 @@ void validate_pool_rows(const MoeShape& shape, int64_t rows, const std::string& 
   if (rows == 0 || rows >= worst) return;
   if (rows < 0 || rows % kPoolRowsMultiple != 0)
     throw InvalidArgument(arg_name + " = " + std::to_string(rows) +
-                          ": must be 0 (the forward's default), at least " + std::to_string(worst) +
+                          ": must be 0 (the default), at least " + std::to_string(worst) +
                           " (room for every pair of every rank) or a positive multiple of " + std::to_string(kPoolRowsMultiple) +
                           " (the fused forward's window: whole 256-row GEMM units)");
 }

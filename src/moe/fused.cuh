@@ -44,7 +44,7 @@ struct FusedForward {
   static constexpr uint32_t kConsumerRegisters = (3 * kRegisters - kProducerRegisters) / 2 / 8 * 8;
   static_assert(kProducerRegisters + 2 * kConsumerRegisters <= 3 * kRegisters && kConsumerRegisters == 232);
   // combine_rows's batch: the slots whose loads a thread has in flight. 8 (the FP8 combine at 8192
-  // tokens: 188-190 us against 214-217 with 4; the combine kernel 127), except in the FP8 kernels
+  // tokens: 188-190 us against 214-217 with 4; the combine kernel 127-133), except in the FP8 kernels
   // with 128-column FC2 tiles, where 8 makes ptxas spill more in the GEMM code of the same kernel
   // (92 -> 248 bytes of spill stores; with 256-column tiles 340 either way since the FP8 epilogue's
   // division went, 1228 against 1076 before).

@@ -1,8 +1,9 @@
 // DeepSeek's fp8 activation format on the device, the one convention of the whole project (the CPU
 // reference uses the same): per block of 128 values, scale = amax / 448 (1 for an all-zero block) in
 // fp32, q = e4m3 round-to-nearest-even of value / scale (an IEEE division), saturating at 448. The
-// kernels get that quotient from the block's reciprocal and two FMA corrections (fp8_divisor.h), or
-// from the division where the scale lies outside the range in which that is exact.
+// activation quantisers (the claim's, FC1's epilogue) get the same e4m3 byte from the block's
+// reciprocal and two FMA corrections (fp8_divisor.h), or from the division where the scale lies
+// outside the range in which that holds; the weight quantiser (load time) divides.
 #pragma once
 #include <cuda_fp8.h>
 

@@ -85,13 +85,15 @@ TEST(Fp8Divisor, EqualsTheDivisionForRandomScalesAndValues) {
 }
 
 // Every fp32 value in the top two binades of a block up to 448 s (where e4m3 has its coarsest steps),
-// for the scales at both ends of the range and one random scale.
+// for scales at both ends of the range (powers of two, where the corrections have nothing to do, and
+// irregular significands, where they do) and one random scale.
 TEST(Fp8Divisor, EqualsTheDivisionForEveryValueOfTheTopBinades) {
   std::random_device seed_source;
   std::mt19937 rng(seed_source());
   std::uniform_real_distribution<float> significand(1.0f, 2.0f);
-  for (float scale : {kMinScaleByInverse, std::ldexp(2.0f - 0x1p-23f, -80), std::ldexp(significand(rng), int(rng() % 60) - 30),
-                      kMaxScaleByInverse / 2}) {
+  for (float scale : {kMinScaleByInverse, std::ldexp(2.0f - 0x1p-23f, -80), 0x1.3579bep-80f,
+                      std::ldexp(significand(rng), int(rng() % 60) - 30), 0x1.c2a4f6p+99f,
+                      std::nextafter(kMaxScaleByInverse, 0.0f)}) {
     SCOPED_TRACE(scale);
     Checker c(scale);
     const int top = std::ilogb(kFp8E4m3Max * scale);

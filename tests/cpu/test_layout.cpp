@@ -135,7 +135,7 @@ TEST(Layout, PoolRowsRules) {
     pool_rows_for(s, 700, true, "--pool-rows");
     ADD_FAILURE() << "a pool below the worst case that is not whole 256-row units was accepted";
   } catch (const InvalidArgument& e) {
-    EXPECT_NE(std::string(e.what()).find("--pool-rows = 700: must be 0 (the forward's default), at least 768"),
+    EXPECT_NE(std::string(e.what()).find("--pool-rows = 700: must be 0 (the default), at least 768"),
               std::string::npos)
         << e.what();
   }

@@ -724,7 +724,9 @@ double replay_fused_graph(LayerHarness& h, uint64_t seed, int replays, int check
 // routing, random T per rank (0 included), single CTAs and CTA pairs. Then one captured fused forward
 // replayed 1000 times with a changing device-side token count and routing, checked against the
 // reference every 10 replays (and by the stress of the replays themselves: the in-kernel counter
-// reset and the grid syncs must hold across every replay).
+// reset and the grid syncs must hold across every replay). With the worst-case pool, so that the
+// one-window kernel runs at every rank count (the default pool is windowed at 4 ranks and more for
+// this shape: FusedWindowedPoolEqualsStaged).
 LAYER_TEST(FusedEqualsStagedAndSurvivesAThousandReplays) {
   const uint64_t seed = test_seed();
   const int64_t max_tokens = 160;
@@ -733,15 +735,19 @@ LAYER_TEST(FusedEqualsStagedAndSurvivesAThousandReplays) {
     LayerOptions staged_options = test_layer_options(), fused_options = test_layer_options();
     staged_options.impl = ForwardImpl::kStaged;
     fused_options.impl = ForwardImpl::kFused;
+    fused_options.pool_rows = worst_case_pool_rows(shape);
     staged_options.gemm_cluster_m = fused_options.gemm_cluster_m = cluster_m;
     LayerHarness staged(shape, seed, staged_options), fused(shape, seed, fused_options);
     ASSERT_EQ(fused.layer().impl(), ForwardImpl::kFused);
+    ASSERT_FALSE(fused.layer().layout().windowed());
     expect_identical_outputs(staged, {&fused}, seed + uint64_t(cluster_m),
                              "fused vs staged, cluster_m=" + std::to_string(cluster_m));
   }
   LayerOptions options = test_layer_options();
   options.impl = ForwardImpl::kFused;
+  options.pool_rows = worst_case_pool_rows(shape);
   LayerHarness h(shape, seed + 1, options);
+  ASSERT_FALSE(h.layer().layout().windowed());
   const double worst = replay_fused_graph(h, seed, 1000, 10);
   if (comm().rank() == 0)
     std::printf("fused %s: equal to staged; 1000 replays with changing T, worst checked token %.2e\n",
