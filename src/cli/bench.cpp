@@ -23,18 +23,10 @@
 #include "megamoe/roofline.h"
 #include "megamoe/routing.h"
 #include "runtime/cuda_check.h"
+#include "runtime/device_array.h"
 
 namespace megamoe::cli {
 namespace {
-
-template <class T>
-struct DeviceArray {
-  T* ptr = nullptr;
-  explicit DeviceArray(size_t n) { MEGAMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr), std::max<size_t>(n, 1) * sizeof(T))); }
-  ~DeviceArray() { cudaFree(ptr); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-};
 
 struct InputSet {
   std::unique_ptr<DeviceArray<bf16_t>> x, y;

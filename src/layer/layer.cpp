@@ -19,6 +19,7 @@
 #include "layer/workspace.h"
 #include "moe/stages.h"
 #include "runtime/cuda_check.h"
+#include "runtime/device_array.h"
 
 namespace megamoe {
 namespace {
@@ -138,21 +139,6 @@ std::string describe_device_status(const DeviceStatus& s, int rank, double timeo
   return out;
 }
 
-template <class T>
-struct DeviceArray {  // an owned device allocation of the layer
-  T* ptr = nullptr;
-  size_t count = 0;
-  explicit DeviceArray(size_t n) : count(n) {
-    if (count) MEGAMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr), count * sizeof(T)));
-  }
-  size_t bytes() const { return count * sizeof(T); }
-  ~DeviceArray() {
-    if (ptr) cudaFree(ptr);
-  }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-};
-
 }  // namespace
 
 struct Layer::Impl {
@@ -179,8 +165,8 @@ struct Layer::Impl {
     gemms.fc1_out = gemm::make_operand_map(v.ws.fc1_out, type, uint64_t(v.pool_rows), I, gemm::kBoxRowsA);
     gemms.w1 = gemm::make_weight_maps(w1.ptr, type, El * 2 * I, H, gemm::kFc1BlockN);
     gemms.w2 = gemm::make_weight_maps(w2.ptr, type, El * H, I, gemm::fc2_block_n(s.hidden));
-    gemms.w1_scale = w1_scale.ptr;
-    gemms.w2_scale = w2_scale.ptr;
+    gemms.w1_scale = fp8 ? w1_scale.ptr : nullptr;  // (a BF16 layer's scale arrays are placeholders)
+    gemms.w2_scale = fp8 ? w2_scale.ptr : nullptr;
     expert_loaded.assign(El, false);
     stage_timing = o.stage_timing;
     zero_whole_workspace = o.zero_whole_workspace;
