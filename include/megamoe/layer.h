@@ -51,10 +51,10 @@ struct LayerOptions {
   // of 256 below that makes the fused forward run FC1 and FC2 in windows of that many rows, correct
   // under any routing (all-to-one included), at the cost of one more pass over the weights per
   // extra window (one GPU: within 0-4% of the worst-case pool with one or two windows,
-  // docs/PERFORMANCE.md); the staged forward rejects it. 0: the forward's default: the worst case for the staged forward; for the
-  // fused one MEGAMOE_POOL_ROWS, else compact_pool_rows(shape), one window under uniform routing
-  // (dsv4-flash FP8 at EP 8, 8192 tokens per rank: 847 MiB per rank against 2.74 GiB; `megamoe info
-  // --impl fused` prints it).
+  // docs/PERFORMANCE.md); the staged forward rejects it. 0: the forward's default: the worst case
+  // for the staged forward; for the fused one MEGAMOE_POOL_ROWS, else compact_pool_rows(shape), one
+  // window under uniform routing (dsv4-flash FP8 at EP 8, 8192 tokens per rank: 847 MiB per rank
+  // against 2.74 GiB; `megamoe info --impl fused` prints it).
   int64_t pool_rows = 0;
 };
 

@@ -124,12 +124,14 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
       const double set_bytes = double(T) * double(H * 2 * 2 + K * 8);
       const int sets = int(std::clamp(std::ceil(2 * 50e6 / std::max(set_bytes, 1.0)), 2.0, 8.0));
       std::vector<InputSet> in(static_cast<size_t>(sets));
+      // At least one token's room, so that a forward of T = 0 still gets valid input addresses.
+      const size_t rows = size_t(std::max<int64_t>(T, 1));
       for (int i = 0; i < sets; i++) {
         InputSet& set = in[size_t(i)];
-        set.x = std::make_unique<DeviceArray<bf16_t>>(size_t(T) * H);
-        set.y = std::make_unique<DeviceArray<bf16_t>>(size_t(T) * H);
-        set.ids = std::make_unique<DeviceArray<int32_t>>(size_t(T) * K);
-        set.weights = std::make_unique<DeviceArray<float>>(size_t(T) * K);
+        set.x = std::make_unique<DeviceArray<bf16_t>>(rows * H);
+        set.y = std::make_unique<DeviceArray<bf16_t>>(rows * H);
+        set.ids = std::make_unique<DeviceArray<int32_t>>(rows * K);
+        set.weights = std::make_unique<DeviceArray<float>>(rows * K);
         const uint64_t seed = 99991 * uint64_t(i + 1) + uint64_t(rank) * 131 + uint64_t(T);
         bench::fill_random_bf16(set.x->ptr, size_t(T) * H, seed, 1.0f, s);
         const Routing r = make_routing(routing, T, shape.num_experts, shape.top_k, seed);

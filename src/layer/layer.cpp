@@ -165,8 +165,8 @@ struct Layer::Impl {
     gemms.fc1_out = gemm::make_operand_map(v.ws.fc1_out, type, uint64_t(v.pool_rows), I, gemm::kBoxRowsA);
     gemms.w1 = gemm::make_weight_maps(w1.ptr, type, El * 2 * I, H, gemm::kFc1BlockN);
     gemms.w2 = gemm::make_weight_maps(w2.ptr, type, El * H, I, gemm::fc2_block_n(s.hidden));
-    gemms.w1_scale = fp8 ? w1_scale.ptr : nullptr;  // (a BF16 layer's scale arrays are placeholders)
-    gemms.w2_scale = fp8 ? w2_scale.ptr : nullptr;
+    gemms.w1_scale = w1_scale.ptr;  // null in a BF16 layer (no elements)
+    gemms.w2_scale = w2_scale.ptr;
     expert_loaded.assign(El, false);
     stage_timing = o.stage_timing;
     zero_whole_workspace = o.zero_whole_workspace;

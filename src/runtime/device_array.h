@@ -1,11 +1,8 @@
-// An owned device allocation: `count` elements of T from cudaMalloc, freed when it goes (never
-// copied). A count of 0 still allocates one element, so that the pointer is never null: the layer
-// and the benchmark pass such arrays as a forward's inputs, which take a valid address even for
-// zero tokens.
+// An owned device allocation: `count` elements of T from cudaMalloc (none, and a null pointer, for a
+// count of 0), freed when it goes (never copied).
 #pragma once
 #include <cuda_runtime_api.h>
 
-#include <algorithm>
 #include <cstddef>
 
 #include "runtime/cuda_check.h"
@@ -17,10 +14,12 @@ struct DeviceArray {
   T* ptr = nullptr;
   size_t count = 0;
   explicit DeviceArray(size_t n) : count(n) {
-    MEGAMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr), std::max<size_t>(count, 1) * sizeof(T)));
+    if (count) MEGAMOE_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr), count * sizeof(T)));
   }
   size_t bytes() const { return count * sizeof(T); }
-  ~DeviceArray() { cudaFree(ptr); }
+  ~DeviceArray() {
+    if (ptr) cudaFree(ptr);
+  }
   DeviceArray(const DeviceArray&) = delete;
   DeviceArray& operator=(const DeviceArray&) = delete;
 };
