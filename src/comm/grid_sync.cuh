@@ -2,9 +2,13 @@
 // grid must be resident all at once (the launcher sizes it by the occupancy of its clusters); a CTA
 // that never arrives becomes kGridSyncTimeout after the bound, never a hang.
 //
-// Scheme: each CTA reads the generation, then counts itself in `arrived`; the last to arrive resets
-// `arrived` to zero and advances the generation, which releases the others. Nothing is left to
-// reset between forwards or graph replays.
+// Scheme: `arrived` counts every CTA's arrivals at the grid syncs of the current forward. A CTA passes
+// sync k only once all gridDim.x arrivals of it are in, so arrival numbers [k * grid, (k+1) * grid)
+// are exactly sync k's: a CTA waits until `arrived` reaches the end of its arrival's block. One
+// atomic per CTA and sync, and the waiting CTAs see the last arrival itself (before, the last CTA
+// also had to reset the count and advance a generation, two more dependent steps). The last CTA to
+// leave the kernel (grid_stamp_exit) puts the count back to zero: nothing is left to reset between
+// forwards or graph replays.
 #pragma once
 #include <cstdint>
 
@@ -29,24 +33,23 @@ template <bool kAnyBranch = false>
 __device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* status, uint64_t timeout_ns, int point) {
   cta_sync<kAnyBranch>();
   if (threadIdx.x == 0) {
-    // Read before arriving: the generation cannot move on until this CTA has arrived.
-    const uint32_t generation = *reinterpret_cast<volatile uint32_t*>(&state->generation);
     __threadfence();  // this CTA's writes before its arrival
-    if (atomicAdd(&state->arrived, 1u) == gridDim.x - 1) {
+    const uint32_t arrival = atomicAdd(&state->arrived, 1u);
+    const uint32_t complete = (arrival / gridDim.x + 1) * gridDim.x;  // the count once every CTA is in
+    if (arrival + 1 == complete) {
       state->stage_ns[point & 7] = global_timer_ns();
-      atomicExch(&state->arrived, 0u);
-      __threadfence();
-      atomicAdd(&state->generation, 1u);
+      state->passed = complete / gridDim.x;  // for the watchdog's report only
     } else {
       bounded_wait</*kReturnOnAbort=*/false>(
           status, 2 * timeout_ns,
           [&] {
-            return ld_acquire_gpu(&state->generation) != generation ||
+            return ld_acquire_gpu(&state->arrived) >= complete ||
                    (ld_volatile(&status->error_flags) & kGridSyncTimeout) != 0;
           },
           [&] {
             status->grid_sync_point = point;
-            status->grid_sync_arrived = int32_t(*reinterpret_cast<volatile uint32_t*>(&state->arrived));
+            status->grid_sync_arrived =
+                int32_t(*reinterpret_cast<volatile uint32_t*>(&state->arrived) - (complete - gridDim.x));
             __threadfence_system();
             atomicOr(&status->error_flags, kGridSyncTimeout);
           },
@@ -60,12 +63,18 @@ __device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* st
 // The kernel's start (CTA 0, first thing) and end (the last CTA to leave) into state->stage_ns; the
 // exit count is back at zero afterwards.
 __device__ __forceinline__ void grid_stamp_start(GridSyncState* state) {
-  if (blockIdx.x == 0 && threadIdx.x == 0) state->stage_ns[0] = global_timer_ns();
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    state->stage_ns[0] = global_timer_ns();
+    state->grid = gridDim.x;
+  }
 }
 __device__ __forceinline__ void grid_stamp_exit(GridSyncState* state) {
   __syncthreads();
   if (threadIdx.x == 0 && atomicAdd(&state->exited, 1u) == gridDim.x - 1) {
     state->stage_ns[7] = global_timer_ns();
+    // Every CTA is past its last grid sync: the arrivals and the passed syncs go back to zero.
+    atomicExch(&state->arrived, 0u);
+    state->passed = 0;
     atomicExch(&state->exited, 0u);
   }
 }

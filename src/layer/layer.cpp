@@ -437,13 +437,9 @@ struct Layer::Impl {
                       "; barriers signalled here by rank";
     for (int r = 0; r < W; r++) out += " " + std::to_string(r) + ": " + std::to_string(flags[size_t(r)]);
     out += "; FC1 rows copied in " + std::to_string(arrived_total) + " of " + std::to_string(offsets[size_t(El)]);
-    // Without windows every forward passes kSyncCombineReady grid syncs; with them, two more per
-    // extra window, so only the running count since the layer was created says where it stands.
     if (impl == ForwardImpl::kFused)
-      out += "; fused kernel: grid syncs passed " +
-             (view.pool_windowed ? std::to_string(grid.generation) + " since the layer was created"
-                                 : std::to_string(grid.generation % uint32_t(moe::kSyncCombineReady)) + " in this forward") +
-             ", CTAs at the next " + std::to_string(grid.arrived);
+      out += "; fused kernel: grid syncs passed in this forward " + std::to_string(grid.passed) + ", CTAs at the next " +
+             std::to_string(grid.arrived - grid.passed * grid.grid) + " of " + std::to_string(grid.grid);
     return out + describe_stall_log(st.stalled_cta);
   }
 
