@@ -57,12 +57,13 @@ struct RecvPair {
 };
 
 // The fused forward's grid-wide barrier among this rank's CTAs (comm/grid_sync.cuh): zero at
-// creation, back to zero arrivals after every sync, so it is never reset.
+// creation; the arrivals add up over a forward and the last CTA to leave the kernel zeroes them, so
+// the host never resets it.
 struct GridSyncState {
   uint32_t arrived;     // arrivals at the grid syncs of the current forward (every CTA once per sync)
-  uint32_t passed;      // grid syncs the current forward has completed
   uint32_t exited;      // CTAs done with the current forward
-  uint32_t grid;        // CTAs of the last fused kernel launched
+  uint32_t grid;        // CTAs of the last fused kernel launched (0 before the first)
+  uint32_t unused;
   // Global-timer stamps of the last forward (LayerOptions::stage_timing reads them): [0] CTA 0's
   // start, [p] when the last CTA reached sync point p (FusedSyncPoint 1-6), [7] when the last CTA
   // finished.

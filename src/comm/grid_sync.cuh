@@ -38,9 +38,8 @@ __device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* st
     const uint32_t complete = (arrival / gridDim.x + 1) * gridDim.x;  // the count once every CTA is in
     if (arrival + 1 == complete) {
       state->stage_ns[point & 7] = global_timer_ns();
-      state->passed = complete / gridDim.x;  // for the watchdog's report only
     } else {
-      bounded_wait</*kReturnOnAbort=*/false>(
+      const bool in_time = bounded_wait</*kReturnOnAbort=*/false>(
           status, 2 * timeout_ns,
           [&] {
             return ld_acquire_gpu(&state->arrived) >= complete ||
@@ -54,6 +53,10 @@ __device__ __forceinline__ void grid_sync(GridSyncState* state, DeviceStatus* st
             atomicOr(&status->error_flags, kGridSyncTimeout);
           },
           0);
+      // Also when another wait had aborted the rank first (bounded_wait then records nothing): the
+      // later syncs must stop waiting, or a CTA whose wait ran out would count its next arrival in
+      // this sync's block, and the CTAs would no longer pass the syncs together.
+      if (!in_time) atomicOr(&status->error_flags, kGridSyncTimeout);
     }
     __threadfence();
   }
@@ -72,9 +75,10 @@ __device__ __forceinline__ void grid_stamp_exit(GridSyncState* state) {
   __syncthreads();
   if (threadIdx.x == 0 && atomicAdd(&state->exited, 1u) == gridDim.x - 1) {
     state->stage_ns[7] = global_timer_ns();
-    // Every CTA is past its last grid sync: the arrivals and the passed syncs go back to zero.
+    // Every CTA is past its last grid sync (each read `arrived` before it counted itself out): the
+    // arrivals go back to zero for the next forward.
+    __threadfence();
     atomicExch(&state->arrived, 0u);
-    state->passed = 0;
     atomicExch(&state->exited, 0u);
   }
 }
