@@ -17,7 +17,7 @@
 namespace megamoe::cli {
 
 const FlagSet& info_flags() {
-  static const FlagSet set{{"preset", "ep", "max-tokens", "dtype", "tokens", "impl", "pool-rows", "hbm-gbps",
+  static const FlagSet set{{"preset", "ep", "max-tokens", "dtype", "tokens", "impl", "pool-rows", "max-mib", "hbm-gbps",
                             "bf16-tflops", "fp8-tflops", "nvlink-gbps"},
                            {}};
   return set;
@@ -162,6 +162,24 @@ InfoOptions parse_info_options(const Args& a) {
   if (impl != "staged" && impl != "fused") throw InvalidArgument("--impl " + impl + ": must be staged or fused");
   o.pool_rows = pool_rows_for(o.shape, a.integer("pool-rows", 0, 0, kMaxInfoTokens * kMaxEpSize * kMaxTopK),
                               impl == "fused", "--pool-rows");
+  if (a.has("max-mib")) {
+    if (a.has("pool-rows")) throw InvalidArgument("--max-mib: chooses the pool; give it or --pool-rows, not both");
+    o.max_mib = a.integer("max-mib", 0, 1, kMaxInfoMib);
+    const int64_t rows = largest_pool_rows_within(o.shape, size_t(o.max_mib) << 20);
+    const int64_t worst = worst_case_pool_rows(o.shape);
+    auto mib_with = [&](int64_t pool_rows) {
+      return std::to_string((WorkspaceLayout(o.shape, pool_rows).total_bytes() + (1 << 20) - 1) >> 20);
+    };
+    if (rows == 0)
+      throw InvalidArgument("--max-mib = " + std::to_string(o.max_mib) + ": no pool fits; with the smallest (" +
+                            std::to_string(kPoolRowsMultiple) + " rows) the workspace takes " +
+                            mib_with(std::min(kPoolRowsMultiple, worst)) + " MiB per rank");
+    if (rows < worst && impl != "fused")
+      throw InvalidArgument("--max-mib = " + std::to_string(o.max_mib) + ": the staged forward's workspace takes " +
+                            mib_with(worst) + " MiB per rank (its pool holds every pair of every rank); only " +
+                            "--impl fused runs a smaller pool, in windows");
+    o.pool_rows = rows;
+  }
   if (a.has("tokens")) {
     o.tokens = a.integer_list("tokens", {}, 0, kMaxInfoTokens);
     for (int64_t t : o.tokens)
@@ -315,8 +333,8 @@ const char* kUsage =
 
 const char* kInfoUsage =
     "usage: megamoe info --preset dsv3|dsv4-flash|dsv4-pro|tiny [--ep N] [--max-tokens M] [--dtype bf16|fp8]\n"
-    "                    [--tokens T,...] [--impl staged|fused] [--pool-rows P] [--hbm-gbps X] [--bf16-tflops X]\n"
-    "                    [--fp8-tflops X] [--nvlink-gbps X]\n"
+    "                    [--tokens T,...] [--impl staged|fused] [--pool-rows P | --max-mib M] [--hbm-gbps X]\n"
+    "                    [--bf16-tflops X] [--fp8-tflops X] [--nvlink-gbps X]\n"
     "The shape, its workspace per rank and the roofline floor of one forward per rank. No GPU needed.\n"
     "  --preset P        the layer's dimensions (required)\n"
     "  --ep N            ranks the experts are spread over, 1..64 (default 1)\n"
@@ -328,6 +346,8 @@ const char* kInfoUsage =
     "  --pool-rows P     rows of the token pool and FC1's output: 0 (default: every pair of every rank for\n"
     "                    staged, the compact pool for fused), at least every pair of every rank, or a\n"
     "                    multiple of 256 below that (fused only: FC1 and FC2 in windows of P rows)\n"
+    "  --max-mib M       instead of --pool-rows: the largest pool that keeps the workspace within M MiB per\n"
+    "                    rank, 1..16777216 (below every pair of every rank: --impl fused, in windows)\n"
     "  --hbm-gbps X      HBM bandwidth ceiling, GB/s, 1..1e6 (default 3000)\n"
     "  --nvlink-gbps X   NVLink bandwidth per direction, GB/s, 1..1e6 (default 385)\n"
     "  --bf16-tflops X   dense bf16 tensor-core rate, TFLOP/s, 1..1e5 (default 744)\n"

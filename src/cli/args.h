@@ -64,6 +64,7 @@ CeilingFlags parse_ceiling_flags(const Args& a);
 
 // Token counts per rank the tool accepts (info's --max-tokens, bench's --tokens).
 inline constexpr int64_t kMaxInfoTokens = int64_t(1) << 30;
+inline constexpr int64_t kMaxInfoMib = int64_t(1) << 24;  // info's --max-mib: 16 TiB
 inline constexpr int64_t kMaxBenchTokens = int64_t(1) << 20;
 // Bench's --sms: more SMs than any GPU has; the layer checks the budget against the device's count.
 inline constexpr int64_t kMaxSms = 1024;
@@ -71,7 +72,8 @@ inline constexpr int64_t kMaxSms = 1024;
 struct InfoOptions {
   MoeShape shape;               // --preset, --ep, --max-tokens, --dtype
   std::vector<int64_t> tokens;  // --tokens, each <= --max-tokens
-  int64_t pool_rows = 0;        // --impl, --pool-rows resolved (pool_rows_for)
+  int64_t pool_rows = 0;        // --impl, --pool-rows resolved (pool_rows_for), or --max-mib's pool
+  int64_t max_mib = 0;          // --max-mib (0: not given)
   Ceilings ceilings;
 };
 InfoOptions parse_info_options(const Args& a);

@@ -17,7 +17,19 @@ int info_main(int argc, char** argv) {
 
   const WorkspaceLayout layout(shape, o.pool_rows);
   std::printf("shape: %s\n\nworkspace per rank:\n%s", describe(shape).c_str(), layout.to_string().c_str());
-  if (const int64_t compact = compact_pool_rows(shape); compact && !layout.windowed()) {
+  if (o.max_mib) {
+    // Under uniform routing a rank receives about Tmax*K rows, and a window holds whole units: up
+    // to one unit per expert more.
+    const int64_t uniform_rows = shape.max_tokens_per_rank * shape.top_k + kPoolRowsMultiple * shape.experts_per_rank();
+    std::printf("the largest pool within --max-mib %lld: %lld rows, %.2f MiB per rank; %s\n",
+                static_cast<long long>(o.max_mib), static_cast<long long>(layout.pool_rows()),
+                double(layout.total_bytes()) / (1 << 20),
+                !layout.windowed() ? "every pair of every rank fits (no windows)"
+                : layout.pool_rows() >= uniform_rows
+                    ? "one window under uniform routing at --max-tokens, more when the routing is skewed"
+                    : "more than one window under uniform routing at --max-tokens (each window reads its experts' "
+                      "weights again)");
+  } else if (const int64_t compact = compact_pool_rows(shape); compact && !layout.windowed()) {
     const WorkspaceLayout windowed(shape, compact);
     std::printf("the fused forward's default pool, %lld rows (compact: one window under uniform routing; "
                 "--impl fused shows it): %.2f MiB per rank\n",

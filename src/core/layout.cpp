@@ -182,6 +182,23 @@ void validate_pool_rows(const MoeShape& shape, int64_t rows, const std::string& 
                           " (the fused forward's window: whole 256-row GEMM units)");
 }
 
+int64_t largest_pool_rows_within(const MoeShape& shape, size_t max_bytes) {
+  const int64_t worst = worst_case_pool_rows(shape);
+  if (WorkspaceLayout(shape, worst).total_bytes() <= max_bytes) return worst;
+  auto fits = [&](int64_t units) { return WorkspaceLayout(shape, units * kPoolRowsMultiple).total_bytes() <= max_bytes; };
+  // Multiples of kPoolRowsMultiple below the worst case; the total grows with P (the pool and fc1_out
+  // rows outweigh the window table, which shrinks), so the largest that fits is found by bisection.
+  int64_t lo = 0, hi = (worst - 1) / kPoolRowsMultiple;  // fits(lo) (or lo = 0), !fits(hi + 1)
+  if (hi < 1 || !fits(1)) return 0;
+  lo = 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (fits(mid)) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo * kPoolRowsMultiple;
+}
+
 int64_t pool_rows_for(const MoeShape& shape, int64_t requested, bool fused, const std::string& arg_name) {
   validate_pool_rows(shape, requested, arg_name);
   if (fused) return requested == 0 ? compact_pool_rows(shape) : requested;

@@ -11,6 +11,7 @@
 
 #include "cli/args.h"
 #include "megamoe/error.h"
+#include "megamoe/layout.h"
 #include "megamoe/runtime.h"
 #include "megamoe/version.h"
 
@@ -196,6 +197,25 @@ TEST_F(Cli, PoolRows) {
   EXPECT_INVALID(info({"--preset", "dsv4-flash", "--impl", "fused", "--pool-rows", "100"}),
                  HasSubstr("--pool-rows = 100: must be 0"));
   EXPECT_INVALID(info({"--preset", "tiny", "--impl", "mega"}), HasSubstr("--impl mega: must be staged or fused"));
+}
+
+// --max-mib: the largest pool within a memory budget per rank (largest_pool_rows_within).
+TEST_F(Cli, MaxMibChoosesThePool) {
+  // dsv4-flash BF16 at EP 8 and 8192 tokens: 48128 rows fit 1 GiB (test_layout's LargestPoolWithinABudget).
+  const InfoOptions o =
+      info({"--preset", "dsv4-flash", "--ep", "8", "--max-tokens", "8192", "--impl", "fused", "--max-mib", "1024"});
+  EXPECT_EQ(o.max_mib, 1024);
+  EXPECT_EQ(o.pool_rows, 48128);
+  // Room for the worst case: the worst-case pool, for either forward.
+  const InfoOptions tiny = info({"--preset", "tiny", "--max-mib", "4096"});
+  EXPECT_EQ(tiny.pool_rows, megamoe::worst_case_pool_rows(tiny.shape));
+  EXPECT_INVALID(info({"--preset", "dsv4-flash", "--ep", "8", "--max-tokens", "8192", "--max-mib", "1024"}),
+                 AllOf(HasSubstr("--max-mib = 1024: the staged forward's workspace takes"), HasSubstr("--impl fused")));
+  EXPECT_INVALID(info({"--preset", "dsv4-flash", "--ep", "8", "--max-tokens", "8192", "--impl", "fused", "--max-mib", "100"}),
+                 HasSubstr("--max-mib = 100: no pool fits; with the smallest (256 rows) the workspace takes"));
+  EXPECT_INVALID(info({"--preset", "tiny", "--impl", "fused", "--max-mib", "64", "--pool-rows", "256"}),
+                 HasSubstr("--max-mib: chooses the pool; give it or --pool-rows, not both"));
+  EXPECT_INVALID(info({"--preset", "tiny", "--max-mib", "0"}), HasSubstr("--max-mib"));
 }
 
 TEST_F(Cli, BenchRejectsBadValuesNamingTheFlag) {

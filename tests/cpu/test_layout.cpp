@@ -156,6 +156,44 @@ TEST(Layout, PoolRowsRules) {
   EXPECT_EQ(compact_pool_rows(make_preset("tiny", 1, 64)), 0);
 }
 
+// The largest pool within a byte budget: it fits, the next multiple of 256 does not (or it is the
+// worst case), and budgets too small for one window's pool give 0.
+TEST(Layout, LargestPoolWithinABudget) {
+  int cases = 0;
+  for (WeightFormat f : {WeightFormat::kBf16, WeightFormat::kFp8})
+    for (int64_t ep : {1, 4, 8})
+      for (int64_t tokens : {1, 100, 8192}) {
+        const MoeShape shape = make_preset("dsv4-flash", ep, tokens, f);
+        const int64_t worst = worst_case_pool_rows(shape);
+        const size_t worst_bytes = WorkspaceLayout(shape, worst).total_bytes();
+        for (double fraction : {0.05, 0.3, 0.5, 0.8, 0.99, 1.0, 2.0}) {
+          const size_t budget = size_t(double(worst_bytes) * fraction);
+          const int64_t rows = largest_pool_rows_within(shape, budget);
+          if (rows == 0) {
+            EXPECT_GT(WorkspaceLayout(shape, std::min(kPoolRowsMultiple, worst)).total_bytes(), budget);
+            continue;
+          }
+          EXPECT_LE(WorkspaceLayout(shape, rows).total_bytes(), budget) << rows;
+          if (rows >= worst) {
+            EXPECT_EQ(rows, worst);
+            EXPECT_LE(worst_bytes, budget);
+          } else {
+            EXPECT_EQ(rows % kPoolRowsMultiple, 0);
+            const int64_t next = rows + kPoolRowsMultiple;
+            EXPECT_GT(WorkspaceLayout(shape, next >= worst ? worst : next).total_bytes(), budget) << rows;
+          }
+          cases++;
+        }
+      }
+  EXPECT_GT(cases, 20);
+  // dsv4-flash BF16, EP 8, 8192 tokens per rank within 1 GiB: 48128 rows (1021 MiB; 48384 would
+  // take just over 1 GiB).
+  const MoeShape bf16 = make_preset("dsv4-flash", 8, 8192, WeightFormat::kBf16);
+  EXPECT_EQ(largest_pool_rows_within(bf16, size_t(1) << 30), 48128);
+  EXPECT_EQ(WorkspaceLayout(bf16, 48128).total_bytes() >> 20, 1021u);
+  EXPECT_GT(WorkspaceLayout(bf16, 48384).total_bytes(), size_t(1) << 30);
+}
+
 TEST(Layout, ZeroPrefixIsUnderOnePercentAtDsv4FlashEp4) {
   WorkspaceLayout l(make_preset("dsv4-flash", 4, 4096));
   EXPECT_LT(double(l.zero_prefix_bytes()), 0.01 * double(l.total_bytes()));
