@@ -98,6 +98,14 @@ MEGAMOE_C_EXPORT int megamoe_compact_pool_rows(int64_t hidden, int64_t intermedi
                                                int64_t ep_size, int64_t max_tokens_per_rank, int weight_format,
                                                float swiglu_limit, int64_t* out);
 
+/* megamoe::largest_pool_rows_within: the largest token pool whose workspace per rank fits in
+ * max_bytes: the worst case when that fits, else a multiple of 256 below it (a windowed pool of the
+ * fused forward), else 0 (none fits). Validates the shape. */
+MEGAMOE_C_EXPORT int megamoe_largest_pool_rows_within(int64_t hidden, int64_t intermediate, int64_t num_experts,
+                                                      int64_t top_k, int64_t ep_size, int64_t max_tokens_per_rank,
+                                                      int weight_format, float swiglu_limit, uint64_t max_bytes,
+                                                      int64_t* out);
+
 /* ---- communicators */
 
 /* Rank 0's NCCL unique id (binary, NCCL_UNIQUE_ID_BYTES long) to hand to every rank over the

@@ -1,7 +1,7 @@
 """megamoe: an expert-parallel Mixture-of-Experts layer for Hopper GPUs (DeepSeek-V3/V4 class).
 
     import megamoe                 # torch-free: version(), preset(), validate_shape(), workspace_table(),
-                                   # compact_pool_rows()
+                                   # compact_pool_rows(), largest_pool_rows_within()
     from megamoe.torch import MoE  # the PyTorch layer and the torch.ops.megamoe.forward op
 
 The native library libmegamoe.so is loaded with ctypes on first use (see megamoe._lib for where it is
@@ -14,6 +14,7 @@ from .core import (  # noqa: E402
     LibraryNotFoundError,
     abi_version,
     compact_pool_rows,
+    largest_pool_rows_within,
     library_path,
     preset,
     validate_shape,
@@ -26,6 +27,7 @@ __all__ = [
     "__version__",
     "abi_version",
     "compact_pool_rows",
+    "largest_pool_rows_within",
     "library_path",
     "preset",
     "validate_shape",

@@ -86,6 +86,7 @@ _SIGNATURES = {
     "megamoe_preset": (_c_int, [_c_str, _p_i64, _p_i64, _p_i64, _p_i64, ctypes.POINTER(_c_float)]),
     "megamoe_workspace_table": (_c_int, _SHAPE + [_c_i64, _c_ptr, _c_size, _p_size]),  # shape, pool_rows, string
     "megamoe_compact_pool_rows": (_c_int, _SHAPE + [_p_i64]),
+    "megamoe_largest_pool_rows_within": (_c_int, _SHAPE + [ctypes.c_uint64, _p_i64]),
     "megamoe_nccl_unique_id": (_c_int, [_c_ptr, _c_size, _p_size]),
     "megamoe_comm_create_nccl": (_c_int, [_c_int, _c_int, _c_int, _c_ptr, _c_size, _p_ptr]),
     "megamoe_comm_create_local": (_c_int, [_c_int, _p_ptr]),

@@ -140,3 +140,19 @@ def compact_pool_rows(*, hidden, intermediate, num_experts, top_k, max_tokens_pe
     rows = ctypes.c_int64()
     lib.check(lib.compact_pool_rows(*args, ctypes.byref(rows)))
     return rows.value
+
+
+def largest_pool_rows_within(*, hidden, intermediate, num_experts, top_k, max_tokens_per_rank, max_bytes,
+                             ep_size=1, weight_dtype="bf16", swiglu_limit=0.0) -> int:
+    """The largest token pool whose workspace per rank fits in max_bytes (for MoE(pool_rows=...) when
+    the layer gets a memory budget): the worst case (every pair of every rank) when that fits, else a
+    multiple of 256 below it, a windowed pool for MoE(impl='fused'), else 0 (no pool fits)."""
+    lib = _lib.get()
+    args = _shape_args(hidden, intermediate, num_experts, top_k, ep_size, max_tokens_per_rank, weight_dtype,
+                       swiglu_limit)
+    budget = as_int64(max_bytes, "max_bytes")
+    if budget < 0:
+        raise ValueError("max_bytes = %d: must be >= 0" % budget)
+    rows = ctypes.c_int64()
+    lib.check(lib.largest_pool_rows_within(*args, ctypes.c_uint64(budget), ctypes.byref(rows)))
+    return rows.value

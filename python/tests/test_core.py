@@ -201,6 +201,21 @@ def test_compact_pool_rows(lib):
         megamoe.compact_pool_rows(**dict(DSV3, top_k=0))
 
 
+def test_largest_pool_rows_within(lib):
+    # dsv4-flash BF16 at EP 8 and 8192 tokens per rank within 1 GiB: 48128 rows (the C++ tests' value).
+    dsv4_flash = dict(hidden=4096, intermediate=2048, num_experts=256, top_k=6, max_tokens_per_rank=8192, ep_size=8)
+    assert megamoe.largest_pool_rows_within(**dsv4_flash, max_bytes=1 << 30) == 48128
+    total = lambda t: re.search(r"total ([0-9.]+) MiB", t).group(1)  # noqa: E731
+    assert total(megamoe.workspace_table(**dsv4_flash, pool_rows=48128)) == "1021.00"
+    # Room for every pair of every rank: the worst case; no room for one window's pool: 0.
+    assert megamoe.largest_pool_rows_within(**SMALL, max_bytes=1 << 40) == 4 * 256
+    assert megamoe.largest_pool_rows_within(**DSV3, max_bytes=1 << 20) == 0
+    with pytest.raises(ValueError, match="^max_bytes = -1: must be >= 0"):
+        megamoe.largest_pool_rows_within(**SMALL, max_bytes=-1)
+    with pytest.raises(ValueError, match="^top_k = 0: "):
+        megamoe.largest_pool_rows_within(**dict(SMALL, top_k=0), max_bytes=1 << 30)
+
+
 def test_workspace_table_invalid_shape(lib):
     with pytest.raises(ValueError, match="^intermediate = 100: "):
         megamoe.workspace_table(**dict(SMALL, intermediate=100))

@@ -220,6 +220,18 @@ int megamoe_compact_pool_rows(int64_t hidden, int64_t intermediate, int64_t num_
   });
 }
 
+int megamoe_largest_pool_rows_within(int64_t hidden, int64_t intermediate, int64_t num_experts, int64_t top_k,
+                                     int64_t ep_size, int64_t max_tokens_per_rank, int weight_format, float swiglu_limit,
+                                     uint64_t max_bytes, int64_t* out) {
+  return guarded([&] {
+    require_out(out, "out");
+    const megamoe::MoeShape shape =
+        make_shape(hidden, intermediate, num_experts, top_k, ep_size, max_tokens_per_rank, weight_format, swiglu_limit);
+    megamoe::validate(shape);
+    *out = megamoe::largest_pool_rows_within(shape, size_t(max_bytes));
+  });
+}
+
 int megamoe_nccl_unique_id(char* out, size_t cap, size_t* len) {
   return guarded([&] {
     require_out(out, "out");
