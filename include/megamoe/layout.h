@@ -133,8 +133,9 @@ void validate_pool_rows(const MoeShape& shape, int64_t rows, const std::string& 
 int64_t pool_rows_for(const MoeShape& shape, int64_t requested, bool fused, const std::string& arg_name);
 // The largest pool whose workspace (WorkspaceLayout::total_bytes) fits in max_bytes per rank: the
 // worst case when that fits, else the largest multiple of kPoolRowsMultiple below it that does (the
-// fused forward runs it in windows), else 0 (not even one window's pool fits). For engines that give
-// the MoE layer a memory budget and the rest to the KV cache.
+// fused forward runs it in windows), else 0 (none fits; the total is not monotonic in P for small
+// pools, whose window table is the largest). For engines that give the MoE layer a memory budget and
+// the rest to the KV cache.
 int64_t largest_pool_rows_within(const MoeShape& shape, size_t max_bytes);
 
 class WorkspaceLayout {

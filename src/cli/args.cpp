@@ -170,14 +170,16 @@ InfoOptions parse_info_options(const Args& a) {
     auto mib_with = [&](int64_t pool_rows) {
       return std::to_string((WorkspaceLayout(o.shape, pool_rows).total_bytes() + (1 << 20) - 1) >> 20);
     };
-    if (rows == 0)
-      throw InvalidArgument("--max-mib = " + std::to_string(o.max_mib) + ": no pool fits; with the smallest (" +
-                            std::to_string(kPoolRowsMultiple) + " rows) the workspace takes " +
-                            mib_with(std::min(kPoolRowsMultiple, worst)) + " MiB per rank");
     if (rows < worst && impl != "fused")
       throw InvalidArgument("--max-mib = " + std::to_string(o.max_mib) + ": the staged forward's workspace takes " +
                             mib_with(worst) + " MiB per rank (its pool holds every pair of every rank); only " +
                             "--impl fused runs a smaller pool, in windows");
+    if (rows == 0) {
+      const int64_t smallest = std::min(kPoolRowsMultiple, worst);
+      throw InvalidArgument("--max-mib = " + std::to_string(o.max_mib) + ": no pool fits; with " +
+                            std::to_string(smallest) + " rows the workspace takes " + mib_with(smallest) +
+                            " MiB per rank");
+    }
     o.pool_rows = rows;
   }
   if (a.has("tokens")) {

@@ -186,17 +186,27 @@ int64_t largest_pool_rows_within(const MoeShape& shape, size_t max_bytes) {
   const int64_t worst = worst_case_pool_rows(shape);
   if (WorkspaceLayout(shape, worst).total_bytes() <= max_bytes) return worst;
   auto fits = [&](int64_t units) { return WorkspaceLayout(shape, units * kPoolRowsMultiple).total_bytes() <= max_bytes; };
-  // Multiples of kPoolRowsMultiple below the worst case; the total grows with P (the pool and fc1_out
-  // rows outweigh the window table, which shrinks), so the largest that fits is found by bisection.
-  int64_t lo = 0, hi = (worst - 1) / kPoolRowsMultiple;  // fits(lo) (or lo = 0), !fits(hi + 1)
-  if (hi < 1 || !fits(1)) return 0;
-  lo = 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (fits(mid)) lo = mid;
-    else hi = mid - 1;
+  // Pools of u units of kPoolRowsMultiple rows below the worst case. The total is not monotonic in u
+  // for small pools: the window table (16 bytes a window, about worst / (128 u) windows) shrinks as u
+  // grows, by more than a unit of pool and fc1_out rows adds when u is a few units and the worst case
+  // huge. From kMonotonicUnits on, a unit adds at least 256 x (H + I) bytes (64 KiB), more than the
+  // table can shrink for any valid shape, so there the total grows with u and bisection finds the
+  // largest pool that fits; below, every u is tried.
+  constexpr int64_t kMonotonicUnits = 4096;
+  const int64_t top = (worst - 1) / kPoolRowsMultiple;
+  int64_t best = 0;
+  for (int64_t u = 1; u <= std::min(top, kMonotonicUnits); u++)
+    if (fits(u)) best = u;
+  if (top > kMonotonicUnits && fits(kMonotonicUnits)) {
+    int64_t lo = kMonotonicUnits, hi = top;  // fits(lo); the answer is in [lo, hi]
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (fits(mid)) lo = mid;
+      else hi = mid - 1;
+    }
+    best = lo;
   }
-  return lo * kPoolRowsMultiple;
+  return best * kPoolRowsMultiple;
 }
 
 int64_t pool_rows_for(const MoeShape& shape, int64_t requested, bool fused, const std::string& arg_name) {

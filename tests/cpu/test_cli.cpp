@@ -206,13 +206,16 @@ TEST_F(Cli, MaxMibChoosesThePool) {
       info({"--preset", "dsv4-flash", "--ep", "8", "--max-tokens", "8192", "--impl", "fused", "--max-mib", "1024"});
   EXPECT_EQ(o.max_mib, 1024);
   EXPECT_EQ(o.pool_rows, 48128);
-  // Room for the worst case: the worst-case pool, for either forward.
+  // Room for the worst case: the worst-case pool (here for the staged forward, the default).
   const InfoOptions tiny = info({"--preset", "tiny", "--max-mib", "4096"});
   EXPECT_EQ(tiny.pool_rows, megamoe::worst_case_pool_rows(tiny.shape));
   EXPECT_INVALID(info({"--preset", "dsv4-flash", "--ep", "8", "--max-tokens", "8192", "--max-mib", "1024"}),
                  AllOf(HasSubstr("--max-mib = 1024: the staged forward's workspace takes"), HasSubstr("--impl fused")));
   EXPECT_INVALID(info({"--preset", "dsv4-flash", "--ep", "8", "--max-tokens", "8192", "--impl", "fused", "--max-mib", "100"}),
-                 HasSubstr("--max-mib = 100: no pool fits; with the smallest (256 rows) the workspace takes"));
+                 HasSubstr("--max-mib = 100: no pool fits; with 256 rows the workspace takes"));
+  // The staged forward: its own (worst-case) workspace, also when no pool would fit.
+  EXPECT_INVALID(info({"--preset", "dsv4-flash", "--ep", "8", "--max-tokens", "8192", "--max-mib", "100"}),
+                 HasSubstr("--max-mib = 100: the staged forward's workspace takes"));
   EXPECT_INVALID(info({"--preset", "tiny", "--impl", "fused", "--max-mib", "64", "--pool-rows", "256"}),
                  HasSubstr("--max-mib: chooses the pool; give it or --pool-rows, not both"));
   EXPECT_INVALID(info({"--preset", "tiny", "--max-mib", "0"}), HasSubstr("--max-mib"));

@@ -169,8 +169,10 @@ TEST(Layout, LargestPoolWithinABudget) {
         for (double fraction : {0.05, 0.3, 0.5, 0.8, 0.99, 1.0, 2.0}) {
           const size_t budget = size_t(double(worst_bytes) * fraction);
           const int64_t rows = largest_pool_rows_within(shape, budget);
-          if (rows == 0) {
-            EXPECT_GT(WorkspaceLayout(shape, std::min(kPoolRowsMultiple, worst)).total_bytes(), budget);
+          if (rows == 0) {  // no pool below the worst case fits (nor the worst case: checked above)
+            for (int64_t p = kPoolRowsMultiple; p < worst; p += kPoolRowsMultiple)
+              ASSERT_GT(WorkspaceLayout(shape, p).total_bytes(), budget) << p;
+            EXPECT_GT(worst_bytes, budget);
             continue;
           }
           EXPECT_LE(WorkspaceLayout(shape, rows).total_bytes(), budget) << rows;
@@ -186,6 +188,14 @@ TEST(Layout, LargestPoolWithinABudget) {
         }
       }
   EXPECT_GT(cases, 20);
+  // A small layer with a huge worst case: there the window table shrinks faster than 256 rows of
+  // pool grow, and the smallest workspace is not the smallest pool's. A budget of the 1024-row pool's
+  // total fits 1024 rows, not the 256-row pool.
+  const MoeShape tiny = make_preset("tiny", 8, int64_t(1) << 20);
+  const size_t at_1024 = WorkspaceLayout(tiny, 1024).total_bytes();
+  ASSERT_GT(WorkspaceLayout(tiny, 256).total_bytes(), at_1024);
+  EXPECT_GE(largest_pool_rows_within(tiny, at_1024), 1024);
+  EXPECT_LE(WorkspaceLayout(tiny, largest_pool_rows_within(tiny, at_1024)).total_bytes(), at_1024);
   // dsv4-flash BF16, EP 8, 8192 tokens per rank within 1 GiB: 48128 rows (1021 MiB; 48384 would
   // take just over 1 GiB).
   const MoeShape bf16 = make_preset("dsv4-flash", 8, 8192, WeightFormat::kBf16);
