@@ -197,7 +197,7 @@ int64_t largest_pool_rows_within(const MoeShape& shape, size_t max_bytes) {
   int64_t best = 0;
   for (int64_t u = 1; u <= std::min(top, kMonotonicUnits); u++)
     if (fits(u)) best = u;
-  if (top > kMonotonicUnits && fits(kMonotonicUnits)) {
+  if (top > kMonotonicUnits && best == kMonotonicUnits) {  // (the scan's last pool fits)
     int64_t lo = kMonotonicUnits, hi = top;  // fits(lo); the answer is in [lo, hi]
     while (lo < hi) {
       const int64_t mid = (lo + hi + 1) / 2;

@@ -196,6 +196,16 @@ TEST(Layout, LargestPoolWithinABudget) {
   ASSERT_GT(WorkspaceLayout(tiny, 256).total_bytes(), at_1024);
   EXPECT_GE(largest_pool_rows_within(tiny, at_1024), 1024);
   EXPECT_LE(WorkspaceLayout(tiny, largest_pool_rows_within(tiny, at_1024)).total_bytes(), at_1024);
+  // Budgets whose answer lies above the tried pools (4096 units), found by bisection: it fits and the
+  // next multiple of 256 does not.
+  const size_t tiny_worst_bytes = WorkspaceLayout(tiny, worst_case_pool_rows(tiny)).total_bytes();
+  for (double fraction : {0.3, 0.5, 0.9}) {
+    const size_t budget = size_t(double(tiny_worst_bytes) * fraction);
+    const int64_t rows = largest_pool_rows_within(tiny, budget);
+    EXPECT_GT(rows, 4096 * kPoolRowsMultiple) << fraction;
+    EXPECT_LE(WorkspaceLayout(tiny, rows).total_bytes(), budget) << fraction;
+    EXPECT_GT(WorkspaceLayout(tiny, rows + kPoolRowsMultiple).total_bytes(), budget) << fraction;
+  }
   // dsv4-flash BF16, EP 8, 8192 tokens per rank within 1 GiB: 48128 rows (1021 MiB; 48384 would
   // take just over 1 GiB).
   const MoeShape bf16 = make_preset("dsv4-flash", 8, 8192, WeightFormat::kBf16);
