@@ -34,6 +34,20 @@ struct PullRowsFeed {
   };
   static constexpr int kVectorsInFlight = 4;  // remote 16-byte loads per lane issued before their stores
 
+  // The expert that holds schedule row `row` (< row_offset[experts]), by every lane of a warp: the
+  // number of experts whose rows end at or before it (experts without rows included), counted 32
+  // experts per step with independent loads.
+  __device__ static int expert_of_row_warp(const gemm::GroupedSchedule& s, int row) {
+    const int lane = int(threadIdx.x) % 32;
+    int before = 0;
+#pragma unroll 4
+    for (int base = 0; base < s.experts; base += 32) {
+      const int e = base + lane;
+      before += __popc(__ballot_sync(0xffffffffu, e < s.experts && s.row_offset[e + 1] <= row));
+    }
+    return before;
+  }
+
   // Worker w (one warp) copies the window's rows w, w + workers, ...: all workers sweep the pool in
   // order (schedule row r lands in pool row r - the window's first row).
   __device__ static void copy_rows(const Params& p, int worker, int workers, int window) {
@@ -41,7 +55,10 @@ struct PullRowsFeed {
     const PoolWindow w = gemm::schedule_window(p.schedule, window);
     const int first = w.row_begin;
     const int row_vectors = p.row_bytes / 16;
-    int expert = 0;  // this worker's rows only increase, so its expert only moves forward
+    // The expert of the worker's first row, found by the whole warp at once; a walk from expert 0 is
+    // one dependent load per expert before it (at decode sizes most workers hold a single row, of any
+    // expert). Its later rows only increase, so the expert only moves forward.
+    int expert = first + worker < w.row_end ? expert_of_row_warp(p.schedule, first + worker) : 0;
     for (int row = first + worker; row < w.row_end; row += workers) {
       while (p.schedule.row_offset[expert + 1] <= row) expert++;
       const PoolSource src = p.pool_source[row];
