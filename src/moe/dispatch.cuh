@@ -51,6 +51,11 @@ inline size_t schedule_smem_bytes(int experts_per_rank, int world_size) {
 template <int kCtaThreads>
 __device__ __forceinline__ void claim_sync() { asm volatile("barrier.sync 1, %0;" ::"n"(kCtaThreads) : "memory"); }
 
+// Blocks of x each half-warp loads before it quantises them (stage_tokens): 1 took the FP8 claim 118 us
+// at 8192 tokens (one H200, 64 experts), 2 takes 90, 4 takes 77 but costs 1-3 us at 1-64 tokens and
+// makes ptxas spill 800 bytes in the fused FP8 kernel with 128-column FC2 tiles (docs/PERFORMANCE.md).
+inline constexpr int kStageVectorsInFlight = 2;
+
 // Tokens [token_begin, token_begin + count) of x into token_staging, in the layer's format, by the
 // claim's kClaimThreads threads.
 __device__ __forceinline__ void stage_tokens(const LayerView& v, const ForwardInputs& in, int token_begin, int count) {
@@ -74,42 +79,52 @@ __device__ __forceinline__ void stage_tokens(const LayerView& v, const ForwardIn
     for (int i = threadIdx.x; i < count * blocks_per_row; i += kClaimThreads) scale_dst[i] = __ldg(scale_src + i);
     return;
   }
-  // Quantise: a half-warp per 128-value block, 8 values per lane.
+  // Quantise: a half-warp per 128-value block, 8 values per lane; each half loads kStageVectorsInFlight
+  // blocks before it quantises them (one at a time, the loads' latency bounded the claim, not HBM).
   const int lane = int(threadIdx.x) % 32, half = lane / 16, sub = lane % 16;
   const int warp = int(threadIdx.x) / 32, warps = kClaimThreads / 32;
   const int blocks = count * blocks_per_row;
   const int4* src = static_cast<const int4*>(in.x) + size_t(token_begin) * (H / 8);
   uint2* dst = reinterpret_cast<uint2*>(v.ws.token_staging) + size_t(token_begin) * (H / 8);
-  for (int first = 2 * warp; first < blocks; first += 2 * warps) {  // warp-uniform: every lane shuffles
-    const int block = first + half;
-    const bool valid = block < blocks;
-    int4 raw = make_int4(0, 0, 0, 0);
-    if (valid) raw = __ldg(src + size_t(block) * 16 + sub);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-    float f[8];
-    float amax = 0.0f;
+  constexpr int kBlocksPerWarp = 2 * kStageVectorsInFlight;
+  for (int first = kBlocksPerWarp * warp; first < blocks; first += kBlocksPerWarp * warps) {  // warp-uniform
+    int4 raws[kStageVectorsInFlight];
 #pragma unroll
-    for (int j = 0; j < 4; j++) {
-      const float2 p = __bfloat1622float2(h[j]);
-      f[2 * j] = p.x;
-      f[2 * j + 1] = p.y;
-      amax = fmaxf(amax, fmaxf(fabsf(p.x), fabsf(p.y)));
+    for (int u = 0; u < kStageVectorsInFlight; u++) {
+      const int block = first + 2 * u + half;
+      raws[u] = block < blocks ? __ldg(src + size_t(block) * 16 + sub) : make_int4(0, 0, 0, 0);
     }
-    amax = lanes_max(amax, 16);
-    const Fp8Divisor divisor = fp8_divisor(fp8_block_scale(amax));
-    auto quantise = [&](auto by_inverse) {
-      constexpr bool kByInverse = decltype(by_inverse)::value;
-      uint2 q;
-      q.x = uint32_t(quantize_pair_e4m3<kByInverse>(f[0], f[1], divisor)) |
-            (uint32_t(quantize_pair_e4m3<kByInverse>(f[2], f[3], divisor)) << 16);
-      q.y = uint32_t(quantize_pair_e4m3<kByInverse>(f[4], f[5], divisor)) |
-            (uint32_t(quantize_pair_e4m3<kByInverse>(f[6], f[7], divisor)) << 16);
-      return q;
-    };
-    const uint2 q = divisor.exact_by_inverse ? quantise(std::true_type{}) : quantise(std::false_type{});
-    if (valid) {
-      dst[size_t(block) * 16 + sub] = q;
-      if (sub == 0) scale_dst[block] = divisor.scale;
+#pragma unroll
+    for (int u = 0; u < kStageVectorsInFlight; u++) {
+      const int block = first + 2 * u + half;
+      const bool valid = block < blocks;
+      const int4 raw = raws[u];
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+      float f[8];
+      float amax = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        const float2 p = __bfloat1622float2(h[j]);
+        f[2 * j] = p.x;
+        f[2 * j + 1] = p.y;
+        amax = fmaxf(amax, fmaxf(fabsf(p.x), fabsf(p.y)));
+      }
+      amax = lanes_max(amax, 16);
+      const Fp8Divisor divisor = fp8_divisor(fp8_block_scale(amax));
+      auto quantise = [&](auto by_inverse) {
+        constexpr bool kByInverse = decltype(by_inverse)::value;
+        uint2 q;
+        q.x = uint32_t(quantize_pair_e4m3<kByInverse>(f[0], f[1], divisor)) |
+              (uint32_t(quantize_pair_e4m3<kByInverse>(f[2], f[3], divisor)) << 16);
+        q.y = uint32_t(quantize_pair_e4m3<kByInverse>(f[4], f[5], divisor)) |
+              (uint32_t(quantize_pair_e4m3<kByInverse>(f[6], f[7], divisor)) << 16);
+        return q;
+      };
+      const uint2 q = divisor.exact_by_inverse ? quantise(std::true_type{}) : quantise(std::false_type{});
+      if (valid) {
+        dst[size_t(block) * 16 + sub] = q;
+        if (sub == 0) scale_dst[block] = divisor.scale;
+      }
     }
   }
 }
