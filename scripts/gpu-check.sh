@@ -8,7 +8,7 @@
 #
 #   scripts/gpu-check.sh [steps...]
 #     steps: machine ceilings sass gemm runtime layer layer-fused stress sanitize selftest golden python example
-#            python-dist example-dist comm bench naive op-bench compare   (default: all of them, in that
+#            python-dist example-dist comm stream bench naive op-bench compare   (default: all of them, in that
 #            order; python-dist and example-dist run under torchrun and only with 2 or more GPUs;
 #            `profile` (Nsight Compute on the grouped GEMMs) and `profile-source` (their warp samples
 #            by source line) run only when named;
@@ -50,7 +50,7 @@ PRESETS=${PRESETS:-dsv4-flash,dsv4-pro,dsv3}
 TOKENS=${TOKENS:-1,64,512,1024,2048,4096,8192}
 DTYPES=${DTYPES:-fp8 bf16}
 ITERS=${ITERS:-30}
-steps=${*:-machine ceilings sass gemm runtime layer layer-fused stress sanitize selftest golden python example python-dist example-dist comm bench naive op-bench compare}
+steps=${*:-machine ceilings sass gemm runtime layer layer-fused stress sanitize selftest golden python example python-dist example-dist comm stream bench naive op-bench compare}
 summary=()
 filter=()
 [ -n "${GTEST_FILTER:-}" ] && filter=(--gtest_filter="$GTEST_FILTER")
@@ -142,6 +142,7 @@ for s in $steps; do
       [ "$GPUS" -ge 2 ] && step "example-dist-$GPUS" 300 env MEGAMOE_LIBRARY="$LIB/libmegamoe.so" PYTHONPATH=python \
         python3 -m torch.distributed.run --standalone --nproc_per_node "$GPUS" examples/deepseek_moe_block.py ;;
     comm) step comm 120 "$BIN/megamoe" bench --comm --gpus "$GPUS" ;;
+    stream) step stream 60 "$BIN/megamoe" bench --stream ;;
     bench)
       for p in ${PRESETS//,/ }; do
         for d in $DTYPES; do

@@ -26,7 +26,7 @@ const FlagSet& info_flags() {
 const FlagSet& bench_flags() {
   static const FlagSet set{{"preset", "dtype", "tokens", "gpus", "routing", "iters", "json", "experts",
                             "gemm-cluster-m", "sms", "impl", "zeroing", "combine", "pool-rows", "hbm-gbps", "bf16-tflops", "fp8-tflops", "nvlink-gbps"},
-                           {"comm", "stages"}};
+                           {"comm", "stream", "stages"}};
   return set;
 }
 
@@ -242,7 +242,15 @@ void check_json_path(const std::string& path) {
 BenchOptions parse_bench_options(const Args& a) {
   BenchOptions o;
   o.comm = a.has("comm");
+  o.stream = a.has("stream");
   o.gpus = int(a.integer("gpus", 0, 1, kMaxEpSize));
+  if (o.stream) {  // --stream measures one GPU's TMA stream only
+    if (o.comm) throw InvalidArgument("--stream: not used with --comm");
+    for (const std::string& flag : bench_flags().flags)
+      if (a.has(flag)) throw InvalidArgument("--" + flag + ": not used with --stream");
+    if (a.has("stages")) throw InvalidArgument("--stages: not used with --stream");
+    return o;
+  }
   if (o.comm) {  // --comm measures the interconnect only: a layer flag with it is a mistake
     for (const std::string& flag : bench_flags().flags)
       if (flag != "gpus" && a.has(flag)) throw InvalidArgument("--" + flag + ": not used with --comm");
@@ -329,6 +337,7 @@ const char* kUsage =
     "                [--routing uniform|balanced|skewed|all-to-one|masked] [--iters N] [--json PATH] [--stages]\n"
     "                [--experts E] [--gemm-cluster-m 0|1|2] [--sms N] [ceilings as for info]\n"
     "  megamoe bench --comm [--gpus N]\n"
+    "  megamoe bench --stream\n"
     "  megamoe selftest --skip-barrier-rank R [--timeout S] [--gpus N]\n"
     "  megamoe --version\n"
     "'megamoe COMMAND --help' describes one command's flags.\n";
@@ -361,6 +370,7 @@ const char* kBenchUsage =
     "                     [--impl staged,fused] [--zeroing prefix,full] [--combine fused,cast-then-sum]\n"
     "                     [--pool-rows P] [--hbm-gbps X] [--bf16-tflops X] [--fp8-tflops X] [--nvlink-gbps X]\n"
     "       megamoe bench --comm [--gpus N]\n"
+    "       megamoe bench --stream\n"
     "The layer's latency under CUDA-graph replay, one rank per GPU, against the roofline floor.\n"
     "  --preset P,...      dsv3, dsv4-flash, dsv4-pro, tiny (default dsv4-flash)\n"
     "  --dtype D           weight format, bf16 or fp8 (default bf16)\n"
@@ -382,7 +392,9 @@ const char* kBenchUsage =
     "                      one window under uniform routing; 'megamoe info --impl fused' shows it), at least\n"
     "                      every pair of every rank (no windows), or a multiple of 256 (windows of P rows)\n"
     "  --hbm-gbps X ...    roofline ceilings, as for 'megamoe info'\n"
-    "  --comm              measure NVLink bandwidth and the device barrier instead of the layer\n";
+    "  --comm              measure NVLink bandwidth and the device barrier instead of the layer\n"
+    "  --stream            measure one GPU's TMA stream of a weight matrix from HBM per SM, against the\n"
+    "                      stages in flight and the SMs streaming (no math; the GEMM producer's pattern)\n";
 
 const char* kSelftestUsage =
     "usage: megamoe selftest --skip-barrier-rank R [--timeout S] [--gpus N]\n"

@@ -80,6 +80,7 @@ InfoOptions parse_info_options(const Args& a);
 
 struct BenchOptions {
   bool comm = false;  // --comm: NVLink bandwidth and the device barrier instead of the layer
+  bool stream = false;  // --stream: one GPU's TMA stream rate per SM instead of the layer
   int gpus = 0;       // --gpus; 0: every visible GPU (one rank each)
   std::vector<std::string> presets = {"dsv4-flash"};
   WeightFormat format = WeightFormat::kBf16;

@@ -1,6 +1,6 @@
 // megamoe bench: the layer's latency under CUDA-graph replay on every visible GPU (one rank each),
 // against the roofline floor; or, with --comm, NVLink bandwidth through LSA pointers and the device
-// barrier's latency.
+// barrier's latency; or, with --stream, one GPU's TMA stream rate per SM (bench/cuda/stream_bench.h).
 //
 // Method: one graph per input set (x, routing, y), several sets so that inputs larger than L2 rotate;
 // warm-up replays, then each timed replay bracketed by CUDA events; per rank the median; reported: the
@@ -17,7 +17,9 @@
 
 #include "cli/args.h"
 #include "bench/cuda/comm_bench.h"
+#include "bench/cuda/stream_bench.h"
 #include "bench/cuda/random_fill.h"
+#include "gemm/tensor_map.h"
 #include "megamoe/bf16.h"
 #include "megamoe/layer.h"
 #include "megamoe/roofline.h"
@@ -242,6 +244,25 @@ int bench_comm(Communicator& comm) {
   return 0;
 }
 
+// One GPU (this process's current device), no communicator.
+int bench_stream() {
+  cudaDeviceProp prop{};
+  int device = 0;
+  MEGAMOE_CUDA_CHECK(cudaGetDevice(&device));
+  MEGAMOE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  std::printf("megamoe bench --stream: %s, %d SMs; TMA loads of one 256 x 128-byte weight box per stage "
+              "(+ an A box of 128 rows from L2 when a_rows = 128), 8 MiB of weights per CTA, median of 5 launches\n",
+              prop.name, prop.multiProcessorCount);
+  std::printf("  CTAs  a_rows  stages        us  GB/s/SM weights  GB/s/SM all  TB/s weights\n");
+  auto make_map = [](const void* base, uint64_t rows, uint64_t cols, uint32_t box_rows) {
+    return gemm::make_operand_map(base, CU_TENSOR_MAP_DATA_TYPE_UINT8, rows, cols, box_rows);
+  };
+  for (const bench::StreamBenchRow& r : bench::run_stream_bench(make_map))
+    std::printf("  %4d  %6d  %6d  %8.1f  %15.1f  %11.1f  %12.2f\n", r.ctas, r.a_rows, r.stages, r.us, r.sm_weight_gbps,
+                r.sm_total_gbps, r.weight_tbps);
+  return 0;
+}
+
 }  // namespace
 
 int bench_main(int argc, char** argv) {
@@ -251,6 +272,7 @@ int bench_main(int argc, char** argv) {
   const BenchOptions o = parse_bench_options(a);
   const int gpus = gpus_for_command(a, "bench");
   if (gpus == 0) return 2;
+  if (o.stream) return bench_stream();
   if (!o.comm) {  // the rank count is known now: the shapes must hold for it (e.g. --experts divisible)
     const std::optional<RankEnv> env = rank_env_from_environment();
     for (const std::string& p : o.presets) o.shape(p, env ? env->world_size : gpus);

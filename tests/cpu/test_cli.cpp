@@ -267,6 +267,11 @@ TEST_F(Cli, BenchCommTakesOnlyGpus) {
   EXPECT_EQ(bench({"--comm", "--gpus", "2"}).gpus, 2);
   EXPECT_INVALID(bench({"--comm", "--preset", "dsv3"}), HasSubstr("--preset: not used with --comm"));
   EXPECT_INVALID(bench({"--comm", "--stages"}), HasSubstr("--stages: not used with --comm"));
+  EXPECT_TRUE(bench({"--stream"}).stream);
+  EXPECT_FALSE(bench({"--comm"}).stream);
+  EXPECT_INVALID(bench({"--stream", "--comm"}), HasSubstr("--stream: not used with --comm"));
+  EXPECT_INVALID(bench({"--stream", "--gpus", "1"}), HasSubstr("--gpus: not used with --stream"));
+  EXPECT_INVALID(bench({"--stream", "--stages"}), HasSubstr("--stages: not used with --stream"));
 }
 
 TEST_F(Cli, SelftestOptions) {
