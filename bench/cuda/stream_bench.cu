@@ -12,15 +12,18 @@ namespace {
 
 constexpr int kK = 4096;            // bytes per weight row (dsv4-flash's hidden size in fp8)
 constexpr int kWeightBoxRows = 256;  // one FC1 tile's weight rows: 32 KiB per 128-byte k block
-constexpr int kMaxStages = 8;
+constexpr int kMaxStages = 6;       // 6 x 32 KiB: what fits in 227 KiB
 constexpr int kTilesPerCta = 8;     // 1 MiB each
+// Dynamic shared memory of every launch, at least: more than half of an SM's, so that each CTA has an
+// SM of its own even with few stages.
+constexpr size_t kMinSmemBytes = 120 * 1024;
 
-// Thread 0 streams kTilesPerCta weight tiles (this CTA's own rows) into a ring of `stages` stages,
+// Thread 0 streams kTilesPerCta weight tiles (this CTA's own, from tile first_tile on) into a ring of `stages` stages,
 // each one k block of the tile plus, with a_rows > 0, an A box all CTAs share (L2 hits); thread 32
 // frees each stage as soon as it is full. Nothing is computed: the rate is the stream's alone.
 __global__ void __launch_bounds__(64, 1) stream_kernel(const __grid_constant__ CUtensorMap weights,
-                                                       const __grid_constant__ CUtensorMap a_rows_map, int stages,
-                                                       int a_rows, unsigned* sink) {
+                                                       const __grid_constant__ CUtensorMap a_rows_map, int first_tile,
+                                                       int stages, int a_rows, unsigned* sink) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const int weight_bytes = kWeightBoxRows * 128, stage_bytes = weight_bytes + a_rows * 128;
@@ -39,7 +42,7 @@ __global__ void __launch_bounds__(64, 1) stream_kernel(const __grid_constant__ C
     for (int i = 0; i < total; i++) {
       const int s = i % stages, round = i / stages;
       if (round > 0) cutlass::arch::ClusterBarrier::wait(&empty[s], (round - 1) & 1);
-      const int row = (int(blockIdx.x) * kTilesPerCta + i / k_blocks) * kWeightBoxRows, kb = i % k_blocks;
+      const int row = (first_tile + int(blockIdx.x) * kTilesPerCta + i / k_blocks) * kWeightBoxRows, kb = i % k_blocks;
       unsigned char* dst = smem + size_t(s) * stage_bytes;
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&full[s], stage_bytes);
       cute::SM90_TMA_LOAD_2D::copy(&weights, &full[s], uint64_t(cute::TMA::CacheHintSm90::EVICT_FIRST), dst, kb * 128, row);
@@ -67,7 +70,8 @@ std::vector<StreamBenchRow> run_stream_bench(MakeOperandMap make_map) {
   MEGAMOE_CUDA_CHECK(cudaGetDevice(&device));
   MEGAMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const uint64_t weight_rows = uint64_t(1) << 19;  // 2 GiB
-  const int max_ctas = int(std::min<uint64_t>(uint64_t(sms), weight_rows / (kTilesPerCta * kWeightBoxRows)));
+  const int total_tiles = int(weight_rows / kWeightBoxRows);
+  const int max_ctas = std::min(sms, total_tiles / kTilesPerCta);
   unsigned char *weights = nullptr, *a = nullptr;
   unsigned* sink = nullptr;
   MEGAMOE_CUDA_CHECK(cudaMalloc(&weights, weight_rows * kK));
@@ -83,18 +87,24 @@ std::vector<StreamBenchRow> run_stream_bench(MakeOperandMap make_map) {
   MEGAMOE_CUDA_CHECK(cudaEventCreate(&e1));
 
   std::vector<StreamBenchRow> rows;
+  // Every launch reads the tiles after the previous launch's (wrapping around the 2 GiB), so that no
+  // launch finds its weights in L2 from an earlier one.
+  int next_tile = 0;
   std::vector<int> cta_counts{1, sms / 4, sms / 2, sms};
   for (int ctas : cta_counts) {
     ctas = std::clamp(ctas, 1, max_ctas);
     for (int a_rows : {0, 128}) {
       const CUtensorMap a_map = make_map(a, 128, kK, 128);
-      for (int stages : {2, 3, 4, 6, 8}) {
-        const size_t smem = size_t(stages) * (kWeightBoxRows + a_rows) * 128 + 1024 + 2 * kMaxStages * sizeof(uint64_t);
-        if (smem > max_smem) continue;
+      for (int stages : {2, 3, 4, 6}) {
+        const size_t needed = size_t(stages) * (kWeightBoxRows + a_rows) * 128 + 1024 + 2 * kMaxStages * sizeof(uint64_t);
+        if (needed > max_smem) continue;
+        const size_t smem = std::max(needed, kMinSmemBytes);
         std::vector<float> ms;
         for (int rep = 0; rep < 7; rep++) {
+          if (next_tile + ctas * kTilesPerCta > total_tiles) next_tile = 0;
           MEGAMOE_CUDA_CHECK(cudaEventRecord(e0));
-          stream_kernel<<<ctas, 64, smem>>>(weight_map, a_map, stages, a_rows, sink);
+          stream_kernel<<<ctas, 64, smem>>>(weight_map, a_map, next_tile, stages, a_rows, sink);
+          next_tile += ctas * kTilesPerCta;
           detail::check_launch("stream_kernel");
           MEGAMOE_CUDA_CHECK(cudaEventRecord(e1));
           MEGAMOE_CUDA_CHECK(cudaEventSynchronize(e1));

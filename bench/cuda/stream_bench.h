@@ -12,7 +12,7 @@
 namespace megamoe::bench {
 
 struct StreamBenchRow {
-  int ctas = 0;            // CTAs streaming at once, one per SM
+  int ctas = 0;            // CTAs streaming at once, one per SM (each takes over half an SM's shared memory)
   int stages = 0;          // shared-memory stages each CTA keeps in flight
   int a_rows = 0;          // rows of an L2-resident A box loaded with each stage (0: none)
   double us = 0;           // median of the timed launches
@@ -25,7 +25,8 @@ struct StreamBenchRow {
 // the GEMM's operand layout (the caller's: bench/ does not see the GEMM).
 using MakeOperandMap = CUtensorMap (*)(const void* base, uint64_t rows, uint64_t cols, uint32_t box_rows);
 
-// On the current device. Allocates 2 GiB (more than any L2), so the weights stream from HBM.
+// On the current device. Allocates 2 GiB and reads it round-robin, launch after launch, so the weights
+// stream from HBM, not from L2.
 std::vector<StreamBenchRow> run_stream_bench(MakeOperandMap make_map);
 
 }  // namespace megamoe::bench

@@ -272,7 +272,10 @@ int bench_main(int argc, char** argv) {
   const BenchOptions o = parse_bench_options(a);
   const int gpus = gpus_for_command(a, "bench");
   if (gpus == 0) return 2;
-  if (o.stream) return bench_stream();
+  if (o.stream) {  // one process: under torchrun / mpirun every rank measures its own GPU
+    if (const std::optional<RankEnv> env = rank_env_from_environment()) MEGAMOE_CUDA_CHECK(cudaSetDevice(env->local_rank));
+    return bench_stream();
+  }
   if (!o.comm) {  // the rank count is known now: the shapes must hold for it (e.g. --experts divisible)
     const std::optional<RankEnv> env = rank_env_from_environment();
     for (const std::string& p : o.presets) o.shape(p, env ? env->world_size : gpus);

@@ -53,7 +53,7 @@ __device__ __forceinline__ void claim_sync() { asm volatile("barrier.sync 1, %0;
 
 // Blocks of x each half-warp loads before it quantises them (stage_tokens): 1 took the FP8 claim 118 us
 // at 8192 tokens (one H200, 64 experts), 2 takes 90, 4 takes 77 but costs 1-3 us at 1-64 tokens and
-// makes ptxas spill 800 bytes in the fused FP8 kernel with 128-column FC2 tiles (docs/PERFORMANCE.md).
+// makes ptxas spill 800-872 bytes in the fused FP8 kernels with 128-column FC2 tiles (docs/PERFORMANCE.md).
 inline constexpr int kStageVectorsInFlight = 2;
 
 // Tokens [token_begin, token_begin + count) of x into token_staging, in the layer's format, by the
