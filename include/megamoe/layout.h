@@ -120,9 +120,12 @@ struct RegionPlacement {
 inline constexpr int64_t kPoolRowsMultiple = 256;
 // W*Tmax*K.
 int64_t worst_case_pool_rows(const MoeShape& shape);
-// The fused forward's default P: 1.25 x the rows a rank receives under uniform routing (Tmax*K) plus
-// one 256-row unit per local expert (a window counts whole units), rounded up to kPoolRowsMultiple:
-// one window unless the routing is skewed. 0 (the worst case) when that is not smaller than W*Tmax*K.
+// Rows a pool needs for one window when the routing is exactly uniform: the Tmax*K rows a rank then
+// receives, plus up to one kPoolRowsMultiple-row unit per local expert (a window holds whole units).
+int64_t uniform_window_rows(const MoeShape& shape);
+// The fused forward's default P: uniform_window_rows plus a quarter of Tmax*K (the margin for routing
+// that is uniform only on average), rounded up to kPoolRowsMultiple: one window unless the routing is
+// skewed. 0 (the worst case) when that is not smaller than W*Tmax*K.
 int64_t compact_pool_rows(const MoeShape& shape);
 // Throws InvalidArgument naming `arg_name` unless rows is 0 (the forward's default), at least W*Tmax*K
 // (the worst case) or a positive multiple of kPoolRowsMultiple below that (windows).

@@ -18,9 +18,7 @@ int info_main(int argc, char** argv) {
   const WorkspaceLayout layout(shape, o.pool_rows);
   std::printf("shape: %s\n\nworkspace per rank:\n%s", describe(shape).c_str(), layout.to_string().c_str());
   if (o.max_mib) {
-    // Under uniform routing a rank receives about Tmax*K rows, and a window holds whole units: up
-    // to one unit per expert more.
-    const int64_t uniform_rows = shape.max_tokens_per_rank * shape.top_k + kPoolRowsMultiple * shape.experts_per_rank();
+    const int64_t uniform_rows = uniform_window_rows(shape);
     std::printf("the largest pool within --max-mib %lld: %lld rows, %.2f MiB per rank; %s\n",
                 static_cast<long long>(o.max_mib), static_cast<long long>(layout.pool_rows()),
                 double(layout.total_bytes()) / (1 << 20),

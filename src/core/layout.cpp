@@ -165,10 +165,14 @@ int64_t worst_case_pool_rows(const MoeShape& shape) {
   return shape.ep_size * shape.max_tokens_per_rank * shape.top_k;
 }
 
+int64_t uniform_window_rows(const MoeShape& shape) {
+  return shape.max_tokens_per_rank * shape.top_k + kPoolRowsMultiple * shape.experts_per_rank();
+}
+
 int64_t compact_pool_rows(const MoeShape& shape) {
-  const int64_t uniform = (shape.max_tokens_per_rank * shape.top_k * 5 + 3) / 4;
-  const int64_t rows = (uniform + kPoolRowsMultiple * shape.experts_per_rank() + kPoolRowsMultiple - 1) /
-                       kPoolRowsMultiple * kPoolRowsMultiple;
+  const int64_t margin = (shape.max_tokens_per_rank * shape.top_k + 3) / 4;
+  const int64_t rows =
+      (uniform_window_rows(shape) + margin + kPoolRowsMultiple - 1) / kPoolRowsMultiple * kPoolRowsMultiple;
   return rows < worst_case_pool_rows(shape) ? rows : 0;
 }
 

@@ -94,6 +94,13 @@ TEST(Layout, WindowedPoolSizes) {
   const MoeShape f = make_preset("dsv4-flash", 8, 8192, WeightFormat::kFp8);
   const int64_t rows = compact_pool_rows(f);
   EXPECT_EQ(rows, (int64_t(T * K * 5 / 4) + 256 * int64_t(El) + 255) / 256 * 256);
+  EXPECT_EQ(uniform_window_rows(f), int64_t(T * K + 256 * El));
+  // The quarter margin rounds up when Tmax*K is not a multiple of 4.
+  for (const int64_t t : {1, 2, 3, 5, 333, 4097}) {
+    const MoeShape g = make_preset("dsv4-flash", 8, t, WeightFormat::kFp8);
+    const int64_t expected = ((t * int64_t(K) * 5 + 3) / 4 + 256 * int64_t(El) + 255) / 256 * 256;
+    EXPECT_EQ(compact_pool_rows(g), expected < worst_case_pool_rows(g) ? expected : 0) << "Tmax " << t;
+  }
   const WorkspaceLayout l(f, rows);
   ASSERT_TRUE(l.windowed());
   const size_t P = size_t(rows);
