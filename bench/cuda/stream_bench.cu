@@ -6,6 +6,7 @@
 
 #include "bench/cuda/stream_bench.h"
 #include "runtime/cuda_check.h"
+#include "runtime/device_array.h"
 
 namespace megamoe::bench {
 namespace {
@@ -72,14 +73,12 @@ std::vector<StreamBenchRow> run_stream_bench(MakeOperandMap make_map) {
   const uint64_t weight_rows = uint64_t(1) << 19;  // 2 GiB
   const int total_tiles = int(weight_rows / kWeightBoxRows);
   const int max_ctas = std::min(sms, total_tiles / kTilesPerCta);
-  unsigned char *weights = nullptr, *a = nullptr;
-  unsigned* sink = nullptr;
-  MEGAMOE_CUDA_CHECK(cudaMalloc(&weights, weight_rows * kK));
-  MEGAMOE_CUDA_CHECK(cudaMalloc(&a, size_t(128) * kK));
-  MEGAMOE_CUDA_CHECK(cudaMalloc(&sink, sizeof(unsigned)));
-  MEGAMOE_CUDA_CHECK(cudaMemset(weights, 1, weight_rows * kK));
-  MEGAMOE_CUDA_CHECK(cudaMemset(a, 2, size_t(128) * kK));
-  const CUtensorMap weight_map = make_map(weights, weight_rows, kK, kWeightBoxRows);
+  const DeviceArray<unsigned char> weights(weight_rows * kK), a(size_t(128) * kK);
+  const DeviceArray<unsigned> sink(1);
+  MEGAMOE_CUDA_CHECK(cudaMemset(weights.ptr, 1, weights.bytes()));
+  MEGAMOE_CUDA_CHECK(cudaMemset(a.ptr, 2, a.bytes()));
+  const CUtensorMap weight_map = make_map(weights.ptr, weight_rows, kK, kWeightBoxRows);
+  const CUtensorMap a_map = make_map(a.ptr, 128, kK, 128);
   const size_t max_smem = 227 * 1024;
   MEGAMOE_CUDA_CHECK(cudaFuncSetAttribute(stream_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(max_smem)));
   cudaEvent_t e0, e1;
@@ -94,7 +93,6 @@ std::vector<StreamBenchRow> run_stream_bench(MakeOperandMap make_map) {
   for (int ctas : cta_counts) {
     ctas = std::clamp(ctas, 1, max_ctas);
     for (int a_rows : {0, 128}) {
-      const CUtensorMap a_map = make_map(a, 128, kK, 128);
       for (int stages : {2, 3, 4, 6}) {
         const size_t needed = size_t(stages) * (kWeightBoxRows + a_rows) * 128 + 1024 + 2 * kMaxStages * sizeof(uint64_t);
         if (needed > max_smem) continue;
@@ -103,7 +101,7 @@ std::vector<StreamBenchRow> run_stream_bench(MakeOperandMap make_map) {
         for (int rep = 0; rep < 7; rep++) {
           if (next_tile + ctas * kTilesPerCta > total_tiles) next_tile = 0;
           MEGAMOE_CUDA_CHECK(cudaEventRecord(e0));
-          stream_kernel<<<ctas, 64, smem>>>(weight_map, a_map, next_tile, stages, a_rows, sink);
+          stream_kernel<<<ctas, 64, smem>>>(weight_map, a_map, next_tile, stages, a_rows, sink.ptr);
           next_tile += ctas * kTilesPerCta;
           detail::check_launch("stream_kernel");
           MEGAMOE_CUDA_CHECK(cudaEventRecord(e1));
@@ -123,9 +121,6 @@ std::vector<StreamBenchRow> run_stream_bench(MakeOperandMap make_map) {
   }
   MEGAMOE_CUDA_CHECK(cudaEventDestroy(e0));
   MEGAMOE_CUDA_CHECK(cudaEventDestroy(e1));
-  MEGAMOE_CUDA_CHECK(cudaFree(weights));
-  MEGAMOE_CUDA_CHECK(cudaFree(a));
-  MEGAMOE_CUDA_CHECK(cudaFree(sink));
   return rows;
 }
 

@@ -244,17 +244,20 @@ BenchOptions parse_bench_options(const Args& a) {
   o.comm = a.has("comm");
   o.stream = a.has("stream");
   o.gpus = int(a.integer("gpus", 0, 1, kMaxEpSize));
-  if (o.stream) {  // --stream measures one GPU's TMA stream only
-    if (o.comm) throw InvalidArgument("--stream: not used with --comm");
+  // --stream (one GPU's TMA stream) and --comm (the interconnect) measure no layer: a layer flag with
+  // them is a mistake.
+  auto reject_layer_flags = [&](const std::string& mode, const std::string& allowed) {
     for (const std::string& flag : bench_flags().flags)
-      if (a.has(flag)) throw InvalidArgument("--" + flag + ": not used with --stream");
-    if (a.has("stages")) throw InvalidArgument("--stages: not used with --stream");
+      if (flag != allowed && a.has(flag)) throw InvalidArgument("--" + flag + ": not used with --" + mode);
+    if (a.has("stages")) throw InvalidArgument("--stages: not used with --" + mode);
+  };
+  if (o.stream) {
+    if (o.comm) throw InvalidArgument("--stream: not used with --comm");
+    reject_layer_flags("stream", "");
     return o;
   }
-  if (o.comm) {  // --comm measures the interconnect only: a layer flag with it is a mistake
-    for (const std::string& flag : bench_flags().flags)
-      if (flag != "gpus" && a.has(flag)) throw InvalidArgument("--" + flag + ": not used with --comm");
-    if (a.has("stages")) throw InvalidArgument("--stages: not used with --comm");
+  if (o.comm) {
+    reject_layer_flags("comm", "gpus");
     return o;
   }
   o.presets = a.str_list("preset", o.presets);
