@@ -6,7 +6,8 @@
 // Operands (the mainloop policy):
 //   Bf16Operands: bf16 x bf16, fp32 accumulators, one 64 x BN wgmma per 16-wide k slice.
 //   Fp8Operands:  e4m3 x e4m3 with DeepSeek block scales: A has one fp32 scale per row and 128
-//     columns, B one per 128 x 128 block (both read by the consumers from global memory). Hopper's
+//     columns (a bulk copy brings a tile's 128 of them into each stage, with the k block they scale), B one
+//     per 128 x 128 block (read by the consumers from global memory, one k block ahead). Hopper's
 //     fp8 wgmma accumulates with reduced precision, so each 128-deep k block is computed into a
 //     zeroed partial accumulator and added, scaled by a_scale[row] * b_scale[block], into the fp32
 //     tile ("promotion"), one 128-column pass at a time: the warpgroup waits for the pass's wgmma
@@ -82,7 +83,7 @@ struct GroupedProblem {
   int32_t k;  // reduction length (multiple of kBlockK)
   GroupedSchedule schedule;
   // fp8 only: the A scales, [k/128, a_scale_pitch] (each 128-column block's scales of all rows
-  // contiguous), and the weight scales.
+  // contiguous; the pitch a multiple of 4, the region exactly k/128 rows long), and the weight scales.
   const float* a_scales;
   int32_t a_scale_pitch;
   WeightScales weight_scales;
@@ -150,6 +151,9 @@ __device__ __forceinline__ void wait_stage(const GroupedProblem& problem, const 
 // the tile's two weight blocks'.
 struct BlockScales {
   float a0, a1, b0, b1;
+};
+struct WeightBlockScales {
+  float b0, b1;
 };
 
 // Promotion of one fp8 partial: accum(i) += partial(i) * a_scale * b_scale. The SM90
@@ -221,7 +225,11 @@ struct GroupedGemmConfig {
   static constexpr bool kSplitSmallTiles = kBlockScaled && kMmaPasses == 2 && kFp8SplitSmallTiles;
   static constexpr uint32_t kBytesA = kBlockM * kBlockK * sizeof(Element);
   static constexpr uint32_t kBytesB = kBlockN * kBlockK * sizeof(Element);
-  static constexpr size_t kStageBytes = kBytesA + kBytesB + 16 /* two mbarriers */ + sizeof(TileCoord);
+  // fp8: the A tile's row scales of the stage's k block (one fp32 per row), loaded with it by a bulk
+  // copy from the 16-byte boundary at or before the tile's first row: up to 3 more in front.
+  static constexpr int kAScaleSlots = kBlockScaled ? kBlockM + 4 : 0;
+  static constexpr size_t kStageBytes =
+      kBytesA + kBytesB + kAScaleSlots * sizeof(float) + 16 /* two mbarriers */ + sizeof(TileCoord);
   static constexpr int kStages = stages_for(kStageBytes, sizeof(EpilogueStorage) + 128);
 
   using SwizzleAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
@@ -244,6 +252,7 @@ template <class Config, class EpilogueStorage>
 struct alignas(1024) GroupedGemmSharedStorage {
   alignas(1024) typename Config::Element a[cute::cosize_v<typename Config::SmemLayoutA>];
   alignas(1024) typename Config::Element b[cute::cosize_v<typename Config::SmemLayoutB>];
+  alignas(128) float a_scale[Config::kBlockScaled ? Config::kStages * Config::kAScaleSlots : 1];
   alignas(128) EpilogueStorage epilogue;
   alignas(8) uint64_t full[Config::kStages];
   alignas(8) uint64_t empty[Config::kStages];
@@ -395,10 +404,24 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
           // slot is free again once every consumer warp has released the stage.
           if (kb == 0) smem.tile[stage] = c;
           asm volatile("" ::: "memory");  // (the arrive's asm has no memory clobber: keep the store before it)
+          // fp8: the tile's row scales of k block kb, from the 16-byte boundary at or before its first
+          // row, cut at the end of the scale matrix (rows past it are past the pool: never valid; a
+          // pair's second tile may start there).
+          const float* a_scale_src = nullptr;
+          uint32_t a_scale_bytes = 0;
+          if constexpr (Config::kBlockScaled) {
+            const int64_t first = int64_t(kb) * problem.a_scale_pitch + (c.row_begin & ~3);
+            a_scale_src = problem.a_scales + first;
+            const int64_t left = int64_t(k_blocks) * problem.a_scale_pitch - first;
+            a_scale_bytes = uint32_t(sizeof(float)) * uint32_t(max<int64_t>(0, min<int64_t>(Config::kAScaleSlots, left)));
+          }
           cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full[stage],
-                                                                         Config::kBytesA + Config::kBytesB);
+                                                                         Config::kBytesA + Config::kBytesB + a_scale_bytes);
           SM90_TMA_LOAD_2D::copy(&tma_a, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_LAST),
                                  smem.a + stage * BM * BK, kb * BK, c.row_begin);
+          if (Config::kBlockScaled && a_scale_bytes > 0)
+            SM90_BULK_COPY_G2S::copy(a_scale_src, &smem.full[stage], smem.a_scale + stage * Config::kAScaleSlots,
+                                     int32_t(a_scale_bytes));
           typename Config::Element* b_dst = smem.b + stage * BN * BK + cluster_rank * (BN / kCluster) * BK;
           if constexpr (kCluster > 1) {
             SM90_TMA_LOAD_MULTICAST_2D::copy(&tma_b, &smem.full[stage], uint16_t((1 << kCluster) - 1),
@@ -491,21 +514,19 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
         // A 128-column tile with block-row slots has one weight block; reading a second would run past
         // the last expert's scales.
         constexpr bool kTwoWeightBlocks = Epilogue::kScaleSlotIsParity || BN > 128;
-        // Scales are read one k block ahead, so that their latency (L2, often more under load) hides
-        // behind wgmma instead of delaying a promotion. The A scales come after a stage's barrier:
-        // FC1's feed writes them in this kernel, and the producer issues a tile's first load only
-        // once all of its expert's rows (and scales) of the window are in, so the first stage's barrier orders
-        // every k block's A scales of the tile before us. __ldcg: from L2, no stale L1 line of an
-        // earlier forward. Rows past the expert's are unused.
-        auto load_scales = [&](int kb) {
+        // The A scales are in the stage (its barrier orders them); reading them from global memory
+        // one k block ahead cost 3-6% of a forward at 64-8192 tokens, L2 latency behind every
+        // promotion (docs/PERFORMANCE.md, twelfth session). Rows past the expert's are unused. The
+        // weight scales are read one k block ahead, so that their latency hides behind wgmma.
+        auto a_scales_of = [&](int stage, const WeightBlockScales& w) {
+          const float* a = smem.a_scale + stage * Config::kAScaleSlots + (c.row_begin & 3);
+          return BlockScales{row0 < c.rows_valid ? a[row0] : 0.0f, row0 + 8 < c.rows_valid ? a[row0 + 8] : 0.0f, w.b0,
+                             w.b1};
+        };
+        auto load_weight_scales = [&](int kb) {
           kb = min(kb, k_blocks - 1);  // (past the last block: a harmless reload, not a branch)
-          const float* a = problem.a_scales + size_t(kb) * problem.a_scale_pitch + c.row_begin;
-          BlockScales s;
-          s.a0 = row0 < c.rows_valid ? __ldcg(a + row0) : 0.0f;
-          s.a1 = row0 + 8 < c.rows_valid ? __ldcg(a + row0 + 8) : 0.0f;
-          s.b0 = __ldg(b_scale_base + kb);
-          s.b1 = kTwoWeightBlocks ? __ldg(b_scale_base + size_t(ws.slot_stride) * k_blocks + kb) : s.b0;
-          return s;
+          const float b0 = __ldg(b_scale_base + kb);
+          return WeightBlockScales{b0, kTwoWeightBlocks ? __ldg(b_scale_base + size_t(ws.slot_stride) * k_blocks + kb) : b0};
         };
         // One pass's wgmma into `frag` (zeroed first): A_kb of the warpgroup's own rows, or of the
         // tile's first 64 rows (kFirstRows: a split tile), times B page `page` of the stage. The A
@@ -537,13 +558,13 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
           // One 128-column partial per pass, waited for before its promotion (the other warpgroup's
           // wgmma keep the tensor cores busy meanwhile).
           Fragment partial;
-          BlockScales now{}, next{};
+          WeightBlockScales next_weight{};
           for (int kb = 0; kb < k_blocks; kb++, ++read) {
             const int stage = read.index();
             wait_stage(problem, &smem.full[stage], read.phase(), 1, item, kb, stage);
-            if (kb == 0) next = load_scales(0);
-            now = next;
-            next = load_scales(kb + 1);
+            if (kb == 0) next_weight = load_weight_scales(0);
+            const BlockScales now = a_scales_of(stage, next_weight);
+            next_weight = load_weight_scales(kb + 1);
             // One pass (a split tile: the first 64 rows, this warpgroup's pass only).
             auto run_pass = [&](auto pass_c, auto split_c) {
               constexpr int pass = decltype(pass_c)::value;
