@@ -21,6 +21,10 @@ inline constexpr int kFc1BlockN = 256;
 // FC2's tile width: 256 columns when the hidden size allows it, else 128 (hidden is a multiple of 128).
 inline constexpr int fc2_block_n(int64_t hidden) { return hidden % 256 == 0 ? 256 : 128; }
 
+// Floats an fp8 weight-scale array holds past its last scale: the GEMM's bulk copies bring whole
+// 16-byte groups of scales into its stages.
+inline constexpr int kWeightScaleSlack = 3;
+
 // Pipeline depth: as many stages as fit next to the epilogue's shared memory (at most 8).
 inline constexpr int stages_for(size_t stage_bytes, size_t other_bytes) {
   const size_t available = kMaxSharedMemoryBytes - 1024 /* base alignment slack */ - other_bytes;

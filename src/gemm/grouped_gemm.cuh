@@ -6,8 +6,8 @@
 // Operands (the mainloop policy):
 //   Bf16Operands: bf16 x bf16, fp32 accumulators, one 64 x BN wgmma per 16-wide k slice.
 //   Fp8Operands:  e4m3 x e4m3 with DeepSeek block scales: A has one fp32 scale per row and 128
-//     columns (a bulk copy brings a tile's 128 of them into each stage, with the k block they scale), B one
-//     per 128 x 128 block (read by the consumers from global memory, one k block ahead). Hopper's
+//     columns, B one per 128 x 128 block; bulk copies bring the A tile's 128 row scales and the
+//     weight tile's (one or two) block scales of a stage's k block into the stage. Hopper's
 //     fp8 wgmma accumulates with reduced precision, so each 128-deep k block is computed into a
 //     zeroed partial accumulator and added, scaled by a_scale[row] * b_scale[block], into the fp32
 //     tile ("promotion"), one 128-column pass at a time: the warpgroup waits for the pass's wgmma
@@ -73,7 +73,7 @@ struct Fp8Operands {
 // consecutive blocks (slot = column / 128).
 // (Which of the two the tile uses is the epilogue's kScaleSlotIsParity.)
 struct WeightScales {
-  const float* scales;        // [experts, n/128, k/128]
+  const float* scales;        // [experts, n/128, k/128], kWeightScaleSlack more floats allocated
   int32_t slot_stride;        // block rows between slot 0 and slot 1
   int32_t n_block_stride;     // block rows between consecutive N blocks of the tile grid
 };
@@ -96,6 +96,11 @@ struct GroupedProblem {
   // its CTA's mbarrier words to stall_log_barrier_entry(CTA) (config.h). Unwritten entries read -1.
   int4* stall_log;
 };
+
+// Where a tile's weight-block scales start (slot 0, k block 0) in weight_scales.scales.
+__device__ __forceinline__ int64_t weight_scale_row(const GroupedProblem& p, const TileCoord& c, int k_blocks) {
+  return (int64_t(c.expert) * (p.n / 128) + int64_t(c.n_block) * p.weight_scales.n_block_stride) * k_blocks;
+}
 
 // The slow path of wait_stage: waits on, and after the timeout records the stall once.
 __device__ __forceinline__ void wait_stage_slow(const GroupedProblem& problem, const uint64_t* barrier, uint32_t phase,
@@ -151,9 +156,6 @@ __device__ __forceinline__ void wait_stage(const GroupedProblem& problem, const 
 // the tile's two weight blocks'.
 struct BlockScales {
   float a0, a1, b0, b1;
-};
-struct WeightBlockScales {
-  float b0, b1;
 };
 
 // Promotion of one fp8 partial: accum(i) += partial(i) * a_scale * b_scale. The SM90
@@ -228,8 +230,11 @@ struct GroupedGemmConfig {
   // fp8: the A tile's row scales of the stage's k block (one fp32 per row), loaded with it by a bulk
   // copy from the 16-byte boundary at or before the tile's first row: up to 3 more in front.
   static constexpr int kAScaleSlots = kBlockScaled ? kBlockM + 4 : 0;
-  static constexpr size_t kStageBytes =
-      kBytesA + kBytesB + kAScaleSlots * sizeof(float) + 16 /* two mbarriers */ + sizeof(TileCoord);
+  // fp8: the weight block scales of the stage's k block, each in the 16-byte group (4 k blocks) that
+  // holds it: [slot 0 group | slot 1 group].
+  static constexpr int kBScaleSlots = kBlockScaled ? 8 : 0;
+  static constexpr size_t kStageBytes = kBytesA + kBytesB + (kAScaleSlots + kBScaleSlots) * sizeof(float) +
+                                        16 /* two mbarriers */ + sizeof(TileCoord);
   static constexpr int kStages = stages_for(kStageBytes, sizeof(EpilogueStorage) + 128);
 
   using SwizzleAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
@@ -253,6 +258,7 @@ struct alignas(1024) GroupedGemmSharedStorage {
   alignas(1024) typename Config::Element a[cute::cosize_v<typename Config::SmemLayoutA>];
   alignas(1024) typename Config::Element b[cute::cosize_v<typename Config::SmemLayoutB>];
   alignas(128) float a_scale[Config::kBlockScaled ? Config::kStages * Config::kAScaleSlots : 1];
+  alignas(16) float b_scale[Config::kBlockScaled ? Config::kStages * Config::kBScaleSlots : 1];
   alignas(128) EpilogueStorage epilogue;
   alignas(8) uint64_t full[Config::kStages];
   alignas(8) uint64_t empty[Config::kStages];
@@ -380,6 +386,13 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
 
   const int n_blocks = problem.n / BN;
   const int k_blocks = problem.k / BK;
+  constexpr bool kBlockScaled = Config::kBlockScaled;
+  // fp8: a 128-column tile with block-row slots has one weight block; reading a second would run
+  // past the last expert's scales.
+  constexpr bool kTwoWeightBlocks = [] {
+    if constexpr (kBlockScaled) return Epilogue::kScaleSlotIsParity || BN > 128;
+    else return false;
+  }();
   const int num_items = total_units(problem.schedule, window) * n_blocks;
 
   const bool producer = kRoleGiven ? kRole == 0 : threadIdx.x / 128 == 0;
@@ -397,6 +410,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
         Feed::wait_rows(feed, c.expert, window);
         // This CTA's share of the weight tile: rows [cluster_rank * BN / kCluster, ...) of it.
         const int b_row = c.expert * problem.n + c.n_block * BN + cluster_rank * (BN / kCluster);
+        const int64_t b_scale_row = weight_scale_row(problem, c, k_blocks);
         for (int kb = 0; kb < k_blocks; kb++, ++write) {
           const int stage = write.index();
           wait_stage(problem, &smem.empty[stage], write.phase(), 0, item, kb, stage, smem.full, 2 * kStages);
@@ -415,13 +429,23 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
             const int64_t left = int64_t(k_blocks) * problem.a_scale_pitch - first;
             a_scale_bytes = uint32_t(sizeof(float)) * uint32_t(max<int64_t>(0, min<int64_t>(Config::kAScaleSlots, left)));
           }
-          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.full[stage],
-                                                                         Config::kBytesA + Config::kBytesB + a_scale_bytes);
+          constexpr uint32_t kBScaleBytes = kBlockScaled ? (kTwoWeightBlocks ? 32 : 16) : 0;
+          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
+              &smem.full[stage], Config::kBytesA + Config::kBytesB + a_scale_bytes + kBScaleBytes);
           SM90_TMA_LOAD_2D::copy(&tma_a, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_LAST),
                                  smem.a + stage * BM * BK, kb * BK, c.row_begin);
-          if (Config::kBlockScaled && a_scale_bytes > 0)
-            SM90_BULK_COPY_G2S::copy(a_scale_src, &smem.full[stage], smem.a_scale + stage * Config::kAScaleSlots,
-                                     int32_t(a_scale_bytes));
+          if constexpr (kBlockScaled) {
+            if (a_scale_bytes > 0)
+              SM90_BULK_COPY_G2S::copy(a_scale_src, &smem.full[stage], smem.a_scale + stage * Config::kAScaleSlots,
+                                       int32_t(a_scale_bytes));
+            // The weight scales' 16-byte groups (the array has kWeightScaleSlack floats past its end).
+            const float* scales = problem.weight_scales.scales;
+            const int64_t slot0 = b_scale_row + kb, slot1 = slot0 + int64_t(problem.weight_scales.slot_stride) * k_blocks;
+            float* b_dst = smem.b_scale + stage * Config::kBScaleSlots;
+            SM90_BULK_COPY_G2S::copy(scales + (slot0 & ~int64_t(3)), &smem.full[stage], b_dst, 16);
+            if constexpr (kTwoWeightBlocks)
+              SM90_BULK_COPY_G2S::copy(scales + (slot1 & ~int64_t(3)), &smem.full[stage], b_dst + 4, 16);
+          }
           typename Config::Element* b_dst = smem.b + stage * BN * BK + cluster_rank * (BN / kCluster) * BK;
           if constexpr (kCluster > 1) {
             SM90_TMA_LOAD_MULTICAST_2D::copy(&tma_b, &smem.full[stage], uint16_t((1 << kCluster) - 1),
@@ -508,25 +532,17 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
         for (int pass = 0; pass < kPasses; pass++) clear(accum[pass]);
         // This thread's rows: row0 and row0 + 8.
         const int row0 = int(get<0>(tile_coords(0))) - (split ? 64 * consumer_wg : 0);
-        const WeightScales& ws = problem.weight_scales;
-        const float* b_scale_base =
-            ws.scales + (size_t(c.expert) * (problem.n / 128) + size_t(c.n_block) * ws.n_block_stride) * k_blocks;
-        // A 128-column tile with block-row slots has one weight block; reading a second would run past
-        // the last expert's scales.
-        constexpr bool kTwoWeightBlocks = Epilogue::kScaleSlotIsParity || BN > 128;
-        // The A scales are in the stage (its barrier orders them); reading them from global memory
-        // one k block ahead cost 3-6% of a forward at 64-8192 tokens, L2 latency behind every
-        // promotion (docs/PERFORMANCE.md, twelfth session). Rows past the expert's are unused. The
-        // weight scales are read one k block ahead, so that their latency hides behind wgmma.
-        auto a_scales_of = [&](int stage, const WeightBlockScales& w) {
+        // The scales are in the stage (its barrier orders them): read from global memory one k block
+        // ahead, the promotion waited for L2 (docs/PERFORMANCE.md, twelfth session). Rows past the
+        // expert's are unused.
+        const int64_t b_scale_row = weight_scale_row(problem, c, k_blocks);
+        const int64_t b_slot_offset = int64_t(problem.weight_scales.slot_stride) * k_blocks;
+        auto scales_of = [&](int stage, int kb) {
           const float* a = smem.a_scale + stage * Config::kAScaleSlots + (c.row_begin & 3);
-          return BlockScales{row0 < c.rows_valid ? a[row0] : 0.0f, row0 + 8 < c.rows_valid ? a[row0 + 8] : 0.0f, w.b0,
-                             w.b1};
-        };
-        auto load_weight_scales = [&](int kb) {
-          kb = min(kb, k_blocks - 1);  // (past the last block: a harmless reload, not a branch)
-          const float b0 = __ldg(b_scale_base + kb);
-          return WeightBlockScales{b0, kTwoWeightBlocks ? __ldg(b_scale_base + size_t(ws.slot_stride) * k_blocks + kb) : b0};
+          const float* b = smem.b_scale + stage * Config::kBScaleSlots;
+          const float b0 = b[(b_scale_row + kb) & 3];
+          return BlockScales{row0 < c.rows_valid ? a[row0] : 0.0f, row0 + 8 < c.rows_valid ? a[row0 + 8] : 0.0f, b0,
+                             kTwoWeightBlocks ? b[4 + ((b_scale_row + b_slot_offset + kb) & 3)] : b0};
         };
         // One pass's wgmma into `frag` (zeroed first): A_kb of the warpgroup's own rows, or of the
         // tile's first 64 rows (kFirstRows: a split tile), times B page `page` of the stage. The A
@@ -558,13 +574,10 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
           // One 128-column partial per pass, waited for before its promotion (the other warpgroup's
           // wgmma keep the tensor cores busy meanwhile).
           Fragment partial;
-          WeightBlockScales next_weight{};
           for (int kb = 0; kb < k_blocks; kb++, ++read) {
             const int stage = read.index();
             wait_stage(problem, &smem.full[stage], read.phase(), 1, item, kb, stage);
-            if (kb == 0) next_weight = load_weight_scales(0);
-            const BlockScales now = a_scales_of(stage, next_weight);
-            next_weight = load_weight_scales(kb + 1);
+            const BlockScales now = scales_of(stage, kb);
             // One pass (a split tile: the first 64 rows, this warpgroup's pass only).
             auto run_pass = [&](auto pass_c, auto split_c) {
               constexpr int pass = decltype(pass_c)::value;

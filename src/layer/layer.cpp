@@ -148,14 +148,18 @@ struct Layer::Impl {
         fp8(s.weight_format == WeightFormat::kFp8), workspace(s, c, o.pool_rows),
         w1(size_t(s.experts_per_rank()) * 2 * s.intermediate * s.hidden * element_bytes()),
         w2(size_t(s.experts_per_rank()) * s.hidden * s.intermediate * element_bytes()),
-        w1_scale(fp8 ? size_t(s.experts_per_rank()) * (2 * s.intermediate / 128) * (s.hidden / 128) : 0),
-        w2_scale(fp8 ? size_t(s.experts_per_rank()) * (s.hidden / 128) * (s.intermediate / 128) : 0) {
+        w1_scale(fp8 ? size_t(s.experts_per_rank()) * (2 * s.intermediate / 128) * (s.hidden / 128) + gemm::kWeightScaleSlack : 0),
+        w2_scale(fp8 ? size_t(s.experts_per_rank()) * (s.hidden / 128) * (s.intermediate / 128) + gemm::kWeightScaleSlack : 0) {
     MEGAMOE_CUDA_CHECK(cudaGetDevice(&device));
     num_sms = budget_sms;
     barrier = workspace.barrier_view(timeout_s);
     view = workspace.view();
     view.wait_timeout_ns = uint64_t(timeout_s * 1e9);
     MEGAMOE_CUDA_CHECK(cudaMemset(stall_log.ptr, 0xff, stall_log.bytes()));
+    if (fp8) {  // the weight scales' slack: read by the GEMM's 16-byte copies, never used, written once
+      MEGAMOE_CUDA_CHECK(cudaMemset(w1_scale.ptr + (w1_scale.count - gemm::kWeightScaleSlack), 0, gemm::kWeightScaleSlack * sizeof(float)));
+      MEGAMOE_CUDA_CHECK(cudaMemset(w2_scale.ptr + (w2_scale.count - gemm::kWeightScaleSlack), 0, gemm::kWeightScaleSlack * sizeof(float)));
+    }
     view.stall_log = reinterpret_cast<int4*>(stall_log.ptr);
 
     const moe::LayerView& v = view;

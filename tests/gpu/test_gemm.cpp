@@ -158,12 +158,19 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, uint64_t seed) {
   // Weights in the layer's layout: w1 interleaved (gate j, up j) by the layer's own kernel, fp8 scales
   // in checkpoint order.
   DeviceBuffer<uint8_t> w1(w.w1.size() * eb), w1_interleaved(w.w1.size() * eb), w2(w.w2.size() * eb);
-  DeviceBuffer<float> w1_scale(fp8 ? w1q.scales.size() : 0), w2_scale(fp8 ? w2q.scales.size() : 0);
+  // (the GEMM reads whole 16-byte groups of weight scales)
+  DeviceBuffer<float> w1_scale(fp8 ? w1q.scales.size() + gemm::kWeightScaleSlack : 0),
+      w2_scale(fp8 ? w2q.scales.size() + gemm::kWeightScaleSlack : 0);
   if (fp8) {
     w1.upload(w1q.codes);
     w2.upload(w2q.codes);
-    w1_scale.upload(w1q.scales);
-    w2_scale.upload(w2q.scales);
+    // The slack past the scales is read but never used: NaN, so that a use would show.
+    auto with_slack = [](std::vector<float> scales) {
+      scales.resize(scales.size() + gemm::kWeightScaleSlack, std::nanf(""));
+      return scales;
+    };
+    w1_scale.upload(with_slack(w1q.scales));
+    w2_scale.upload(with_slack(w2q.scales));
   } else {
     w1.upload(reinterpret_cast<const uint8_t*>(w.w1.data()), w.w1.size() * 2);
     w2.upload(reinterpret_cast<const uint8_t*>(w.w2.data()), w.w2.size() * 2);
