@@ -423,7 +423,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
           // pair's second tile may start there).
           const float* a_scale_src = nullptr;
           uint32_t a_scale_bytes = 0;
-          if constexpr (Config::kBlockScaled) {
+          if constexpr (kBlockScaled) {
             const int64_t first = int64_t(kb) * problem.a_scale_pitch + (c.row_begin & ~3);
             a_scale_src = problem.a_scales + first;
             const int64_t left = int64_t(k_blocks) * problem.a_scale_pitch - first;
@@ -532,9 +532,9 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
         for (int pass = 0; pass < kPasses; pass++) clear(accum[pass]);
         // This thread's rows: row0 and row0 + 8.
         const int row0 = int(get<0>(tile_coords(0))) - (split ? 64 * consumer_wg : 0);
-        // The scales are in the stage (its barrier orders them): read from global memory one k block
-        // ahead, the promotion waited for L2 (docs/PERFORMANCE.md, twelfth session). Rows past the
-        // expert's are unused.
+        // The scales came with the stage, so its barrier orders them (read from global memory one k
+        // block ahead instead, the promotions waited for L2: docs/PERFORMANCE.md, twelfth session).
+        // Rows past the expert's are unused.
         const int64_t b_scale_row = weight_scale_row(problem, c, k_blocks);
         const int64_t b_slot_offset = int64_t(problem.weight_scales.slot_stride) * k_blocks;
         auto scales_of = [&](int stage, int kb) {

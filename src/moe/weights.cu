@@ -57,7 +57,9 @@ __global__ void __launch_bounds__(kQuantizeThreads)
   float block_max = 0.0f;
 #pragma unroll
   for (int i = 0; i < kQuantizeThreads / 32; i++) block_max = fmaxf(block_max, warp_max[i]);
-  const Fp8Divisor divisor = fp8_divisor(fp8_block_scale(block_max));  // once per load: the division
+  // One scale per 128 x 128 block; every quotient by the IEEE division (weights are quantised once,
+  // at load: the reciprocal method of the forward's quantisers is not worth its branch here).
+  const Fp8Divisor divisor = fp8_divisor(fp8_block_scale(block_max));
   if (t == 0) scales[block] = divisor.scale;
 #pragma unroll
   for (int pass = 0; pass < 8; pass++) {
