@@ -16,10 +16,11 @@
 // One persistent CTA per SM, 384 threads, warp-specialised, in clusters of kClusterM CTAs (see
 // cluster_m_for in config.h for when 2 pays):
 //   warpgroup 0 (producer): warps 1-3 run the Feed (FC1: copy the pool rows in over NVLink);
-//     one thread of warp 0 streams the CTA's 128 x BK A tile (and its scales) and its share of the
-//     BN x BK weight tile into a ring of shared-memory stages with TMA (128B swizzle); the weight
-//     share is multicast to every CTA of the cluster, which all work on the same expert and N block
-//     (the cluster's unit is kClusterM * 128 rows), so weights cross L2 once per cluster; with
+//     one thread of warp 0 streams the CTA's 128 x BK A tile and its share of the BN x BK weight
+//     tile (and, fp8, the k block's row and weight-block scales: bulk copies) into a ring of
+//     shared-memory stages with TMA (128B swizzle); the weight share is multicast to every CTA of
+//     the cluster, which all work on the same expert and N block (the cluster's unit is
+//     kClusterM * 128 rows), so weights cross L2 once per cluster; with
 //     a tile's first stage it hands the consumers the tile's coordinates (the storage's `tile`);
 //   warpgroups 1-2 (consumers): each owns 64 of the tile's 128 rows, issues wgmma (SS, fp32
 //     accumulators) per stage, and each of its warps releases the stage on the "empty" mbarrier of
@@ -83,7 +84,7 @@ struct GroupedProblem {
   int32_t k;  // reduction length (multiple of kBlockK)
   GroupedSchedule schedule;
   // fp8 only: the A scales, [k/128, a_scale_pitch] (each 128-column block's scales of all rows
-  // contiguous; the pitch a multiple of 4, the region exactly k/128 rows long), and the weight scales.
+  // contiguous; the pitch a multiple of 4, the region at least k/128 rows long), and the weight scales.
   const float* a_scales;
   int32_t a_scale_pitch;
   WeightScales weight_scales;

@@ -114,8 +114,8 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
     gemm::grouped_gemm_cta<typename F::Fc1::Config, typename F::Fc1::Epilogue, PullRowsFeed, kAfter, kRole>(
         &pool, &w1, p.fc1.problem, p.fc1.params, p.fc1.feed, smem, w);
     sync_after_gemm(kSyncFc1Done);
-    // FC1's epilogue wrote fc1_out through the generic proxy; FC2's TMA reads it through the async
-    // one (in the staged path the kernel boundary orders them).
+    // FC1's epilogue wrote fc1_out and its scales through the generic proxy; FC2's TMA and bulk
+    // copies read them through the async one (in the staged path the kernel boundary orders them).
     asm volatile("fence.proxy.async.global;" ::: "memory");
     gemm::grouped_gemm_cta<typename F::Fc2::Config, typename F::Fc2::Epilogue, gemm::NoFeed, kAfter, kRole>(
         &fc1_out, &w2, p.fc2.problem, p.fc2.params, gemm::NoFeed::Params{}, smem, w);
@@ -137,7 +137,8 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
     auto windows = [&](auto role_c) {
       for (int w = 0; w * p.window_units < units; w++) {
         gemms_of_window(role_c, w);
-        // The next window's generic writes (pool rows, fc1_out) follow this one's TMA reads of them.
+        // The next window's generic writes (pool rows, fc1_out, their scales) follow this one's TMA
+        // reads of them.
         asm volatile("fence.proxy.async.global;" ::: "memory");
       }
     };
