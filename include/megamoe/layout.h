@@ -63,7 +63,6 @@ struct GridSyncState {
   uint32_t arrived;     // arrivals at the grid syncs of the current forward (every CTA once per sync)
   uint32_t exited;      // CTAs done with the current forward
   uint32_t grid;        // CTAs of the last fused kernel launched (0 before the first)
-  uint32_t unused;
   // Global-timer stamps of the last forward (LayerOptions::stage_timing reads them): [0] CTA 0's
   // start, [p] when the last CTA reached sync point p (FusedSyncPoint 1-6), [7] when the last CTA
   // finished.
