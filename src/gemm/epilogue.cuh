@@ -1,6 +1,8 @@
-// What the epilogues share: the named barrier of the consumer warpgroups and the staging of a tile's
-// output through shared memory, kChunkCols columns at a time (rows padded by 16 bytes: no bank
-// conflicts, rows stay 16-byte aligned), stored row by row with 16-byte vectors.
+// What the epilogues share: the staging of a tile's output through shared memory,
+// kEpilogueChunkCols columns at a time (rows padded by 16 bytes: no bank conflicts, rows stay
+// 16-byte aligned), stored row by row with 16-byte vectors. Each consumer warp stages and stores the
+// 16 rows it holds on its own, so the epilogues need no barrier across warps (consumer_sync is for
+// what must cross them).
 #pragma once
 #include <cuda_bf16.h>
 
@@ -23,26 +25,46 @@ __device__ __forceinline__ void consumer_sync() {
 
 inline constexpr int kEpilogueChunkCols = 64;  // bf16 columns per staged chunk (128 bytes per row)
 inline constexpr int kEpilogueRowPitchBytes = kEpilogueChunkCols * 2 + 16;
+// Rows of a tile one consumer warp holds: warp w of a warpgroup holds rows [16w, 16w + 16) of the
+// warpgroup's 64 (the SM90 accumulator layout), in every column of its passes.
+inline constexpr int kWarpRows = 16;
+inline constexpr int kRowVectors = kEpilogueChunkCols * 2 / 16;  // 16-byte vectors per staged row
+// Rows a lane stores per chunk: lane l stores vector l % kRowVectors of the warp's rows
+// slot * (32 / kRowVectors) + l / kRowVectors, slot = 0 .. kStoreSlots - 1.
+inline constexpr int kStoreSlots = kWarpRows * kRowVectors / 32;
+inline constexpr int kRowsPerSlot = 32 / kRowVectors;
+
 struct EpilogueChunk {
-  alignas(16) unsigned char tile[kBlockM * kEpilogueRowPitchBytes];
+  alignas(16) unsigned char tile[kBlockM * kEpilogueRowPitchBytes];  // kWarpRows rows per consumer warp
 };
 
-// For chunk = 0 .. kChunks-1: write_chunk(chunk, tile_bytes) fills the staging tile (row r at
-// r * kEpilogueRowPitchBytes, 128 bytes of output per row), then store(row, byte_in_row, vector)
-// receives every 16-byte vector of rows < rows_valid; the consumer threads share the stores.
+// The warp's part of a tile's output, for chunk = chunk_begin .. chunk_end - 1 (< kChunks):
+// write_chunk(chunk, rows) fills the warp's staging rows (tile row first_row + i at
+// rows + i * kEpilogueRowPitchBytes, 128 bytes of output each), then store(row, slot, chunk,
+// byte_in_row, vector) receives the 16-byte vectors [vector_begin, vector_end) of every row below
+// rows_valid (slot: which of the lane's rows, see kStoreSlots). first_row: the tile row of the
+// warp's first row. Only the warp's own lanes meet (__syncwarp).
 template <int kChunks, class WriteChunk, class Store>
-__device__ __forceinline__ void store_staged(EpilogueChunk& s, int consumer_tid, int rows_valid,
-                                             WriteChunk&& write_chunk, Store&& store) {
-  constexpr int kRowVectors = kEpilogueChunkCols * 2 / 16;
+__device__ __forceinline__ void store_staged_warp(EpilogueChunk& s, int consumer_tid, int first_row, int rows_valid,
+                                                  int chunk_begin, int chunk_end, int vector_begin, int vector_end,
+                                                  WriteChunk&& write_chunk, Store&& store) {
+  if (first_row >= rows_valid) return;  // the warp holds none of the expert's rows
+  const int lane = consumer_tid % 32;
+  unsigned char* rows = s.tile + (consumer_tid / 32) * kWarpRows * kEpilogueRowPitchBytes;
+  const int vector = lane % kRowVectors;
+  const bool lane_stores = vector >= vector_begin && vector < vector_end;
 #pragma unroll
   for (int chunk = 0; chunk < kChunks; chunk++) {
-    consumer_sync();  // the previous chunk's rows have been stored
-    write_chunk(chunk, s.tile);
-    consumer_sync();
-    for (int v = consumer_tid; v < kBlockM * kRowVectors; v += kConsumerThreads) {
-      const int row = v / kRowVectors, vec = v % kRowVectors;
-      if (row < rows_valid)
-        store(row, chunk, vec * 16, *reinterpret_cast<const int4*>(&s.tile[row * kEpilogueRowPitchBytes + vec * 16]));
+    if (chunk < chunk_begin || chunk >= chunk_end) continue;
+    __syncwarp();  // the previous chunk's (or tile's) rows have been read
+    write_chunk(chunk, rows);
+    __syncwarp();
+#pragma unroll
+    for (int slot = 0; slot < kStoreSlots; slot++) {
+      const int r = slot * kRowsPerSlot + lane / kRowVectors;
+      if (lane_stores && first_row + r < rows_valid)
+        store(first_row + r, slot, chunk, vector * 16,
+              *reinterpret_cast<const int4*>(rows + r * kEpilogueRowPitchBytes + vector * 16));
     }
   }
 }

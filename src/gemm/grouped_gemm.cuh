@@ -306,6 +306,8 @@ struct TileValues {
       f(row_of(i), pass * kPassCols + int(cute::get<1>(coords(i))), accum[pass](i), accum[pass](i + 1));
     });
   }
+  // The tile row of this warp's first row (kWarpRows rows per warp, epilogue.cuh).
+  __device__ __forceinline__ int warp_first_row() const { return row_of(0) & ~(kWarpRows - 1); }
 
  private:
   __device__ __forceinline__ int row_of(int i) const {

@@ -120,18 +120,19 @@ struct SwigluBf16Epilogue {
   template <class Values>
   __device__ static void apply(const Params& p, SharedStorage& s, const Values& values, const gemm::TileCoord& c,
                                int consumer_tid) {
-    gemm::store_staged<kChunks>(
-        s, consumer_tid, c.rows_valid,
-        [&](int chunk, unsigned char* tile) {
+    const int first_row = values.warp_first_row();
+    gemm::store_staged_warp<kChunks>(
+        s, consumer_tid, first_row, c.rows_valid, 0, kChunks, 0, gemm::kRowVectors,
+        [&](int chunk, unsigned char* rows) {
           // Interleaved gate/up columns: a chunk's outputs come from twice as many tile columns.
           values.for_each_pair_in_columns(2 * chunk * gemm::kEpilogueChunkCols, 2 * gemm::kEpilogueChunkCols,
                                           [&](int row, int col, float& gate, float& up) {
             const int out_col = col / 2 - chunk * gemm::kEpilogueChunkCols;
-            reinterpret_cast<__nv_bfloat16*>(tile + row * gemm::kEpilogueRowPitchBytes)[out_col] =
+            reinterpret_cast<__nv_bfloat16*>(rows + (row - first_row) * gemm::kEpilogueRowPitchBytes)[out_col] =
                 __float2bfloat16_rn(swiglu(gate, up, p.limit));
           });
         },
-        [&](int row, int chunk, int byte, int4 vector) {
+        [&](int row, int, int chunk, int byte, int4 vector) {
           __nv_bfloat16* dst = p.out + size_t(c.row_begin + row) * p.out_cols + c.n_block * kOutCols +
                                chunk * gemm::kEpilogueChunkCols;
           *reinterpret_cast<int4*>(reinterpret_cast<unsigned char*>(dst) + byte) = vector;
@@ -147,7 +148,10 @@ struct SwigluFp8Epilogue {
     int32_t scale_pitch;
     float limit;         // 0: no clamp
   };
-  using SharedStorage = gemm::EpilogueChunk;
+  struct SharedStorage {
+    gemm::EpilogueChunk chunk;
+    float amax_exchange[2][64];  // split tiles: [warpgroup][row]
+  };
   static constexpr bool kScaleSlotIsParity = true;  // interleaved gate/up columns
   static constexpr int kOutCols = gemm::kFc1BlockN / 2;  // 128 outputs: one chunk of 128 bytes, one scale block
   static_assert(kOutCols == 128 && kOutCols == 2 * gemm::kEpilogueChunkCols);
@@ -157,6 +161,10 @@ struct SwigluFp8Epilogue {
                                int consumer_tid) {
     // A thread holds two rows (row0 and row0 + 8: `r`); each row's 128 outputs are spread
     // over the 4 lanes of a quad.
+    const int first_row = values.warp_first_row();
+    // A warp without rows skips the work, unless the tile is split: then every consumer thread meets
+    // at the barriers below.
+    if (!values.split_n && first_row >= c.rows_valid) return;
     float amax[2] = {0.0f, 0.0f};
     int rows[2] = {0, 0};
     values.for_each_pair_with_half([&](int row, int, float& gate, float& up, int r) {
@@ -166,28 +174,29 @@ struct SwigluFp8Epilogue {
     });
 #pragma unroll
     for (int r = 0; r < 2; r++) amax[r] = lanes_max(amax[r], 4);
+    const int wg = consumer_tid / 128;
     if (values.split_n) {
       // A split tile: this warpgroup holds 64 of a row's 128 outputs, the other warpgroup the rest.
-      // The staging tile is free scratch until store_staged's first barrier.
-      float* exchange = reinterpret_cast<float*>(s.tile);  // [warpgroup][64 rows]
-      const int wg = consumer_tid / 128;
-      gemm::consumer_sync();  // the previous tile's staged rows have been stored
+      gemm::consumer_sync();  // the other warpgroup has read the previous split tile's maxima
       if (consumer_tid % 4 == 0)
 #pragma unroll
-        for (int r = 0; r < 2; r++) exchange[wg * 64 + rows[r]] = amax[r];
+        for (int r = 0; r < 2; r++) s.amax_exchange[wg][rows[r]] = amax[r];
       gemm::consumer_sync();
 #pragma unroll
-      for (int r = 0; r < 2; r++) amax[r] = fmaxf(amax[r], exchange[(1 - wg) * 64 + rows[r]]);
+      for (int r = 0; r < 2; r++) amax[r] = fmaxf(amax[r], s.amax_exchange[1 - wg][rows[r]]);
     }
     Fp8Divisor divisor[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) divisor[r] = fp8_divisor(fp8_block_scale(amax[r]));
-    gemm::store_staged<1>(
-        s, consumer_tid, c.rows_valid,
-        [&](int, unsigned char* tile) {
+    // A split tile's warpgroup w holds outputs [64w, 64w + 64): 16-byte vectors [4w, 4w + 4) of a row.
+    constexpr int kHalf = gemm::kRowVectors / 2;
+    gemm::store_staged_warp<1>(
+        s.chunk, consumer_tid, first_row, c.rows_valid, 0, 1, values.split_n ? kHalf * wg : 0,
+        values.split_n ? kHalf * (wg + 1) : gemm::kRowVectors,
+        [&](int, unsigned char* staged) {
           auto quantise = [&](auto by_inverse) {
             values.for_each_pair_with_half([&](int row, int col, float& h, float&, int r) {
-              tile[row * gemm::kEpilogueRowPitchBytes + col / 2] = __nv_cvt_float_to_fp8(
+              staged[(row - first_row) * gemm::kEpilogueRowPitchBytes + col / 2] = __nv_cvt_float_to_fp8(
                   divide_by<decltype(by_inverse)::value>(h, divisor[r]), __NV_SATFINITE, __NV_E4M3);
             });
           };
@@ -195,10 +204,10 @@ struct SwigluFp8Epilogue {
           if (divisor[0].exact_by_inverse && divisor[1].exact_by_inverse) quantise(std::true_type{});
           else quantise(std::false_type{});
         },
-        [&](int row, int, int byte, int4 vector) {
+        [&](int row, int, int, int byte, int4 vector) {
           *reinterpret_cast<int4*>(p.out + size_t(c.row_begin + row) * p.out_cols + c.n_block * kOutCols + byte) = vector;
         });
-    if (consumer_tid % 4 == 0 && !(values.split_n && consumer_tid >= 128))  // a split tile's rows: once
+    if (consumer_tid % 4 == 0 && !(values.split_n && wg == 1))  // a split tile's rows: once
 #pragma unroll
       for (int r = 0; r < 2; r++)
         if (rows[r] < c.rows_valid) p.out_scale[size_t(c.n_block) * p.scale_pitch + c.row_begin + rows[r]] = divisor[r].scale;

@@ -18,30 +18,39 @@ struct ScatterEpilogue {
     uint8_t* combine_recv;          // this rank's copy (the source's through comm::peer_store)
     int32_t hidden;
   };
-  struct SharedStorage {
-    gemm::EpilogueChunk chunk;
-    PoolSource source[gemm::kBlockM];
-  };
+  using SharedStorage = gemm::EpilogueChunk;
   static constexpr int kChunks = kBlockN / gemm::kEpilogueChunkCols;
   static constexpr bool kScaleSlotIsParity = false;  // weight block = 128-column pass
 
   template <class Values>
   __device__ static void apply(const Params& p, SharedStorage& s, const Values& values, const gemm::TileCoord& c,
                                int consumer_tid) {
-    gemm::consumer_sync();  // the previous tile's sources are no longer read
-    if (consumer_tid < c.rows_valid) s.source[consumer_tid] = p.pool_source[c.schedule_row + consumer_tid];
-    gemm::store_staged<kChunks>(
-        s.chunk, consumer_tid, c.rows_valid,
-        [&](int chunk, unsigned char* tile) {
+    const int first_row = values.warp_first_row();
+    if (first_row >= c.rows_valid) return;  // the warp holds none of the expert's rows
+    // Where the rows this lane stores go (store_staged_warp's slots), loaded before the first chunk.
+    const int lane = consumer_tid % 32;
+    PoolSource source[gemm::kStoreSlots] = {};
+#pragma unroll
+    for (int slot = 0; slot < gemm::kStoreSlots; slot++) {
+      const int row = first_row + slot * gemm::kRowsPerSlot + lane / gemm::kRowVectors;
+      if (row < c.rows_valid) source[slot] = p.pool_source[c.schedule_row + row];
+    }
+    // A split tile's warpgroup w holds columns [128w, 128w + 128): chunks [2w, 2w + 2).
+    constexpr int kPassChunks = kChunks / 2;
+    const int wg = consumer_tid / 128;
+    gemm::store_staged_warp<kChunks>(
+        s, consumer_tid, first_row, c.rows_valid, values.split_n ? kPassChunks * wg : 0,
+        values.split_n ? kPassChunks * (wg + 1) : kChunks, 0, gemm::kRowVectors,
+        [&](int chunk, unsigned char* rows) {
           values.for_each_pair_in_columns(chunk * gemm::kEpilogueChunkCols, gemm::kEpilogueChunkCols,
                                           [&](int row, int col, float& v0, float& v1) {
             const int chunk_col = col - chunk * gemm::kEpilogueChunkCols;
-            *reinterpret_cast<__nv_bfloat162*>(tile + row * gemm::kEpilogueRowPitchBytes + chunk_col * 2) =
+            *reinterpret_cast<__nv_bfloat162*>(rows + (row - first_row) * gemm::kEpilogueRowPitchBytes + chunk_col * 2) =
                 __floats2bfloat162_rn(v0, v1);
           });
         },
-        [&](int row, int chunk, int byte, int4 vector) {
-          const PoolSource src = s.source[row];
+        [&](int, int slot, int chunk, int byte, int4 vector) {
+          const PoolSource src = source[slot];
           __nv_bfloat16* dst = reinterpret_cast<__nv_bfloat16*>(p.combine_recv) + size_t(src.source_pair) * p.hidden +
                                c.n_block * kBlockN + chunk * gemm::kEpilogueChunkCols;
           comm::peer_store(p.peers, reinterpret_cast<int4*>(reinterpret_cast<unsigned char*>(dst) + byte), src.rank, vector);
