@@ -359,10 +359,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
   const CUtensorMap& tma_a = *tma_a_ptr;
   const CUtensorMap& tma_b = *tma_b_ptr;
 
-  // Aligned to 1 KiB by pointer arithmetic on smem_raw, not through an integer: the compiler then
-  // still knows the storage is shared memory and emits shared loads and stores, not generic ones.
-  const uint32_t misalignment = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023u;
-  Storage& smem = *reinterpret_cast<Storage*>(smem_raw + ((1024u - misalignment) & 1023u));
+  Storage& smem = *reinterpret_cast<Storage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const int cluster_rank = kCluster > 1 ? int(block_rank_in_cluster()) : 0;
   const int cluster_id = int(blockIdx.x) / kCluster, num_clusters = int(gridDim.x) / kCluster;
 
