@@ -13,7 +13,9 @@
 namespace megamoe::gemm {
 
 inline constexpr int kConsumerThreads = 256;
-inline constexpr int kConsumerBarrierId = 1;  // 0 is __syncthreads
+// CUTLASS's NamedBarrier adds its 8 reserved ids: hardware barrier 9 (0 is __syncthreads, 1 the
+// claim's, 2 the register handback's).
+inline constexpr int kConsumerBarrierId = 1;
 
 // Barrier among the 256 consumer threads only (the producer warpgroup runs on). bar.sync is .aligned:
 // the lanes of a warp must reach it together, so the warp reconverges first (the stores before it
@@ -33,6 +35,8 @@ inline constexpr int kRowVectors = kEpilogueChunkCols * 2 / 16;  // 16-byte vect
 // slot * (32 / kRowVectors) + l / kRowVectors, slot = 0 .. kStoreSlots - 1.
 inline constexpr int kStoreSlots = kWarpRows * kRowVectors / 32;
 inline constexpr int kRowsPerSlot = 32 / kRowVectors;
+static_assert(32 % kRowVectors == 0 && kStoreSlots * kRowsPerSlot == kWarpRows,
+              "a warp's lanes store whole rows, every row of the warp once per chunk");
 
 struct EpilogueChunk {
   alignas(16) unsigned char tile[kBlockM * kEpilogueRowPitchBytes];  // kWarpRows rows per consumer warp
@@ -41,8 +45,8 @@ struct EpilogueChunk {
 // The warp's part of a tile's output, for chunk = chunk_begin .. chunk_end - 1 (< kChunks):
 // write_chunk(chunk, rows) fills the warp's staging rows (tile row first_row + i at
 // rows + i * kEpilogueRowPitchBytes, 128 bytes of output each), then store(row, slot, chunk,
-// byte_in_row, vector) receives the 16-byte vectors [vector_begin, vector_end) of every row below
-// rows_valid (slot: which of the lane's rows, see kStoreSlots). first_row: the tile row of the
+// byte_in_row, vector) receives the 16-byte vectors [vector_begin, vector_end) of each of the
+// warp's rows below rows_valid (slot: which of the lane's rows, see kStoreSlots). first_row: the tile row of the
 // warp's first row. Only the warp's own lanes meet (__syncwarp).
 template <int kChunks, class WriteChunk, class Store>
 __device__ __forceinline__ void store_staged_warp(EpilogueChunk& s, int consumer_tid, int first_row, int rows_valid,

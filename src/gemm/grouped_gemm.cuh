@@ -206,6 +206,7 @@ __device__ __forceinline__ void producer_takes_back_registers() {
   cutlass::arch::warpgroup_reg_alloc<kCount>();
 }
 inline constexpr int kConsumerWarps = 8;  // two consumer warpgroups
+static_assert(kConsumerWarps * kWarpRows == kBlockM, "each consumer warp holds kWarpRows whole rows of a tile");
 
 template <class Operands_, int kBlockN_, int kClusterM_, class EpilogueStorage>
 struct GroupedGemmConfig {
