@@ -46,8 +46,8 @@ struct EpilogueChunk {
 // write_chunk(chunk, rows) fills the warp's staging rows (tile row first_row + i at
 // rows + i * kEpilogueRowPitchBytes, 128 bytes of output each), then store(row, slot, chunk,
 // byte_in_row, vector) receives the 16-byte vectors [vector_begin, vector_end) of each of the
-// warp's rows below rows_valid (slot: which of the lane's rows, see kStoreSlots). first_row: the tile row of the
-// warp's first row. Only the warp's own lanes meet (__syncwarp).
+// warp's rows below rows_valid (slot: which of the lane's rows, see kStoreSlots). first_row: the
+// tile row of the warp's first row. Only the warp's own lanes meet (__syncwarp).
 template <int kChunks, class WriteChunk, class Store>
 __device__ __forceinline__ void store_staged_warp(EpilogueChunk& s, int consumer_tid, int first_row, int rows_valid,
                                                   int chunk_begin, int chunk_end, int vector_begin, int vector_end,

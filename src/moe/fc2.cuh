@@ -45,8 +45,8 @@ struct ScatterEpilogue {
           values.for_each_pair_in_columns(chunk * gemm::kEpilogueChunkCols, gemm::kEpilogueChunkCols,
                                           [&](int row, int col, float& v0, float& v1) {
             const int chunk_col = col - chunk * gemm::kEpilogueChunkCols;
-            *reinterpret_cast<__nv_bfloat162*>(rows + (row - first_row) * gemm::kEpilogueRowPitchBytes + chunk_col * 2) =
-                __floats2bfloat162_rn(v0, v1);
+            *reinterpret_cast<__nv_bfloat162*>(rows + (row - first_row) * gemm::kEpilogueRowPitchBytes +
+                                               chunk_col * 2) = __floats2bfloat162_rn(v0, v1);
           });
         },
         [&](int, int slot, int chunk, int byte, int4 vector) {
