@@ -19,6 +19,14 @@ constexpr int kTilesPerCta = 8;     // 1 MiB each
 // SM of its own even with few stages.
 constexpr size_t kMinSmemBytes = 120 * 1024;
 
+// One stage: a k block of the weight tile (128 bytes per row), then, with a_rows > 0, the A box.
+constexpr int stage_bytes_for(int a_rows) { return (kWeightBoxRows + a_rows) * 128; }
+// The dynamic shared memory the kernel's layout uses: the stages from a 1 KiB boundary, then the
+// full and empty barriers.
+constexpr size_t smem_bytes_for(int stages, int a_rows) {
+  return size_t(stages) * stage_bytes_for(a_rows) + 1024 + 2 * kMaxStages * sizeof(uint64_t);
+}
+
 // Thread 0 streams kTilesPerCta weight tiles (this CTA's own, from tile first_tile on) into a ring of `stages` stages,
 // each one k block of the tile plus, with a_rows > 0, an A box all CTAs share (L2 hits); thread 32
 // frees each stage as soon as it is full. Nothing is computed: the rate is the stream's alone.
@@ -27,7 +35,7 @@ __global__ void __launch_bounds__(64, 1) stream_kernel(const __grid_constant__ C
                                                        int stages, int a_rows, unsigned* sink) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  const int weight_bytes = kWeightBoxRows * 128, stage_bytes = weight_bytes + a_rows * 128;
+  const int weight_bytes = stage_bytes_for(0), stage_bytes = stage_bytes_for(a_rows);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + size_t(stages) * stage_bytes);
   uint64_t* empty = full + kMaxStages;
   if (threadIdx.x == 0) {
@@ -94,7 +102,7 @@ std::vector<StreamBenchRow> run_stream_bench(MakeOperandMap make_map) {
     ctas = std::clamp(ctas, 1, max_ctas);
     for (int a_rows : {0, 128}) {
       for (int stages : {2, 3, 4, 6}) {
-        const size_t needed = size_t(stages) * (kWeightBoxRows + a_rows) * 128 + 1024 + 2 * kMaxStages * sizeof(uint64_t);
+        const size_t needed = smem_bytes_for(stages, a_rows);
         if (needed > max_smem) continue;
         const size_t smem = std::max(needed, kMinSmemBytes);
         std::vector<float> ms;
