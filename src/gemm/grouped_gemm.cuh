@@ -183,26 +183,30 @@ struct NoFeed {
 };
 inline constexpr int kFeedWarpsPerCta = 3;
 // Hardware barrier 2 (0 is __syncthreads, 1 the claim's; CUTLASS offsets user named barriers by 8
-// and keeps 1-7 for its own collectives, none of which runs here): the consumer warps' arrival after
-// they hand registers back, the producer's wait before it takes them (grouped_gemm_cta, the fused
-// forward).
+// and keeps 1-7 for its own collectives, none of which runs here): where the consumer warps, once they
+// have handed registers back, meet the producer warpgroup before it takes them (grouped_gemm_cta, the
+// fused forward).
 inline constexpr int kRegisterHandbackBarrier = 2;
 
 // Back to kCount registers after a region with the producer / consumer split, in the order that
-// keeps every allocation satisfiable: the consumer warps give theirs back and arrive, the producer
-// warpgroup waits for all of them before it takes its own. Taken earlier, the producer of a CTA
-// without work could grab what fast consumer warps had freed before a slow consumer warp had even
-// made its allocation for the region; that warp then waited for registers forever, and its CTA, its
-// pair and the grid sync with it (cuda-gdb on the fused windowed kernel at loopback W = 4, and every
-// fused kernel under compute-sanitizer). kThreads: the CTA's.
+// keeps every allocation satisfiable: the consumer warps give theirs back, the producer warpgroup
+// waits for all of them before it takes its own. Taken earlier, the producer of a CTA without work
+// could grab what fast consumer warps had freed before a slow consumer warp had even made its
+// allocation for the region; that warp then waited for registers forever, and its CTA, its pair and
+// the grid sync with it (cuda-gdb on the fused windowed kernel at loopback W = 4, and every fused
+// kernel under compute-sanitizer). kThreads: the CTA's.
+// The consumers wait at the barrier too (barrier.sync, not bar.arrive): racecheck mistracks a barrier
+// that some threads only arrive at, and then reports hazards on later shared-memory accesses that a
+// __syncthreads orders (a probe with such a barrier and no other shared-memory access reproduces it).
+// It costs nothing: the cluster or CTA barrier that follows waits for the producer warpgroup anyway.
 template <uint32_t kCount, int kThreads>
 __device__ __forceinline__ void consumers_hand_back_registers() {
   cutlass::arch::warpgroup_reg_dealloc<kCount>();
-  asm volatile("bar.arrive %0, %1;" ::"n"(kRegisterHandbackBarrier), "n"(kThreads) : "memory");
+  asm volatile("barrier.sync %0, %1;" ::"n"(kRegisterHandbackBarrier), "n"(kThreads) : "memory");
 }
 template <uint32_t kCount, int kThreads>
 __device__ __forceinline__ void producer_takes_back_registers() {
-  asm volatile("bar.sync %0, %1;" ::"n"(kRegisterHandbackBarrier), "n"(kThreads) : "memory");
+  asm volatile("barrier.sync %0, %1;" ::"n"(kRegisterHandbackBarrier), "n"(kThreads) : "memory");
   cutlass::arch::warpgroup_reg_alloc<kCount>();
 }
 inline constexpr int kConsumerWarps = 8;  // two consumer warpgroups
@@ -360,7 +364,10 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
   const CUtensorMap& tma_a = *tma_a_ptr;
   const CUtensorMap& tma_b = *tma_b_ptr;
 
-  Storage& smem = *reinterpret_cast<Storage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // Aligned to 1 KiB by pointer arithmetic on smem_raw, not through an integer: the compiler then
+  // still knows the storage is shared memory and emits shared loads and stores, not generic ones.
+  const uint32_t misalignment = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023u;
+  Storage& smem = *reinterpret_cast<Storage*>(smem_raw + ((1024u - misalignment) & 1023u));
   const int cluster_rank = kCluster > 1 ? int(block_rank_in_cluster()) : 0;
   const int cluster_id = int(blockIdx.x) / kCluster, num_clusters = int(gridDim.x) / kCluster;
 
