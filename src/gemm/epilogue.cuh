@@ -37,6 +37,8 @@ inline constexpr int kStoreSlots = kWarpRows * kRowVectors / 32;
 inline constexpr int kRowsPerSlot = 32 / kRowVectors;
 static_assert(32 % kRowVectors == 0 && kStoreSlots * kRowsPerSlot == kWarpRows,
               "a warp's lanes store whole rows, every row of the warp once per chunk");
+// Which of the warp's rows (0 .. kWarpRows - 1) lane `lane` stores in slot `slot`.
+__device__ __forceinline__ int warp_row_of_slot(int lane, int slot) { return slot * kRowsPerSlot + lane / kRowVectors; }
 
 struct EpilogueChunk {
   alignas(16) unsigned char tile[kBlockM * kEpilogueRowPitchBytes];  // kWarpRows rows per consumer warp
@@ -65,7 +67,7 @@ __device__ __forceinline__ void store_staged_warp(EpilogueChunk& s, int consumer
     __syncwarp();
 #pragma unroll
     for (int slot = 0; slot < kStoreSlots; slot++) {
-      const int r = slot * kRowsPerSlot + lane / kRowVectors;
+      const int r = warp_row_of_slot(lane, slot);
       if (lane_stores && first_row + r < rows_valid)
         store(first_row + r, slot, chunk, vector * 16,
               *reinterpret_cast<const int4*>(rows + r * kEpilogueRowPitchBytes + vector * 16));

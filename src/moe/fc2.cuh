@@ -32,7 +32,7 @@ struct ScatterEpilogue {
     PoolSource source[gemm::kStoreSlots] = {};
 #pragma unroll
     for (int slot = 0; slot < gemm::kStoreSlots; slot++) {
-      const int row = first_row + slot * gemm::kRowsPerSlot + lane / gemm::kRowVectors;
+      const int row = first_row + gemm::warp_row_of_slot(lane, slot);
       if (row < c.rows_valid) source[slot] = p.pool_source[c.schedule_row + row];
     }
     // A split tile's warpgroup w holds columns [128w, 128w + 128): chunks [2w, 2w + 2).
