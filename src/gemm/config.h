@@ -21,9 +21,13 @@ inline constexpr int kFc1BlockN = 256;
 // FC2's tile width: 256 columns when the hidden size allows it, else 128 (hidden is a multiple of 128).
 inline constexpr int fc2_block_n(int64_t hidden) { return hidden % 256 == 0 ? 256 : 128; }
 
-// Floats an fp8 weight-scale array holds past its last scale: the GEMM's bulk copies bring whole
-// 16-byte groups of scales into its stages.
-inline constexpr int kWeightScaleSlack = 3;
+// The fp8 scales' TMA boxes (tensor_map.h). A box of these unswizzled fp32 maps must start on a
+// 16-byte boundary in global memory (a box at another float faults with an illegal instruction: one
+// H200, docs/PERFORMANCE.md, fifteenth session), so a box starts at the 4-float group holding the
+// first scale wanted: a tile's row scales of one k block from the group of its first row (up to 3
+// more in front), and a weight block scale's group of 4 (zeros past the array's end).
+inline constexpr int kRowScaleBox = kBlockM + 4;
+inline constexpr int kBlockScaleBox = 4;
 
 // Pipeline depth: as many stages as fit next to the epilogue's shared memory (at most 8).
 inline constexpr int stages_for(size_t stage_bytes, size_t other_bytes) {

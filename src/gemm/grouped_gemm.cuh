@@ -6,8 +6,8 @@
 // Operands (the mainloop policy):
 //   Bf16Operands: bf16 x bf16, fp32 accumulators, one 64 x BN wgmma per 16-wide k slice.
 //   Fp8Operands:  e4m3 x e4m3 with DeepSeek block scales: A has one fp32 scale per row and 128
-//     columns, B one per 128 x 128 block; bulk copies bring the A tile's 128 row scales and the
-//     weight tile's (one or two) block scales of a stage's k block into the stage. Hopper's
+//     columns, B one per 128 x 128 block; TMA brings the A tile's 128 row scales and the weight
+//     tile's (one or two) block scales of a stage's k block into the stage. Hopper's
 //     fp8 wgmma accumulates with reduced precision, so each 128-deep k block is computed into a
 //     zeroed partial accumulator and added, scaled by a_scale[row] * b_scale[block], into the fp32
 //     tile ("promotion"), one 128-column pass at a time: the warpgroup waits for the pass's wgmma
@@ -17,7 +17,7 @@
 // cluster_m_for in config.h for when 2 pays):
 //   warpgroup 0 (producer): warps 1-3 run the Feed (FC1: copy the pool rows in over NVLink);
 //     one thread of warp 0 streams the CTA's 128 x BK A tile and its share of the BN x BK weight
-//     tile (and, fp8, the k block's row and weight-block scales: bulk copies) into a ring of
+//     tile (and, fp8, the k block's row and weight-block scales, unswizzled) into a ring of
 //     shared-memory stages with TMA (128B swizzle); the weight share is multicast to every CTA of
 //     the cluster, which all work on the same expert and N block (the cluster's unit is
 //     kClusterM * 128 rows), so weights cross L2 once per cluster; with
@@ -68,26 +68,28 @@ struct Fp8Operands {
   static_assert(kBlockK == 128, "a k block is one 128-deep scale block");
 };
 
-// Where the fp8 weight scales of a tile are: the expert's [N/128, K/128] fp32 block scales, and which
-// two block rows a tile's columns use (its "slots"): FC1's interleaved gate/up tile uses the gate
-// block and the up block of its 128 outputs (slot = column parity); FC2's 256-column tile uses two
-// consecutive blocks (slot = column / 128).
+// Where the fp8 weight scales of a tile are in the [experts, N/128, K/128] fp32 block scales, and
+// which two block rows a tile's columns use (its "slots"): FC1's interleaved gate/up tile uses the
+// gate block and the up block of its 128 outputs (slot = column parity); FC2's 256-column tile uses
+// two consecutive blocks (slot = column / 128).
 // (Which of the two the tile uses is the epilogue's kScaleSlotIsParity.)
 struct WeightScales {
-  const float* scales;        // [experts, n/128, k/128], kWeightScaleSlack more floats allocated
   int32_t slot_stride;        // block rows between slot 0 and slot 1
   int32_t n_block_stride;     // block rows between consecutive N blocks of the tile grid
 };
 
 struct GroupedProblem {
+  // fp8 only (tensor_map.h): the A scales [k/128, pitch] (make_row_scale_map) and the weight block
+  // scales (make_block_scale_map) as TMA sees them. Tensor maps, not plain bulk copies: racecheck
+  // takes a bulk copy's shared-memory write for one of the issuing thread's own and reports races
+  // with the consumers' reads of it, which one lane per warp releases (docs/DESIGN.md). TMA reads a
+  // map where it lies: the problem stays a __grid_constant__ kernel parameter (or inside one).
+  CUtensorMap a_scale_map;
+  CUtensorMap weight_scale_map;
   int32_t n;  // B rows per expert (output columns)
   int32_t k;  // reduction length (multiple of kBlockK)
   GroupedSchedule schedule;
-  // fp8 only: the A scales, [k/128, a_scale_pitch] (each 128-column block's scales of all rows
-  // contiguous; the pitch a multiple of 4, the region at least k/128 rows long), and the weight scales.
-  const float* a_scales;
-  int32_t a_scale_pitch;
-  WeightScales weight_scales;
+  WeightScales weight_scales;  // fp8 only
   // Where a stalled pipeline is recorded (null: wait without bound) and after how long.
   DeviceStatus* status;
   uint64_t timeout_ns;
@@ -233,12 +235,13 @@ struct GroupedGemmConfig {
   static constexpr bool kSplitSmallTiles = kBlockScaled && kMmaPasses == 2 && kFp8SplitSmallTiles;
   static constexpr uint32_t kBytesA = kBlockM * kBlockK * sizeof(Element);
   static constexpr uint32_t kBytesB = kBlockN * kBlockK * sizeof(Element);
-  // fp8: the A tile's row scales of the stage's k block (one fp32 per row), loaded with it by a bulk
-  // copy from the 16-byte boundary at or before the tile's first row: up to 3 more in front.
-  static constexpr int kAScaleSlots = kBlockScaled ? kBlockM + 4 : 0;
-  // fp8: the weight block scales of the stage's k block, each in the 16-byte group (4 k blocks) that
-  // holds it: [slot 0 group | slot 1 group].
-  static constexpr int kBScaleSlots = kBlockScaled ? 8 : 0;
+  // fp8, a stage's scales of its k block, each box at a 128-byte boundary (where TMA writes to shared
+  // memory): the A tile's row scales (a kRowScaleBox box from the 4-row group of its first row), and
+  // the weight block scales of slot 0 and slot 1 (each in its kBlockScaleBox group).
+  static constexpr int kScaleBoxStride = 128 / sizeof(float);
+  static constexpr int kAScaleSlots = kBlockScaled ? (kRowScaleBox + kScaleBoxStride - 1) / kScaleBoxStride * kScaleBoxStride : 0;
+  static constexpr int kBScaleSlots = kBlockScaled ? 2 * kScaleBoxStride : 0;
+  static_assert(kBlockScaleBox <= kScaleBoxStride);
   static constexpr size_t kStageBytes = kBytesA + kBytesB + (kAScaleSlots + kBScaleSlots) * sizeof(float) +
                                         16 /* two mbarriers */ + sizeof(TileCoord);
   static constexpr int kStages = stages_for(kStageBytes, sizeof(EpilogueStorage) + 128);
@@ -264,7 +267,7 @@ struct alignas(1024) GroupedGemmSharedStorage {
   alignas(1024) typename Config::Element a[cute::cosize_v<typename Config::SmemLayoutA>];
   alignas(1024) typename Config::Element b[cute::cosize_v<typename Config::SmemLayoutB>];
   alignas(128) float a_scale[Config::kBlockScaled ? Config::kStages * Config::kAScaleSlots : 1];
-  alignas(16) float b_scale[Config::kBlockScaled ? Config::kStages * Config::kBScaleSlots : 1];
+  alignas(128) float b_scale[Config::kBlockScaled ? Config::kStages * Config::kBScaleSlots : 1];
   alignas(128) EpilogueStorage epilogue;
   alignas(8) uint64_t full[Config::kStages];
   alignas(8) uint64_t empty[Config::kStages];
@@ -429,33 +432,28 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
           // slot is free again once every consumer warp has released the stage.
           if (kb == 0) smem.tile[stage] = c;
           asm volatile("" ::: "memory");  // (the arrive's asm has no memory clobber: keep the store before it)
-          // fp8: the tile's row scales of k block kb, from the 16-byte boundary at or before its first
-          // row, cut at the end of the scale matrix (rows past it are past the pool: never valid; a
-          // pair's second tile may start there).
-          const float* a_scale_src = nullptr;
-          uint32_t a_scale_bytes = 0;
-          if constexpr (kBlockScaled) {
-            const int64_t first = int64_t(kb) * problem.a_scale_pitch + (c.row_begin & ~3);
-            a_scale_src = problem.a_scales + first;
-            const int64_t left = int64_t(k_blocks) * problem.a_scale_pitch - first;
-            a_scale_bytes = uint32_t(sizeof(float)) * uint32_t(max<int64_t>(0, min<int64_t>(Config::kAScaleSlots, left)));
-          }
-          constexpr uint32_t kBScaleBytes = kBlockScaled ? (kTwoWeightBlocks ? 32 : 16) : 0;
+          // fp8: a box's bytes count in full, also where it reaches past the tensor (TMA fills zeros:
+          // rows past the scale matrix are past the pool, never valid; a pair's second tile may start
+          // there; block scales past the last expert's are never read).
+          constexpr uint32_t kScaleBytes =
+              kBlockScaled ? sizeof(float) * (kRowScaleBox + (kTwoWeightBlocks ? 2 : 1) * kBlockScaleBox) : 0;
           cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
-              &smem.full[stage], Config::kBytesA + Config::kBytesB + a_scale_bytes + kBScaleBytes);
+              &smem.full[stage], Config::kBytesA + Config::kBytesB + kScaleBytes);
           SM90_TMA_LOAD_2D::copy(&tma_a, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_LAST),
                                  smem.a + stage * BM * BK, kb * BK, c.row_begin);
           if constexpr (kBlockScaled) {
-            if (a_scale_bytes > 0)
-              SM90_BULK_COPY_G2S::copy(a_scale_src, &smem.full[stage], smem.a_scale + stage * Config::kAScaleSlots,
-                                       int32_t(a_scale_bytes));
-            // The weight scales' 16-byte groups (the array has kWeightScaleSlack floats past its end).
-            const float* scales = problem.weight_scales.scales;
+            // The tile's row scales of k block kb; the two weight-block scales (slot 0, slot 1); each
+            // box from a 4-float boundary (config.h).
+            SM90_TMA_LOAD_2D::copy(&problem.a_scale_map, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_LAST),
+                                   smem.a_scale + stage * Config::kAScaleSlots, c.row_begin & ~3, kb);
             const int64_t slot0 = b_scale_row + kb, slot1 = slot0 + int64_t(problem.weight_scales.slot_stride) * k_blocks;
             float* b_dst = smem.b_scale + stage * Config::kBScaleSlots;
-            SM90_BULK_COPY_G2S::copy(scales + (slot0 & ~int64_t(3)), &smem.full[stage], b_dst, 16);
+            SM90_TMA_LOAD_1D::copy(&problem.weight_scale_map, &smem.full[stage],
+                                   uint64_t(TMA::CacheHintSm90::EVICT_LAST), b_dst, int32_t(slot0 & ~int64_t(3)));
             if constexpr (kTwoWeightBlocks)
-              SM90_BULK_COPY_G2S::copy(scales + (slot1 & ~int64_t(3)), &smem.full[stage], b_dst + 4, 16);
+              SM90_TMA_LOAD_1D::copy(&problem.weight_scale_map, &smem.full[stage],
+                                     uint64_t(TMA::CacheHintSm90::EVICT_LAST), b_dst + Config::kScaleBoxStride,
+                                     int32_t(slot1 & ~int64_t(3)));
           }
           typename Config::Element* b_dst = smem.b + stage * BN * BK + cluster_rank * (BN / kCluster) * BK;
           if constexpr (kCluster > 1) {
@@ -553,7 +551,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
           const float* b = smem.b_scale + stage * Config::kBScaleSlots;
           const float b0 = b[(b_scale_row + kb) & 3];
           return BlockScales{row0 < c.rows_valid ? a[row0] : 0.0f, row0 + 8 < c.rows_valid ? a[row0 + 8] : 0.0f, b0,
-                             kTwoWeightBlocks ? b[4 + ((b_scale_row + b_slot_offset + kb) & 3)] : b0};
+                             kTwoWeightBlocks ? b[Config::kScaleBoxStride + ((b_scale_row + b_slot_offset + kb) & 3)] : b0};
         };
         // One pass's wgmma into `frag` (zeroed first): A_kb of the warpgroup's own rows, or of the
         // tile's first 64 rows (kFirstRows: a split tile), times B page `page` of the stage. The A
@@ -641,7 +639,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
 template <class Config, class Epilogue, class Feed>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap tma_a, const __grid_constant__ CUtensorMap tma_b,
-                        GroupedProblem problem,
+                        const __grid_constant__ GroupedProblem problem,
                         typename Epilogue::Params epilogue_params, typename Feed::Params feed) {
   extern __shared__ char smem_raw[];
   grouped_gemm_cta<Config, Epilogue, Feed>(&tma_a, &tma_b, problem, epilogue_params, feed, smem_raw);

@@ -23,6 +23,7 @@ EncodeTiled encode_tiled() {
   return fn;
 }
 
+// rows == 0: a one-dimensional map of `cols` elements (box_rows unused).
 CUtensorMap encode(const void* base, CUtensorMapDataType type, uint64_t element_bytes, uint64_t rows, uint64_t cols,
                    uint32_t box_cols, uint32_t box_rows, CUtensorMapSwizzle swizzle, const char* what) {
   CUtensorMap map;
@@ -30,9 +31,10 @@ CUtensorMap encode(const void* base, CUtensorMapDataType type, uint64_t element_
   const cuuint64_t strides[1] = {cols * element_bytes};  // bytes between rows
   const cuuint32_t box[2] = {box_cols, box_rows};
   const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult r = encode_tiled()(&map, type, 2, const_cast<void*>(base), dims, strides, box, element_strides,
-                                    CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  // Out-of-bounds elements read as zeros (FLOAT_OOB_FILL_NONE).
+  const CUresult r = encode_tiled()(&map, type, rows == 0 ? 1 : 2, const_cast<void*>(base), dims, strides, box,
+                                    element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS)
     throw RuntimeError("cuTensorMapEncodeTiled failed (" + std::to_string(int(r)) + ") for " + what + " [" +
                        std::to_string(rows) + ", " + std::to_string(cols) + "]");
@@ -46,6 +48,16 @@ CUtensorMap make_operand_map(const void* base, CUtensorMapDataType type, uint64_
   const uint64_t element_bytes = type == CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 ? 2 : 1;
   return encode(base, type, element_bytes, rows, cols, uint32_t(128 / element_bytes), box_rows,
                 CU_TENSOR_MAP_SWIZZLE_128B, "a GEMM operand");
+}
+
+CUtensorMap make_row_scale_map(const float* base, uint64_t k_blocks, uint64_t pitch) {
+  return encode(base, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, sizeof(float), k_blocks, pitch, kRowScaleBox, 1,
+                CU_TENSOR_MAP_SWIZZLE_NONE, "fp8 row scales");
+}
+
+CUtensorMap make_block_scale_map(const float* base, uint64_t count) {
+  return encode(base, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, sizeof(float), 0, count, kBlockScaleBox, 1,
+                CU_TENSOR_MAP_SWIZZLE_NONE, "fp8 weight block scales");
 }
 
 WeightMaps make_weight_maps(const void* base, CUtensorMapDataType type, uint64_t rows, uint64_t cols, int block_n) {

@@ -11,6 +11,13 @@ namespace megamoe::gemm {
 CUtensorMap make_operand_map(const void* base, CUtensorMapDataType type, uint64_t rows, uint64_t cols,
                              uint32_t box_rows);
 
+// fp8 scales (fp32, no swizzle; the boxes of config.h, each loaded from a 4-float boundary):
+//   the row scales [k_blocks, pitch] (pitch a multiple of 4): boxes of kRowScaleBox rows' scales of
+//   one k block;
+//   `count` weight block scales as one row: boxes of kBlockScaleBox.
+CUtensorMap make_row_scale_map(const float* base, uint64_t k_blocks, uint64_t pitch);
+CUtensorMap make_block_scale_map(const float* base, uint64_t count);
+
 // A weight matrix as TMA sees it for each cluster size (the box holds the CTA's share of the tile).
 struct WeightMaps {
   CUtensorMap for_cluster_m[2];  // [0]: single CTAs, [1]: CTA pairs

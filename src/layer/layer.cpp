@@ -148,18 +148,14 @@ struct Layer::Impl {
         fp8(s.weight_format == WeightFormat::kFp8), workspace(s, c, o.pool_rows),
         w1(size_t(s.experts_per_rank()) * 2 * s.intermediate * s.hidden * element_bytes()),
         w2(size_t(s.experts_per_rank()) * s.hidden * s.intermediate * element_bytes()),
-        w1_scale(fp8 ? size_t(s.experts_per_rank()) * (2 * s.intermediate / 128) * (s.hidden / 128) + gemm::kWeightScaleSlack : 0),
-        w2_scale(fp8 ? size_t(s.experts_per_rank()) * (s.hidden / 128) * (s.intermediate / 128) + gemm::kWeightScaleSlack : 0) {
+        w1_scale(fp8 ? size_t(s.experts_per_rank()) * (2 * s.intermediate / 128) * (s.hidden / 128) : 0),
+        w2_scale(fp8 ? size_t(s.experts_per_rank()) * (s.hidden / 128) * (s.intermediate / 128) : 0) {
     MEGAMOE_CUDA_CHECK(cudaGetDevice(&device));
     num_sms = budget_sms;
     barrier = workspace.barrier_view(timeout_s);
     view = workspace.view();
     view.wait_timeout_ns = uint64_t(timeout_s * 1e9);
     MEGAMOE_CUDA_CHECK(cudaMemset(stall_log.ptr, 0xff, stall_log.bytes()));
-    if (fp8) {  // the weight scales' slack: read by the GEMM's 16-byte copies, never used, written once
-      MEGAMOE_CUDA_CHECK(cudaMemset(w1_scale.ptr + (w1_scale.count - gemm::kWeightScaleSlack), 0, gemm::kWeightScaleSlack * sizeof(float)));
-      MEGAMOE_CUDA_CHECK(cudaMemset(w2_scale.ptr + (w2_scale.count - gemm::kWeightScaleSlack), 0, gemm::kWeightScaleSlack * sizeof(float)));
-    }
     view.stall_log = reinterpret_cast<int4*>(stall_log.ptr);
 
     const moe::LayerView& v = view;
@@ -169,8 +165,12 @@ struct Layer::Impl {
     gemms.fc1_out = gemm::make_operand_map(v.ws.fc1_out, type, uint64_t(v.pool_rows), I, gemm::kBoxRowsA);
     gemms.w1 = gemm::make_weight_maps(w1.ptr, type, El * 2 * I, H, gemm::kFc1BlockN);
     gemms.w2 = gemm::make_weight_maps(w2.ptr, type, El * H, I, gemm::fc2_block_n(s.hidden));
-    gemms.w1_scale = w1_scale.ptr;  // null in a BF16 layer (no elements)
-    gemms.w2_scale = w2_scale.ptr;
+    if (fp8) {
+      gemms.pool_scale = gemm::make_row_scale_map(v.ws.token_pool_scale, H / 128, uint64_t(v.scale_pitch));
+      gemms.fc1_out_scale = gemm::make_row_scale_map(v.ws.fc1_out_scale, I / 128, uint64_t(v.scale_pitch));
+      gemms.w1_scale = gemm::make_block_scale_map(w1_scale.ptr, w1_scale.count);
+      gemms.w2_scale = gemm::make_block_scale_map(w2_scale.ptr, w2_scale.count);
+    }
     expert_loaded.assign(El, false);
     stage_timing = o.stage_timing;
     zero_whole_workspace = o.zero_whole_workspace;

@@ -238,10 +238,10 @@ Fc1Args<Operands, kClusterM> fc1_args(const LayerView& v, const ExpertGemmOperan
   problem.k = v.hidden;
   problem.schedule = gemm::GroupedSchedule{v.ws.expert_row_offset, v.ws.expert_tile_offset, v.experts_per_rank,
                                            v.pool_windowed ? v.ws.pool_windows : nullptr};
-  problem.a_scales = v.ws.token_pool_scale;
-  problem.a_scale_pitch = v.scale_pitch;
+  problem.a_scale_map = g.pool_scale;
+  problem.weight_scale_map = g.w1_scale;
   // Tile n_block covers outputs [128 n_block, +128): gate block row n_block, up block row I/128 + n_block.
-  problem.weight_scales = gemm::WeightScales{g.w1_scale, v.intermediate / 128, 1};
+  problem.weight_scales = gemm::WeightScales{v.intermediate / 128, 1};
   problem.status = v.status();
   problem.stall_log = v.stall_log;
   problem.timeout_ns = v.wait_timeout_ns;

@@ -77,10 +77,10 @@ Fc2Args<Operands, kBlockN, kClusterM> fc2_args(const LayerView& v, const ExpertG
   problem.k = v.intermediate;
   problem.schedule = gemm::GroupedSchedule{v.ws.expert_row_offset, v.ws.expert_tile_offset, v.experts_per_rank,
                                            v.pool_windowed ? v.ws.pool_windows : nullptr};
-  problem.a_scales = v.ws.fc1_out_scale;
-  problem.a_scale_pitch = v.scale_pitch;
+  problem.a_scale_map = g.fc1_out_scale;
+  problem.weight_scale_map = g.w2_scale;
   // Tile n_block covers columns [kBlockN n_block, +kBlockN): weight block rows kBlockN/128 n_block + slot.
-  problem.weight_scales = gemm::WeightScales{g.w2_scale, 1, kBlockN / 128};
+  problem.weight_scales = gemm::WeightScales{1, kBlockN / 128};
   problem.status = v.status();
   problem.stall_log = v.stall_log;
   problem.timeout_ns = v.wait_timeout_ns;

@@ -21,10 +21,11 @@ struct ExpertGemmOperands {
   CUtensorMap fc1_out;        // fc1_out [pool_rows, I] (FC2's A; likewise)
   gemm::WeightMaps w1;        // interleaved gate/up rows [E_local * 2I, H]
   gemm::WeightMaps w2;        // [E_local * H, I]
-  // fp8, each with gemm::kWeightScaleSlack floats allocated past the last scale (the GEMM copies
-  // whole 16-byte groups of them):
-  const float* w1_scale;      // [E_local, 2I/128, H/128]
-  const float* w2_scale;      // [E_local, H/128, I/128]
+  // fp8 (unset in BF16): the scales (gemm::make_row_scale_map, gemm::make_block_scale_map).
+  CUtensorMap pool_scale;     // token_pool_scale [H/128, scale_pitch]
+  CUtensorMap fc1_out_scale;  // fc1_out_scale [I/128, scale_pitch]
+  CUtensorMap w1_scale;       // [E_local, 2I/128, H/128]
+  CUtensorMap w2_scale;       // [E_local, H/128, I/128]
 };
 
 // 1. Stages this rank's tokens (quantised for fp8), claims a slot for every (token, k) pair on the

@@ -158,19 +158,19 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, uint64_t seed) {
   // Weights in the layer's layout: w1 interleaved (gate j, up j) by the layer's own kernel, fp8 scales
   // in checkpoint order.
   DeviceBuffer<uint8_t> w1(w.w1.size() * eb), w1_interleaved(w.w1.size() * eb), w2(w.w2.size() * eb);
-  // (the GEMM reads whole 16-byte groups of weight scales)
-  DeviceBuffer<float> w1_scale(fp8 ? w1q.scales.size() + gemm::kWeightScaleSlack : 0),
-      w2_scale(fp8 ? w2q.scales.size() + gemm::kWeightScaleSlack : 0);
+  // The weight scales are followed by NaN guards outside the GEMM's view of them (its boxes reach up
+  // to 3 floats past the last scale): a read of a guard would show.
+  constexpr size_t kGuard = 4;
+  DeviceBuffer<float> w1_scale(fp8 ? w1q.scales.size() + kGuard : 0), w2_scale(fp8 ? w2q.scales.size() + kGuard : 0);
   if (fp8) {
     w1.upload(w1q.codes);
     w2.upload(w2q.codes);
-    // The slack past the scales is read but never used: NaN, so that a use would show.
-    auto with_slack = [](std::vector<float> scales) {
-      scales.resize(scales.size() + gemm::kWeightScaleSlack, std::nanf(""));
+    auto with_guard = [](std::vector<float> scales) {
+      scales.resize(scales.size() + kGuard, std::nanf(""));
       return scales;
     };
-    w1_scale.upload(with_slack(w1q.scales));
-    w2_scale.upload(with_slack(w2q.scales));
+    w1_scale.upload(with_guard(w1q.scales));
+    w2_scale.upload(with_guard(w2q.scales));
   } else {
     w1.upload(reinterpret_cast<const uint8_t*>(w.w1.data()), w.w1.size() * 2);
     w2.upload(reinterpret_cast<const uint8_t*>(w.w2.data()), w.w2.size() * 2);
@@ -215,8 +215,12 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, uint64_t seed) {
   g.fc1_out = gemm::make_operand_map(fc1_out.get(), type, uint64_t(pool_rows), uint64_t(I), gemm::kBoxRowsA);
   g.w1 = gemm::make_weight_maps(w1_interleaved.get(), type, uint64_t(E) * 2 * I, uint64_t(H), gemm::kFc1BlockN);
   g.w2 = gemm::make_weight_maps(w2.get(), type, uint64_t(E) * H, uint64_t(I), gemm::fc2_block_n(H));
-  g.w1_scale = fp8 ? w1_scale.get() : nullptr;
-  g.w2_scale = fp8 ? w2_scale.get() : nullptr;
+  if (fp8) {
+    g.pool_scale = gemm::make_row_scale_map(pool_scale.get(), uint64_t(H / 128), uint64_t(scale_pitch));
+    g.fc1_out_scale = gemm::make_row_scale_map(fc1_scale.get(), uint64_t(I / 128), uint64_t(scale_pitch));
+    g.w1_scale = gemm::make_block_scale_map(w1_scale.get(), w1q.scales.size());
+    g.w2_scale = gemm::make_block_scale_map(w2_scale.get(), w2q.scales.size());
+  }
 
   for (int launch = 0; launch < gc.launches; launch++) {
     // FC1's feed counts each expert's rows in again; the layer zeroes the counters per forward.
@@ -417,7 +421,7 @@ void run_both_cluster_sizes(const GemmCase& gc, bool fp8) {
 
 const GemmCase kTileBoundaries{"tile boundaries", 256, 128, {0, 1, 63, 64, 65, 127, 128, 129, 300, 0}, 0.0f};
 const GemmCase kClampAndLongK{"clamp, long K", 1024, 512, {200, 0, 64, 257}, 0.3f};
-// Five experts: 90 and 45 weight scales, whose last 16-byte groups reach into the arrays' slack.
+// Five experts: 90 and 45 weight scales, whose last boxes reach past the arrays (onto NaN guards).
 const GemmCase kHidden384{"hidden 384", 384, 384, {5, 130, 0, 260, 7}, 0.0f};
 GemmCase many_experts() {
   std::vector<int> rows(96);
