@@ -42,6 +42,8 @@ enum class Arena { kSymmetric, kLocal };
   X(kPoolSource, pool_source, kLocal, ::megamoe::PoolSource, "PoolSource", "W*Tmax*K", 1024, false)                     \
   X(kExpertRowOffset, expert_row_offset, kLocal, int32_t, "int32", "E/W+1", 128, false)                                 \
   X(kExpertTileOffset, expert_tile_offset, kLocal, int32_t, "int32", "E/W+1", 128, false)                               \
+  /* the fused forward's FC1 tiles stored per local expert (zeroed in its kernel before FC1 starts) */                  \
+  X(kFc1TilesDone, fc1_tiles_done, kLocal, int32_t, "int32", "E/W", 128, false)                                         \
   X(kPoolWindows, pool_windows, kLocal, ::megamoe::PoolWindow, "PoolWindow", "windows (P < W*Tmax*K)", 128, false)      \
   X(kFc1Out, fc1_out, kLocal, uint8_t, "bf16|e4m3", "P*I", 1024, false)                                                 \
   X(kFc1OutScale, fc1_out_scale, kLocal, float, "-|fp32", "I/128*P128 (fp8)", 1024, false)                              \
@@ -64,8 +66,8 @@ struct GridSyncState {
   uint32_t exited;      // CTAs done with the current forward
   uint32_t grid;        // CTAs of the last fused kernel launched (0 before the first)
   // Global-timer stamps of the last forward (LayerOptions::stage_timing reads them): [0] CTA 0's
-  // start, [p] when the last CTA reached sync point p (FusedSyncPoint 1-6), [7] when the last CTA
-  // finished.
+  // start, [p] when the last CTA reached sync point p (FusedSyncPoint 1-6; without pool windows [4]
+  // is when the last CTA finished FC1), [7] when the last CTA finished.
   uint64_t stage_ns[8];
 };
 
@@ -189,7 +191,8 @@ struct DeviceStatus {
   uint64_t waited_for_epoch;   // kBarrierTimeout: the barrier's number (this rank's epoch + 1)
   uint64_t peer_epoch_seen;    // kBarrierTimeout: the last barrier waited_for_rank had signalled
   // kPipelineStall: which grouped GEMM (1 FC1, 2 FC2), which wait (0: the producer for a free stage,
-  // 1: a consumer for a full one), which CTA, which work item.
+  // 1: a consumer for a full one, 2: the fused forward's FC2 producer for FC1's tiles of the item's
+  // expert), which CTA, which work item.
   int32_t stalled_gemm, stalled_wait, stalled_cta, stalled_item;
   // kGridSyncTimeout: the fused kernel's sync point (FusedSyncPoint) and the CTAs that had reached it.
   int32_t grid_sync_point, grid_sync_arrived;

@@ -39,6 +39,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "comm/bounded_wait.cuh"
 #include "comm/ptx.cuh"
 #include "gemm/config.h"
 #include "gemm/epilogue.cuh"
@@ -90,6 +91,17 @@ struct GroupedProblem {
   int32_t k;  // reduction length (multiple of kBlockK)
   GroupedSchedule schedule;
   WeightScales weight_scales;  // fp8 only
+  // FC1 -> FC2 without a grid-wide sync (the one-window fused forward; null / 0 elsewhere):
+  //   tiles_done (FC1): every consumer warp of every CTA adds 1 at [expert] once its part of a tile
+  //     is stored and fenced (a tile later: see the consumers' count_stored_tile);
+  //   wait_tiles (FC2): the producer waits (bounded) before an expert's first A load until [expert]
+  //     holds wait_tiles_per_unit (FC1's n blocks x consumer warps x CTAs per cluster) per unit;
+  //   rotate_by_n_blocks (FC2): FC1's n blocks; the item walk starts FC1's item count later, so the
+  //     CTAs that FC1 left idle or finished first take the first FC2 items (the first experts').
+  int32_t* tiles_done;
+  const int32_t* wait_tiles;
+  int32_t wait_tiles_per_unit;
+  int32_t rotate_by_n_blocks;
   // Where a stalled pipeline is recorded (null: wait without bound) and after how long.
   DeviceStatus* status;
   uint64_t timeout_ns;
@@ -153,6 +165,31 @@ __device__ __forceinline__ void wait_stage(const GroupedProblem& problem, const 
   if (!comm::mbarrier_try_wait_parity(barrier, phase))
     wait_stage_slow(problem, barrier, phase, which, item, kb, stage, barrier_words, num_barrier_words);
   if (which == 1) __syncwarp();
+}
+
+// FC2's producer, before the first A load of an expert's tiles: wait until FC1 has stored every tile
+// of the expert (GroupedProblem::wait_tiles), then read those rows through the async proxy. A
+// timeout is recorded as a pipeline stall (which = 2) and the loads go on: the outputs are garbage,
+// the layer reports the stall and is dead.
+__device__ __forceinline__ void wait_fc1_tiles(const GroupedProblem& problem, int expert, int item) {
+  const int32_t needed =
+      problem.wait_tiles_per_unit * (problem.schedule.unit_offset[expert + 1] - problem.schedule.unit_offset[expert]);
+  auto ready = [&] { return comm::ld_acquire_gpu(problem.wait_tiles + expert) >= needed; };
+  if (problem.status) {
+    comm::bounded_wait(problem.status, problem.timeout_ns, ready, [&] {
+      DeviceStatus* s = problem.status;
+      s->stalled_gemm = problem.gemm_id;
+      s->stalled_wait = 2;
+      s->stalled_cta = int(blockIdx.x);
+      s->stalled_item = item;
+      __threadfence_system();
+      atomicOr(&s->error_flags, kPipelineStall);
+    });
+  } else {
+    while (!ready()) {
+    }
+  }
+  asm volatile("fence.proxy.async.global;" ::: "memory");
 }
 
 // The fp8 scales of one k block that a consumer thread needs: its two rows' (row0, row0 + 8) and
@@ -408,6 +445,12 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     else return false;
   }();
   const int num_items = total_units(problem.schedule, window) * n_blocks;
+  // This cluster's first item (GroupedProblem::rotate_by_n_blocks); then every num_clusters-th.
+  const int first_item = [&] {
+    if (problem.rotate_by_n_blocks == 0) return cluster_id;
+    const int rotation = total_units(problem.schedule, window) * problem.rotate_by_n_blocks % num_clusters;
+    return (cluster_id + num_clusters - rotation) % num_clusters;
+  }();
 
   const bool producer = kRoleGiven ? kRole == 0 : threadIdx.x / 128 == 0;
   if (producer) {
@@ -419,9 +462,14 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
                       int(gridDim.x) * kFeedWarpsPerCta, window);
     } else if (threadIdx.x == 0) {
       PipelineState write{0, 1, 0};  // a fresh "empty" barrier counts as already released once
-      for (int item = cluster_id; item < num_items; item += num_clusters) {
+      int tiles_waited_for = -1;  // the expert whose FC1 tiles are known done (wait_tiles)
+      for (int item = first_item; item < num_items; item += num_clusters) {
         const TileCoord c = decode_unit<kCluster>(problem.schedule, window, item, n_blocks, cluster_rank);
         Feed::wait_rows(feed, c.expert, window);
+        if (problem.wait_tiles && c.expert != tiles_waited_for) {
+          wait_fc1_tiles(problem, c.expert, item);
+          tiles_waited_for = c.expert;
+        }
         // This CTA's share of the weight tile: rows [cluster_rank * BN / kCluster, ...) of it.
         const int b_row = c.expert * problem.n + c.n_block * BN + cluster_rank * (BN / kCluster);
         const int64_t b_scale_row = weight_scale_row(problem, c, k_blocks);
@@ -496,8 +544,21 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     Tensor tCrA_first = tiled_mma.get_thread_slice(consumer_tid % 128).make_fragment_A(
         tiled_mma.get_thread_slice(consumer_tid % 128).partition_A(sA));
 
+    // GroupedProblem::tiles_done: this warp's previous tile, counted once its stores are long done
+    // (after the next tile's mainloop, or after the loop): the fence then waits for nothing, where
+    // right after the epilogue it stalled the warp on its own stores (FC1 3-5% slower).
+    int uncounted_expert = -1;
+    auto count_stored_tile = [&] {
+      if (uncounted_expert < 0) return;
+      __syncwarp();
+      if (consumer_tid % 32 == 0) {
+        __threadfence();
+        atomicAdd(problem.tiles_done + uncounted_expert, 1);
+      }
+      uncounted_expert = -1;
+    };
     PipelineState read;
-    for (int item = cluster_id; item < num_items; item += num_clusters) {
+    for (int item = first_item; item < num_items; item += num_clusters) {
       // The tile, from the producer (its first stage is waited for again, at once, by the mainloop).
       wait_stage(problem, &smem.full[read.index()], read.phase(), 1, item, 0, read.index());
       const TileCoord c = smem.tile[read.index()];
@@ -606,12 +667,15 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
           }
         }
       }
+      count_stored_tile();
       if (has_rows) {
         const TileValues<Fragment, decltype(tile_coords), kPasses, kMmaN> values{accum, tile_coords, split,
                                                                                  consumer_wg};
         Epilogue::apply(epilogue_params, smem.epilogue, values, c, consumer_tid);
       }
+      if (problem.tiles_done) uncounted_expert = c.expert;
     }
+    count_stored_tile();
     // Epilogues may store to peers; the barrier that follows the GEMM publishes them system-wide.
     __threadfence_system();
     __syncwarp();  // the epilogue's stores diverge; the cluster barrier below is .aligned

@@ -127,8 +127,11 @@ std::string describe_device_status(const DeviceStatus& s, int rank, double timeo
         std::to_string(s.waited_for_expert) + " to be copied in");
   if (s.error_flags & kPipelineStall)
     add(std::string(s.stalled_gemm == 1 ? "FC1" : "FC2") + " GEMM stalled: CTA " + std::to_string(s.stalled_cta) +
-        " waited " + comm::format_seconds(timeout_s) + " s for a shared-memory stage to " +
-        (s.stalled_wait == 0 ? "free (producer)" : "fill (consumer)") + " at work item " + std::to_string(s.stalled_item));
+        " waited " + comm::format_seconds(timeout_s) + " s " +
+        (s.stalled_wait == 2 ? std::string("for FC1 to finish the tiles of its expert")
+                             : std::string("for a shared-memory stage to ") +
+                                   (s.stalled_wait == 0 ? "free (producer)" : "fill (consumer)")) +
+        " at work item " + std::to_string(s.stalled_item));
   if (s.error_flags & kGridSyncTimeout)
     add("fused forward: only " + std::to_string(s.grid_sync_arrived) + " CTAs reached grid sync point " +
         std::to_string(s.grid_sync_point) + " within " + comm::format_seconds(2 * timeout_s) +

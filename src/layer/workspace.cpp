@@ -52,7 +52,7 @@ void Workspace::reset_whole(cudaStream_t stream) const {
   // Named one by one: a region added to the table is not zeroed here unless it is safe to.
   static constexpr Region kRegions[] = {Region::kRecvPairs,       Region::kTokenPool,         Region::kTokenPoolScale,
                                         Region::kPoolSource,      Region::kExpertRowOffset,   Region::kExpertTileOffset,
-                                        Region::kFc1Out,          Region::kFc1OutScale};
+                                        Region::kFc1TilesDone,    Region::kFc1Out,            Region::kFc1OutScale};
   for (Region r : kRegions) {
     const RegionPlacement& p = layout_[r];
     if (p.bytes == 0) continue;

@@ -2,7 +2,8 @@
 // CTA of the grid runs the stages of the staged path in turn, as the same device functions:
 //   claim (dispatch.cuh) -> [grid sync; CTA 0 passes the dispatch barrier with the peers; grid sync]
 //   -> schedule (dispatch.cuh) -> [grid sync] -> for each pool window:
-//        FC1 (fc1.cuh, rows pulled by its feed warps) -> [grid sync]
+//        FC1 (fc1.cuh, rows pulled by its feed warps) -> [grid sync; without windows none: FC2's
+//        producer waits for FC1's tiles of each expert, counted in fc1_tiles_done]
 //        -> FC2 (fc2.cuh, rows stored into the sources' combine_recv) -> [grid sync]
 //   -> CTA 0 zeroes the must-zero counters and passes the combine barrier -> [grid sync] -> combine
 // A pool smaller than the worst case (WorkspaceLayout::windowed) holds a window of the received rows
@@ -100,6 +101,12 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
 
   // 2. Schedule: this rank's experts laid out in the pool.
   schedule_cta<F::kThreads>(v, p.unit_rows, p.window_units, small_smem);
+  if constexpr (!kWindowed) {  // FC1 counts its stored tiles from here on (GroupedProblem::tiles_done)
+    if (blockIdx.x == 0) {
+      for (int e = int(threadIdx.x); e < v.experts_per_rank; e += F::kThreads) v.ws.fc1_tiles_done[e] = 0;
+      if (threadIdx.x == 0) v.ws.grid_sync->stage_ns[kSyncFc1Done] = 0;
+    }
+  }
   sync(kSyncScheduled);
 
   // 3-4. The two grouped GEMMs, window by window (the window table, schedule_cta).
@@ -113,10 +120,18 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
     };
     gemm::grouped_gemm_cta<typename F::Fc1::Config, typename F::Fc1::Epilogue, PullRowsFeed, kAfter, kRole>(
         &pool, &w1, p.fc1.problem, p.fc1.params, p.fc1.feed, smem, w);
-    sync_after_gemm(kSyncFc1Done);
-    // FC1's epilogue wrote fc1_out and its scales through the generic proxy; FC2's TMA and bulk
-    // copies read them through the async one (in the staged path the kernel boundary orders them).
-    asm volatile("fence.proxy.async.global;" ::: "memory");
+    if constexpr (kWindowed) {
+      sync_after_gemm(kSyncFc1Done);
+      // FC1's epilogue wrote fc1_out and its scales through the generic proxy; FC2's TMA reads them
+      // through the async one (in the staged path the kernel boundary orders them).
+      asm volatile("fence.proxy.async.global;" ::: "memory");
+    } else {
+      // No grid sync: FC2's producer waits per expert for FC1's tiles (GroupedProblem::wait_tiles).
+      // The FC1 phase's end for --stages is the last CTA's.
+      if (threadIdx.x == 0)
+        atomicMax(reinterpret_cast<unsigned long long*>(&v.ws.grid_sync->stage_ns[kSyncFc1Done]),
+                  static_cast<unsigned long long>(comm::global_timer_ns()));
+    }
     gemm::grouped_gemm_cta<typename F::Fc2::Config, typename F::Fc2::Epilogue, gemm::NoFeed, kAfter, kRole>(
         &fc1_out, &w2, p.fc2.problem, p.fc2.params, gemm::NoFeed::Params{}, smem, w);
     sync_after_gemm(kSyncFc2Done);
@@ -212,6 +227,13 @@ void launch_fused_forward_as(const LayerView& v, const ForwardInputs& in, const 
   p.barrier = barrier;
   p.fc1 = fc1_args<Operands, kClusterM>(v, g);
   p.fc2 = fc2_args<Operands, kFc2BlockN, kClusterM>(v, g);
+  if constexpr (!kWindowed) {  // FC2 follows FC1 expert by expert, not after a grid sync
+    const int32_t fc1_n_blocks = p.fc1.problem.n / gemm::kFc1BlockN;
+    p.fc1.problem.tiles_done = v.ws.fc1_tiles_done;
+    p.fc2.problem.wait_tiles = v.ws.fc1_tiles_done;
+    p.fc2.problem.wait_tiles_per_unit = fc1_n_blocks * gemm::kConsumerWarps * kClusterM;
+    p.fc2.problem.rotate_by_n_blocks = fc1_n_blocks;
+  }
   p.unit_rows = gemm::schedule_unit_rows(kClusterM);
   p.window_units = kWindowed ? v.pool_rows / p.unit_rows : 0;
   p.zero_prefix = zero_prefix;

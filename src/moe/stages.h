@@ -54,9 +54,10 @@ void launch_combine(const LayerView& v, const ForwardInputs& in, int num_sms, cu
 void launch_combine_cast_then_sum(const LayerView& v, const ForwardInputs& in, float* rows_f32, int num_sms,
                                   cudaStream_t stream);
 
-// Where the fused kernel's CTAs meet, in order (DeviceStatus::grid_sync_point on a timeout); the
-// last is also the number of grid syncs per forward without pool windows (each window past the first
-// adds an FC1 and an FC2 sync).
+// Where the fused kernel's CTAs meet, in order (DeviceStatus::grid_sync_point on a timeout), and the
+// stage stamps of --stages (GridSyncState::stage_ns). Without pool windows FC1 and FC2 do not meet
+// (FC2 waits per expert for FC1's tiles): kSyncFc1Done is only the stamp of the last CTA's FC1 end,
+// and a forward has five grid syncs; with windows every window has an FC1 and an FC2 sync.
 enum FusedSyncPoint : int32_t {
   kSyncClaimed = 1,
   kSyncDispatched = 2,
