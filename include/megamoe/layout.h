@@ -161,7 +161,7 @@ class WorkspaceLayout {
   // The most windows a forward can need (0 unless windowed).
   int64_t max_pool_windows() const { return max_pool_windows_; }
   // The row pitch of the pool's and fc1_out's fp8 scale matrices, stored one 128-column block
-  // after another ([blocks, pitch], the GEMM loads a tile's scales of one block with one bulk copy,
+  // after another ([blocks, pitch], the GEMM loads a tile's scales of one block as one TMA box,
   // from a 16-byte boundary): P rounded up to 128.
   int64_t scale_pitch() const { return (pool_rows_ + 127) / 128 * 128; }
 
