@@ -16,7 +16,8 @@ namespace megamoe {
 
 // How a forward runs on the GPU. kStaged: one kernel per stage (claim, barrier, schedule, FC1,
 // FC2, counter reset, barrier, combine), the reference. kFused: the same stages in one persistent
-// kernel, separated by grid-wide syncs, with nothing reset by the host. kDefault: MEGAMOE_IMPL from
+// kernel, separated by grid-wide syncs (FC2 follows FC1 expert by expert instead, unless the token
+// pool is windowed), with nothing reset by the host. kDefault: MEGAMOE_IMPL from
 // the environment ("staged" or "fused"), else kStaged.
 enum class ForwardImpl { kDefault, kStaged, kFused };
 
@@ -147,7 +148,8 @@ class Layer {
   };
   // Staged forwards: CUDA events between the stages' kernels (the counter reset counts with the
   // combine barrier). Fused forwards: the kernel's own
-  // global-timer stamps where all its CTAs meet (the barriers' times include the grid syncs).
+  // global-timer stamps where all its CTAs meet (the barriers' times include the grid syncs); without
+  // pool windows FC1 and FC2 overlap, and fc1_ms ends with the last CTA's FC1 tile.
   StageTimes last_stage_times() const;
   ForwardImpl impl() const;  // kStaged or kFused, as resolved at creation
 

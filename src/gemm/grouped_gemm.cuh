@@ -278,7 +278,11 @@ struct GroupedGemmConfig {
   static constexpr int kScaleBoxStride = 128 / sizeof(float);
   static constexpr int kAScaleSlots = kBlockScaled ? (kRowScaleBox + kScaleBoxStride - 1) / kScaleBoxStride * kScaleBoxStride : 0;
   static constexpr int kBScaleSlots = kBlockScaled ? 2 * kScaleBoxStride : 0;
-  static_assert(kBlockScaleBox <= kScaleBoxStride);
+  // TMA's rules for these boxes: at most 256 elements a side, whole 16-byte rows, shared-memory
+  // destinations on 128-byte boundaries (every stage's slots start on one).
+  static_assert(kRowScaleBox <= 256 && kRowScaleBox % 4 == 0 && kBlockScaleBox % 4 == 0);
+  static_assert(kBlockScaleBox <= kScaleBoxStride && (!kBlockScaled || kRowScaleBox <= kAScaleSlots));
+  static_assert(kAScaleSlots * sizeof(float) % 128 == 0 && kBScaleSlots * sizeof(float) % 128 == 0);
   static constexpr size_t kStageBytes = kBytesA + kBytesB + (kAScaleSlots + kBScaleSlots) * sizeof(float) +
                                         16 /* two mbarriers */ + sizeof(TileCoord);
   static constexpr int kStages = stages_for(kStageBytes, sizeof(EpilogueStorage) + 128);
@@ -382,7 +386,11 @@ struct TileValues {
 // 0 or 1, the caller has split the register file between the roles already, and calls from a branch
 // per role: the producer warpgroup with 0, the consumer warpgroups with 1. Then nothing here changes
 // registers, and the CTA-wide barriers are the non-.aligned ones.
-template <class Config, class Epilogue, class Feed, uint32_t kRegistersAfter = 0, int kRole = -1>
+// kCountedTiles: compile the FC1 -> FC2 counters and FC2's rotated item walk (GroupedProblem's
+// tiles_done, wait_tiles, rotate_by_n_blocks; the one-window fused forward); without it those fields
+// are ignored and the code is not there (it made the other kernels spill more).
+template <class Config, class Epilogue, class Feed, uint32_t kRegistersAfter = 0, int kRole = -1,
+          bool kCountedTiles = false>
 __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, const CUtensorMap* tma_b_ptr,
                                                  const GroupedProblem& problem,
                                                  const typename Epilogue::Params& epilogue_params,
@@ -447,7 +455,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
   const int num_items = total_units(problem.schedule, window) * n_blocks;
   // This cluster's first item (GroupedProblem::rotate_by_n_blocks); then every num_clusters-th.
   const int first_item = [&] {
-    if (problem.rotate_by_n_blocks == 0) return cluster_id;
+    if (!kCountedTiles || problem.rotate_by_n_blocks == 0) return cluster_id;
     const int rotation = total_units(problem.schedule, window) * problem.rotate_by_n_blocks % num_clusters;
     return (cluster_id + num_clusters - rotation) % num_clusters;
   }();
@@ -466,9 +474,11 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
       for (int item = first_item; item < num_items; item += num_clusters) {
         const TileCoord c = decode_unit<kCluster>(problem.schedule, window, item, n_blocks, cluster_rank);
         Feed::wait_rows(feed, c.expert, window);
-        if (problem.wait_tiles && c.expert != tiles_waited_for) {
-          wait_fc1_tiles(problem, c.expert, item);
-          tiles_waited_for = c.expert;
+        if constexpr (kCountedTiles) {
+          if (problem.wait_tiles && c.expert != tiles_waited_for) {
+            wait_fc1_tiles(problem, c.expert, item);
+            tiles_waited_for = c.expert;
+          }
         }
         // This CTA's share of the weight tile: rows [cluster_rank * BN / kCluster, ...) of it.
         const int b_row = c.expert * problem.n + c.n_block * BN + cluster_rank * (BN / kCluster);
@@ -546,10 +556,11 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
 
     // GroupedProblem::tiles_done: this warp's previous tile, counted once its stores are long done
     // (after the next tile's mainloop, or after the loop): the fence then waits for nothing, where
-    // right after the epilogue it stalled the warp on its own stores (FC1 3-5% slower).
+    // right after the epilogue it stalled the warp on its own stores (the fused forward 2.6% slower
+    // at 8192 tokens: docs/PERFORMANCE.md, fifteenth session).
     int uncounted_expert = -1;
     auto count_stored_tile = [&] {
-      if (uncounted_expert < 0) return;
+      if (!kCountedTiles || uncounted_expert < 0) return;
       __syncwarp();
       if (consumer_tid % 32 == 0) {
         __threadfence();
@@ -673,7 +684,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
                                                                                  consumer_wg};
         Epilogue::apply(epilogue_params, smem.epilogue, values, c, consumer_tid);
       }
-      if (problem.tiles_done) uncounted_expert = c.expert;
+      if (kCountedTiles && problem.tiles_done) uncounted_expert = c.expert;
     }
     count_stored_tile();
     // Epilogues may store to peers; the barrier that follows the GEMM publishes them system-wide.

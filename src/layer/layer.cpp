@@ -445,7 +445,8 @@ struct Layer::Impl {
     for (int r = 0; r < W; r++) out += " " + std::to_string(r) + ": " + std::to_string(flags[size_t(r)]);
     out += "; FC1 rows copied in " + std::to_string(arrived_total) + " of " + std::to_string(offsets[size_t(El)]);
     if (impl == ForwardImpl::kFused && grid.grid > 0)  // (one word read: the two parts stay consistent)
-      out += "; fused kernel: grid syncs passed in this forward " + std::to_string(grid.arrived / grid.grid) +
+      out += "; fused kernel: grid syncs passed in this forward (FusedSyncPoint, without pool windows one fewer) " +
+             std::to_string(grid.arrived / grid.grid) +
              ", CTAs at the next " + std::to_string(grid.arrived % grid.grid) + " of " + std::to_string(grid.grid);
     return out + describe_stall_log(st.stalled_cta);
   }
@@ -604,7 +605,7 @@ Layer::StageTimes Layer::last_stage_times() const {
   const Impl& m = *impl_;
   if (!m.stage_timing) throw InvalidArgument("last_stage_times: the layer was created without LayerOptions::stage_timing");
   MEGAMOE_CUDA_CHECK(cudaEventSynchronize(m.stage_events.back()));
-  if (m.impl == ForwardImpl::kFused) {  // the kernel's own stamps at its sync points (GridSyncState)
+  if (m.impl == ForwardImpl::kFused) {  // the kernel's own stamps (GridSyncState::stage_ns)
     GridSyncState g{};
     MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(&g, m.view.ws.grid_sync, sizeof g, cudaMemcpyDeviceToHost, m.status_stream));
     MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(m.status_stream));

@@ -9,7 +9,8 @@
 // A pool smaller than the worst case (WorkspaceLayout::windowed) holds a window of the received rows
 // at a time: whole GEMM units of the schedule, FC1 and FC2 over one window, then the next in the same
 // pool and fc1_out; with the worst-case pool there is one window, every unit.
-// The grid syncs (comm/grid_sync.cuh) replace the kernel boundaries; the counters are zeroed in the
+// The grid syncs (comm/grid_sync.cuh) replace the kernel boundaries (all but FC1 -> FC2 without
+// windows, above); the counters are zeroed in the
 // kernel, after their last reader and before the combine barrier (so no peer can claim on this
 // rank before they read zero), and nothing is reset by the host: a captured forward is one kernel
 // node. The grid is as large as the SM budget and the occupancy of its clusters allow, so that every
@@ -118,7 +119,7 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
     auto sync_after_gemm = [&](FusedSyncPoint point) {
       comm::grid_sync<(kRole >= 0)>(v.ws.grid_sync, v.status(), v.wait_timeout_ns, point);
     };
-    gemm::grouped_gemm_cta<typename F::Fc1::Config, typename F::Fc1::Epilogue, PullRowsFeed, kAfter, kRole>(
+    gemm::grouped_gemm_cta<typename F::Fc1::Config, typename F::Fc1::Epilogue, PullRowsFeed, kAfter, kRole, !kWindowed>(
         &pool, &w1, p.fc1.problem, p.fc1.params, p.fc1.feed, smem, w);
     if constexpr (kWindowed) {
       sync_after_gemm(kSyncFc1Done);
@@ -132,7 +133,7 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
         atomicMax(reinterpret_cast<unsigned long long*>(&v.ws.grid_sync->stage_ns[kSyncFc1Done]),
                   static_cast<unsigned long long>(comm::global_timer_ns()));
     }
-    gemm::grouped_gemm_cta<typename F::Fc2::Config, typename F::Fc2::Epilogue, gemm::NoFeed, kAfter, kRole>(
+    gemm::grouped_gemm_cta<typename F::Fc2::Config, typename F::Fc2::Epilogue, gemm::NoFeed, kAfter, kRole, !kWindowed>(
         &fc1_out, &w2, p.fc2.problem, p.fc2.params, gemm::NoFeed::Params{}, smem, w);
     sync_after_gemm(kSyncFc2Done);
   };
