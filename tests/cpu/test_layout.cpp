@@ -77,6 +77,10 @@ TEST(Layout, SizesFollowTheFormulas) {
   EXPECT_EQ(l[Region::kTokenPool].bytes, W * T * K * H * 2);
   EXPECT_EQ(l[Region::kPoolSource].bytes, W * T * K * 8);
   EXPECT_EQ(l[Region::kFc1Out].bytes, W * T * K * I * 2);
+  // The fused forward's FC1 -> FC2 counters: one per local expert, zeroed by its kernel, not the host.
+  EXPECT_EQ(l[Region::kFc1TilesDone].bytes, El * 4);
+  const RegionSpec& counters = workspace_table()[size_t(Region::kFc1TilesDone)];
+  EXPECT_TRUE(counters.id == Region::kFc1TilesDone && counters.arena == Arena::kLocal && !counters.zero_per_forward);
   EXPECT_EQ(l.pool_rows(), int64_t(W * T * K));
 
   MoeShape f = make_preset("dsv4-flash", 4, 4096, WeightFormat::kFp8);
