@@ -26,6 +26,17 @@ __device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
 
 __device__ __forceinline__ int32_t ld_volatile(const int32_t* p) { return *reinterpret_cast<const volatile int32_t*>(p); }
 
+// Counts a warp's finished writes in counters[index]: every lane of the warp calls it after its
+// writes, which a thread that reads (acquire) the count risen by this 1 sees (gpu scope). The lanes
+// meet, then the one lane with `counts` set (the warp's first) fences and adds.
+__device__ __forceinline__ void warp_count_after_writes(int32_t* counters, int index, bool counts) {
+  __syncwarp();
+  if (counts) {
+    __threadfence();
+    atomicAdd(counters + index, 1);
+  }
+}
+
 // One bounded poll of a shared-memory mbarrier: true once the phase of parity `phase` has completed
 // (the hardware may suspend the thread for a while before answering false).
 __device__ __forceinline__ bool mbarrier_try_wait_parity(const uint64_t* barrier, uint32_t phase) {

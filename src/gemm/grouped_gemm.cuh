@@ -112,9 +112,22 @@ struct GroupedProblem {
   int4* stall_log;
 };
 
-// Where a tile's weight-block scales start (slot 0, k block 0) in weight_scales.scales.
+// Where a tile's weight-block scales start (slot 0, k block 0) in the weight block scales (the array
+// of GroupedProblem::weight_scale_map).
 __device__ __forceinline__ int64_t weight_scale_row(const GroupedProblem& p, const TileCoord& c, int k_blocks) {
   return (int64_t(c.expert) * (p.n / 128) + int64_t(c.n_block) * p.weight_scales.n_block_stride) * k_blocks;
+}
+
+// Records a stalled pipeline wait (DeviceStatus, kPipelineStall); the caller is the rank's first wait
+// to give up (it set `aborted`). `which`: DeviceStatus::stalled_wait.
+__device__ __forceinline__ void record_pipeline_stall(const GroupedProblem& problem, int which, int item) {
+  DeviceStatus* s = problem.status;
+  s->stalled_gemm = problem.gemm_id;
+  s->stalled_wait = which;
+  s->stalled_cta = int(blockIdx.x);
+  s->stalled_item = item;
+  __threadfence_system();
+  atomicOr(&s->error_flags, kPipelineStall);
 }
 
 // The slow path of wait_stage: waits on, and after the timeout records the stall once.
@@ -139,15 +152,7 @@ __device__ __forceinline__ void wait_stage_slow(const GroupedProblem& problem, c
         dump[i] = word;
       }
     }
-    DeviceStatus* s = problem.status;
-    if (atomicCAS(&s->aborted, 0, 1) == 0) {
-      s->stalled_gemm = problem.gemm_id;
-      s->stalled_wait = which;
-      s->stalled_cta = int(blockIdx.x);
-      s->stalled_item = item;
-      __threadfence_system();
-      atomicOr(&s->error_flags, kPipelineStall);
-    }
+    if (atomicCAS(&problem.status->aborted, 0, 1) == 0) record_pipeline_stall(problem, which, item);
   }
 }
 
@@ -176,15 +181,7 @@ __device__ __forceinline__ void wait_fc1_tiles(const GroupedProblem& problem, in
       problem.wait_tiles_per_unit * (problem.schedule.unit_offset[expert + 1] - problem.schedule.unit_offset[expert]);
   auto ready = [&] { return comm::ld_acquire_gpu(problem.wait_tiles + expert) >= needed; };
   if (problem.status) {
-    comm::bounded_wait(problem.status, problem.timeout_ns, ready, [&] {
-      DeviceStatus* s = problem.status;
-      s->stalled_gemm = problem.gemm_id;
-      s->stalled_wait = 2;
-      s->stalled_cta = int(blockIdx.x);
-      s->stalled_item = item;
-      __threadfence_system();
-      atomicOr(&s->error_flags, kPipelineStall);
-    });
+    comm::bounded_wait(problem.status, problem.timeout_ns, ready, [&] { record_pipeline_stall(problem, 2, item); });
   } else {
     while (!ready()) {
     }
@@ -561,11 +558,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     int uncounted_expert = -1;
     auto count_stored_tile = [&] {
       if (!kCountedTiles || uncounted_expert < 0) return;
-      __syncwarp();
-      if (consumer_tid % 32 == 0) {
-        __threadfence();
-        atomicAdd(problem.tiles_done + uncounted_expert, 1);
-      }
+      comm::warp_count_after_writes(problem.tiles_done, uncounted_expert, consumer_tid % 32 == 0);
       uncounted_expert = -1;
     };
     PipelineState read;

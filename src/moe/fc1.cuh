@@ -71,11 +71,7 @@ struct PullRowsFeed {
         comm::peer_get_warp_strided(p.peers, p.token_staging_scale + size_t(token) * p.scale_blocks, src.rank,
                                     p.token_pool_scale + pool_row, size_t(p.scale_pitch), p.scale_blocks);
       }
-      __syncwarp();
-      if (lane == 0) {
-        __threadfence();  // the warp's row is visible before it is counted
-        atomicAdd(p.expert_arrived_rows + expert, 1);
-      }
+      comm::warp_count_after_writes(p.expert_arrived_rows, expert, lane == 0);  // the warp's row, visible first
     }
   }
 
