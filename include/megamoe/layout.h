@@ -192,12 +192,14 @@ struct DeviceStatus {
   uint64_t peer_epoch_seen;    // kBarrierTimeout: the last barrier waited_for_rank had signalled
   // kPipelineStall: which grouped GEMM (1 FC1, 2 FC2), which wait (0: the producer for a free stage,
   // 1: a consumer for a full one, 2: the fused forward's FC2 producer for FC1's tiles of the item's
-  // expert), which CTA, which work item.
+  // expert), which CTA, which work item, and the bound that wait gave up after (the fused forward's
+  // FC2 waits twice the layer's timeout, so that a stalled FC1 it waits behind reports the cause).
   int32_t stalled_gemm, stalled_wait, stalled_cta, stalled_item;
+  uint64_t stalled_after_ns;
   // kGridSyncTimeout: the fused kernel's sync point (FusedSyncPoint) and the CTAs that had reached it.
   int32_t grid_sync_point, grid_sync_arrived;
 };
-static_assert(sizeof(DeviceStatus) == 80);
+static_assert(sizeof(DeviceStatus) == 88);
 
 enum DeviceErrorCode : int32_t {
   kBadExpertId = 1,       // a topk id outside [-1, E); the pair was dropped, the rest is correct

@@ -102,7 +102,8 @@ struct GroupedProblem {
   const int32_t* wait_tiles;
   int32_t wait_tiles_per_unit;
   int32_t rotate_by_n_blocks;
-  // Where a stalled pipeline is recorded (null: wait without bound) and after how long.
+  // Where a stalled pipeline is recorded (null: wait without bound) and after how long (the layer's
+  // timeout; twice that for the one-window fused forward's FC2, which waits behind FC1).
   DeviceStatus* status;
   uint64_t timeout_ns;
   int32_t gemm_id;  // DeviceStatus::stalled_gemm
@@ -126,6 +127,7 @@ __device__ __forceinline__ void record_pipeline_stall(const GroupedProblem& prob
   s->stalled_wait = which;
   s->stalled_cta = int(blockIdx.x);
   s->stalled_item = item;
+  s->stalled_after_ns = problem.timeout_ns;
   __threadfence_system();
   atomicOr(&s->error_flags, kPipelineStall);
 }

@@ -234,6 +234,10 @@ void launch_fused_forward_as(const LayerView& v, const ForwardInputs& in, const 
     p.fc2.problem.wait_tiles = v.ws.fc1_tiles_done;
     p.fc2.problem.wait_tiles_per_unit = fc1_n_blocks * gemm::kConsumerWarps * kClusterM;
     p.fc2.problem.rotate_by_n_blocks = fc1_n_blocks;
+    // FC2 starts waiting (for FC1's tiles, for its stages) while FC1 still runs: at twice the bound,
+    // a stalled FC1 wait (a row that never arrives, a stage that never fills) records its own cause
+    // first, as it did when a grid sync (also twice the bound) stood between the two GEMMs.
+    p.fc2.problem.timeout_ns = 2 * v.wait_timeout_ns;
   }
   p.unit_rows = gemm::schedule_unit_rows(kClusterM);
   p.window_units = kWindowed ? v.pool_rows / p.unit_rows : 0;
