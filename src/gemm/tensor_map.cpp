@@ -60,6 +60,22 @@ CUtensorMap make_block_scale_map(const float* base, uint64_t count) {
                 CU_TENSOR_MAP_SWIZZLE_NONE, "fp8 weight block scales");
 }
 
+CUtensorMap make_row_blocks_map(const void* base, uint64_t rows, uint64_t cols, uint32_t box_rows, uint32_t box_blocks) {
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {128, cols / 128, rows};
+  const cuuint64_t strides[2] = {128 * 2, cols * 2};  // bytes between blocks, between rows
+  const cuuint32_t box[3] = {128, box_blocks, box_rows};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult r = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<void*>(base), dims, strides,
+                                    box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw RuntimeError("cuTensorMapEncodeTiled failed (" + std::to_string(int(r)) + ") for bf16 rows [" +
+                       std::to_string(rows) + ", " + std::to_string(cols) + "] in boxes of " + std::to_string(box_rows) +
+                       " x " + std::to_string(box_blocks) + " x 128");
+  return map;
+}
+
 WeightMaps make_weight_maps(const void* base, CUtensorMapDataType type, uint64_t rows, uint64_t cols, int block_n) {
   WeightMaps maps{};
   for (int cluster_m : {1, 2}) maps.for_cluster_m[cluster_m - 1] = make_operand_map(base, type, rows, cols, weight_box_rows(block_n, cluster_m));

@@ -18,6 +18,12 @@ CUtensorMap make_operand_map(const void* base, CUtensorMapDataType type, uint64_
 CUtensorMap make_row_scale_map(const float* base, uint64_t k_blocks, uint64_t pitch);
 CUtensorMap make_block_scale_map(const float* base, uint64_t count);
 
+// A bf16 row-major matrix [rows, cols] (cols a multiple of 128) in boxes of box_rows rows x box_blocks
+// 128-column blocks, no swizzle: one box lands as box_rows rows of box_blocks * 128 columns each
+// (a 3D map {128, cols / 128, rows}, since a box dimension holds at most 256 elements). Blocks past
+// the last column read as zeros.
+CUtensorMap make_row_blocks_map(const void* base, uint64_t rows, uint64_t cols, uint32_t box_rows, uint32_t box_blocks);
+
 // A weight matrix as TMA sees it for each cluster size (the box holds the CTA's share of the tile).
 struct WeightMaps {
   CUtensorMap for_cluster_m[2];  // [0]: single CTAs, [1]: CTA pairs

@@ -174,6 +174,7 @@ struct Layer::Impl {
       gemms.w1_scale = gemm::make_block_scale_map(w1_scale.ptr, w1_scale.count);
       gemms.w2_scale = gemm::make_block_scale_map(w2_scale.ptr, w2_scale.count);
     }
+    gemms.combine_recv = moe::make_combine_recv_map(v);
     expert_loaded.assign(El, false);
     stage_timing = o.stage_timing;
     zero_whole_workspace = o.zero_whole_workspace;

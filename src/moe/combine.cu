@@ -91,6 +91,11 @@ void launch_combine(const LayerView& v, const ForwardInputs& in, int num_sms, cu
   detail::check_launch("combine_kernel");
 }
 
+CUtensorMap make_combine_recv_map(const LayerView& v) {
+  return gemm::make_row_blocks_map(v.ws.combine_recv, uint64_t(v.max_tokens) * uint64_t(v.top_k), uint64_t(v.hidden),
+                                   uint32_t(v.top_k), uint32_t(combine_box_blocks(v.hidden)));
+}
+
 void preload_combine_kernels() {
   detail::preload_kernel(combine_kernel<true>);
   detail::preload_kernel(combine_kernel<false>);

@@ -4,6 +4,10 @@
 #pragma once
 #include <cuda_bf16.h>
 
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "comm/ptx.cuh"
 #include "moe/device_status.cuh"
 
 namespace megamoe::moe {
@@ -81,6 +85,153 @@ __device__ __forceinline__ void combine_rows(const LayerView& v, const ForwardIn
                                              int64_t stride) {
   combine_rows<kIdsInt64, kBatch>(v, in, first_item, stride,
                                   ReceivedRows{reinterpret_cast<const int4*>(v.ws.combine_recv), v.hidden / 8});
+}
+
+// The fused kernel's combine: the same sums, but the received rows come into shared memory by TMA,
+// a box per work item, through a ring of stages in the shared memory the GEMMs are done with. A
+// fused CTA has 12 warps: loading from registers it kept too few bytes in flight (combine_rows: the
+// combine phase 27-29 us at 1024 tokens against the combine kernel's 22-24, 190-200 against 129-135
+// at 8192), and more loads per thread made ptxas spill in the GEMM code of the same kernel. A box
+// needs no registers (this one: 24-26 us at 1024 tokens, 164-168 at 8192; docs/PERFORMANCE.md).
+//   work item: a token t and a chunk of combine_box_blocks(H) 128-column blocks; its box holds rows
+//     t*K .. t*K+K-1 of combine_recv (the token's K slots, contiguous), that chunk of each;
+//   the items of CTA b: b, b + gridDim.x, ...; as a stage frees up, thread 0 issues the item's box
+//     into it, and warps 1-3 put the token's slot weights beside it (CombineSlots: a lane per slot,
+//     each loaded an item ahead), so that the summing threads wait for one barrier, not for global
+//     loads after it. The ids and weights come from HBM by then (the GEMMs streamed GBs through L2
+//     since the claim read them): one thread loading them slot by slot made this combine slower
+//     than combine_rows;
+//   threads 128 .. 128 + kCombineSumThreads sum 8 columns each of every item (k in order, as
+//     combine_rows: the same bits), then every one of them releases the stage itself.
+inline constexpr int kCombineBoxMaxBlocks = 16;  // 2048 columns: 8 per summing thread
+inline constexpr int kCombineSumThreads = kCombineBoxMaxBlocks * 128 / 8;
+inline constexpr int kCombineMaxStages = 16;
+__host__ __device__ constexpr int combine_box_blocks(int hidden) {
+  return hidden / 128 < kCombineBoxMaxBlocks ? hidden / 128 : kCombineBoxMaxBlocks;
+}
+// A token's slots as the summing threads read them: valid[k] where topk_ids[t, k] is an expert (a
+// dropped slot adds nothing, not 0 x its stale row), and its weight.
+struct CombineSlots {
+  float weight[kMaxTopK];
+  int32_t valid[kMaxTopK];
+};
+// The ring's shared memory: a full and an empty barrier and CombineSlots per stage, then the stages
+// from a 128-byte boundary (TMA's destination rule).
+inline constexpr size_t kCombineHeaderBytes = kCombineMaxStages * (16 + sizeof(CombineSlots));
+inline constexpr size_t kCombineHeaderPadded = (kCombineHeaderBytes + 127) / 128 * 128;
+// At least: the header, the alignment of the buffer, two stages of the largest box.
+inline constexpr size_t kCombineMinSmemBytes = 128 + kCombineHeaderPadded + 2 * size_t(kMaxTopK) * 2048 * 2;
+
+template <bool kIdsInt64, int kThreads>
+__device__ __forceinline__ void combine_rows_by_tma(const LayerView& v, const ForwardInputs& in,
+                                                    const CUtensorMap* rows_map, char* smem_raw) {
+  static_assert(kThreads >= 128 + kCombineSumThreads);
+  const int num_tokens = read_token_count(in.tokens, v.max_tokens, v.status(), false);
+  const int K = v.top_k, E = v.num_experts, H = v.hidden;
+  const int box_blocks = combine_box_blocks(H), box_cols = 128 * box_blocks;
+  const int chunks = (H + box_cols - 1) / box_cols;
+  const int64_t items = int64_t(num_tokens) * chunks;
+  if (items <= int64_t(blockIdx.x)) return;  // the whole CTA: nothing to combine here
+  const int cta_items = int((items - 1 - blockIdx.x) / gridDim.x) + 1;
+  const uint32_t stage_bytes = uint32_t(K) * uint32_t(box_cols) * 2;  // a multiple of 256
+
+  uint32_t smem_bytes;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
+  const uint32_t skip = (128u - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 127u)) & 127u;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem_raw + skip);
+  uint64_t* empty = full + kCombineMaxStages;
+  CombineSlots* slots = reinterpret_cast<CombineSlots*>(empty + kCombineMaxStages);
+  char* stages = smem_raw + skip + kCombineHeaderPadded;
+  const int num_stages =
+      min(kCombineMaxStages, int((smem_bytes - skip - uint32_t(kCombineHeaderPadded)) / stage_bytes));
+
+  // The GEMMs and the claim wrote this shared memory through the generic proxy; TMA writes it next.
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < num_stages; s++) {
+      // Box issued (thread 0) and the slots written (a lane of warps 1-3 per slot, each for itself).
+      cutlass::arch::ClusterTransactionBarrier::init(&full[s], 1 + K);
+      cutlass::arch::ClusterBarrier::init(&empty[s], kCombineSumThreads);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  auto wait = [](const uint64_t* barrier, uint32_t parity) {
+    while (!comm::mbarrier_try_wait_parity(barrier, parity)) {
+    }
+  };
+  auto item_of = [&](int j) { return int64_t(blockIdx.x) + int64_t(j) * gridDim.x; };
+  if (threadIdx.x == 0) {
+    // combine_recv was written through the generic proxy (FC2's epilogues, this rank's and the
+    // peers', ordered before the combine barrier); TMA reads it through the async one.
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    for (int j = 0; j < cta_items; j++) {
+      const int s = j % num_stages;
+      if (j >= num_stages) wait(&empty[s], uint32_t(j / num_stages - 1) & 1u);
+      const int64_t item = item_of(j);
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&full[s], stage_bytes);
+      cute::SM90_TMA_LOAD_3D::copy(rows_map, &full[s], uint64_t(cute::TMA::CacheHintSm90::EVICT_FIRST),
+                                   stages + size_t(s) * stage_bytes, 0, int(item % chunks) * box_blocks,
+                                   int(item / chunks) * K);
+    }
+  } else if (threadIdx.x >= 32 && threadIdx.x < 128) {
+    // Warps 1-3 put the slots beside the boxes: lane = group * group_lanes + k loads slot k of the
+    // items of its group (loader), every loaders-th, each one item ahead of the stage it waits for.
+    // At most num_stages loaders: a loader's wait for its stage's release by the item num_stages
+    // before is a parity wait, right only if its previous wait freed the item before that one.
+    const int lane = int(threadIdx.x) % 32, group_lanes = K <= 8 ? 8 : 16, k = lane % group_lanes;
+    const int loaders = min(3 * (32 / group_lanes), num_stages);
+    const int loader = (int(threadIdx.x) / 32 - 1) * (32 / group_lanes) + lane / group_lanes;
+    if (k < K && loader < loaders) {
+      int64_t id = -1;
+      float weight = 0.0f;
+      auto load = [&](int j) {
+        if (j >= cta_items) return;
+        const int64_t pair = item_of(j) / chunks * K + k;
+        id = load_expert_id(in.topk_ids, kIdsInt64, pair);
+        weight = __ldg(in.topk_weights + pair);
+      };
+      load(loader);
+      for (int j = loader; j < cta_items; j += loaders) {
+        const int s = j % num_stages;
+        const bool valid = id >= 0 && id < E;
+        const float this_weight = weight;
+        load(j + loaders);
+        if (j >= num_stages) wait(&empty[s], uint32_t(j / num_stages - 1) & 1u);
+        slots[s].valid[k] = valid;
+        slots[s].weight[k] = this_weight;
+        cutlass::arch::ClusterBarrier::arrive(&full[s]);
+      }
+    }
+  } else if (threadIdx.x >= 128 && threadIdx.x < 128 + kCombineSumThreads) {
+    const int col_in_box = 8 * (int(threadIdx.x) - 128);
+    const bool in_box = col_in_box < box_cols;
+    for (int j = 0; j < cta_items; j++) {
+      const int s = j % num_stages;
+      const int64_t item = item_of(j), t = item / chunks;
+      const int col = int(item % chunks) * box_cols + col_in_box;
+      wait(&full[s], uint32_t(j / num_stages) & 1u);
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (in_box) {
+        const char* rows = stages + size_t(s) * stage_bytes + size_t(col_in_box) * 2;
+        for (int k = 0; k < K; k++)
+          if (slots[s].valid[k])
+            ReceivedRows::add(*reinterpret_cast<const int4*>(rows + size_t(k) * box_cols * 2), slots[s].weight[k], acc);
+      }
+      cutlass::arch::ClusterBarrier::arrive(&empty[s]);
+      if (in_box && col < H) {
+        int4 out;
+        __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+        if (in.output_scale != 1.0f)
+#pragma unroll
+          for (int i = 0; i < 8; i++) acc[i] *= in.output_scale;
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+        *reinterpret_cast<int4*>(static_cast<__nv_bfloat16*>(in.y) + t * H + col) = out;
+      }
+    }
+  }
 }
 
 }  // namespace megamoe::moe

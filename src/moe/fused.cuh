@@ -45,12 +45,6 @@ struct FusedForward {
   static constexpr uint32_t kProducerRegisters = 40;
   static constexpr uint32_t kConsumerRegisters = (3 * kRegisters - kProducerRegisters) / 2 / 8 * 8;
   static_assert(kProducerRegisters + 2 * kConsumerRegisters <= 3 * kRegisters && kConsumerRegisters == 232);
-  // combine_rows's batch: the slots whose loads a thread has in flight. 8 (the FP8 combine at 8192
-  // tokens: 188-190 us against 214-217 with 4; the combine kernel 127-133), except in the FP8 kernels
-  // with 128-column FC2 tiles, where 8 makes ptxas spill more in the GEMM code of the same kernel
-  // (92 -> 248 bytes of spill stores; with 256-column tiles 340 either way since the FP8 epilogue's
-  // division went, 1228 against 1076 before).
-  static constexpr int kCombineSlotsInFlight = Operands::kBlockScaled && kFc2BlockN == 128 ? 4 : 8;
 
   struct Params {
     LayerView v;
@@ -68,6 +62,7 @@ struct FusedForward {
     return std::max(gemm::grouped_gemm_smem_bytes<typename Fc1::Config, typename Fc1::Epilogue::SharedStorage>(),
                     gemm::grouped_gemm_smem_bytes<typename Fc2::Config, typename Fc2::Epilogue::SharedStorage>());
   }
+  static_assert(gemm_smem_bytes() >= kCombineMinSmemBytes, "the combine's TMA ring lives in the GEMMs' shared memory");
   static size_t smem_bytes(const LayerView& v) {
     return std::max({gemm_smem_bytes(), claim_smem_bytes(v.num_experts, v.world_size),
                      schedule_smem_bytes(v.experts_per_rank, v.world_size)});
@@ -81,6 +76,7 @@ template <class Operands, int kClusterM, int kFc2BlockN, bool kWindowed>
 __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>::kThreads, 1)
     fused_forward_kernel(const __grid_constant__ CUtensorMap pool, const __grid_constant__ CUtensorMap w1,
                          const __grid_constant__ CUtensorMap fc1_out, const __grid_constant__ CUtensorMap w2,
+                         const __grid_constant__ CUtensorMap combine_recv,
                          const __grid_constant__ typename FusedForward<Operands, kClusterM, kFc2BlockN>::Params p) {
   using F = FusedForward<Operands, kClusterM, kFc2BlockN>;
   extern __shared__ char smem[];
@@ -179,10 +175,9 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
   }
   sync(kSyncCombineReady);
 
-  // 5. Combine.
-  const int64_t first = int64_t(blockIdx.x) * F::kThreads + threadIdx.x, stride = int64_t(gridDim.x) * F::kThreads;
-  if (p.in.ids_int64) combine_rows<true, F::kCombineSlotsInFlight>(v, p.in, first, stride);
-  else combine_rows<false, F::kCombineSlotsInFlight>(v, p.in, first, stride);
+  // 5. Combine, the rows read by TMA into the shared memory the GEMMs are done with.
+  if (p.in.ids_int64) combine_rows_by_tma<true, F::kThreads>(v, p.in, &combine_recv, smem);
+  else combine_rows_by_tma<false, F::kThreads>(v, p.in, &combine_recv, smem);
   comm::grid_stamp_exit(v.ws.grid_sync);
 }
 
@@ -258,7 +253,7 @@ void launch_fused_forward_as(const LayerView& v, const ForwardInputs& in, const 
   const cudaLaunchConfig_t config =
       detail::cluster_launch_config(unsigned(cached_grid), F::kThreads, smem, stream, kClusterM, cluster);
   MEGAMOE_CUDA_CHECK(cudaLaunchKernelEx(&config, fused_forward_kernel<Operands, kClusterM, kFc2BlockN, kWindowed>, g.pool,
-                                        g.w1.get(kClusterM), g.fc1_out, g.w2.get(kClusterM), p));
+                                        g.w1.get(kClusterM), g.fc1_out, g.w2.get(kClusterM), g.combine_recv, p));
   detail::check_launch("fused_forward_kernel");
 }
 

@@ -26,6 +26,9 @@ struct ExpertGemmOperands {
   CUtensorMap fc1_out_scale;  // fc1_out_scale [I/128, scale_pitch]
   CUtensorMap w1_scale;       // [E_local, 2I/128, H/128]
   CUtensorMap w2_scale;       // [E_local, H/128, I/128]
+  // Not a GEMM operand: the fused forward's combine reads the received rows by TMA
+  // (make_combine_recv_map).
+  CUtensorMap combine_recv;   // [Tmax*K, H] bf16, boxes of one token's K rows
 };
 
 // 1. Stages this rank's tokens (quantised for fp8), claims a slot for every (token, k) pair on the
@@ -66,6 +69,9 @@ enum FusedSyncPoint : int32_t {
   kSyncFc2Done = 5,
   kSyncCombineReady = 6,
 };
+
+// combine_recv as the fused forward's combine reads it (combine.cuh, combine_rows_by_tma).
+CUtensorMap make_combine_recv_map(const LayerView& v);
 
 // The whole forward, steps 1-5, in one persistent launch (fused.cuh): the same stages separated by
 // grid-wide syncs, the barriers passed by CTA 0, the counters zeroed in the kernel

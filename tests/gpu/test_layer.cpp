@@ -570,6 +570,18 @@ LAYER_TEST(MidShapeEveryRouting) {
   every_routing(s, "mid(H1024,I512,E" + std::to_string(s.num_experts) + ",K4) " + format_name(format), 1);
 }
 
+// H past one 2048-column combine box and not a multiple of it (the fused combine's last box reads
+// past the row: zeros, not stored), and more than 8 slots per token (its slot loaders' wide lane groups).
+LAYER_TEST(WideHiddenAndTwelveSlotsEveryRouting) {
+  MoeShape s = tiny_shape(format, 64);
+  s.hidden = 2304;
+  s.intermediate = 256;
+  s.num_experts = experts_for(32);
+  s.top_k = 12;
+  validate(s);
+  every_routing(s, "wide(H2304,I256,E" + std::to_string(s.num_experts) + ",K12) " + format_name(format), 1);
+}
+
 LAYER_TEST(SwigluClamp) {
   // 0.2: small enough that the clamp is active on these activations.
   every_routing(tiny_shape(format, 96, 0.2f), std::string("tiny+clamp0.2 ") + format_name(format), 1);
