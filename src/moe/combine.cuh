@@ -34,6 +34,18 @@ struct ReceivedRows {
   }
 };
 
+// Eight fp32 sums, times output_scale, as the bf16 vector stored into y.
+__device__ __forceinline__ int4 output_vector(float (&acc)[8], float output_scale) {
+  int4 out;
+  __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+  if (output_scale != 1.0f)
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[j] *= output_scale;
+#pragma unroll
+  for (int j = 0; j < 4; j++) o[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
+  return out;
+}
+
 // Every thread of the grid takes 8-column vectors item, item + stride, ...; `rows` adds each slot's
 // weighted values (ReceivedRows, or the cast-then-sum ablation's fp32 copy in combine.cu). A thread
 // issues the loads of up to kBatch slots before it adds the first: one load at a time left the fused
@@ -69,14 +81,7 @@ __device__ __forceinline__ void combine_rows(const LayerView& v, const ForwardIn
       for (int b = 0; b < kBatch; b++)
         if (valid[b]) Rows::add(vectors[b], weights[b], acc);
     }
-    int4 out;
-    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
-    if (in.output_scale != 1.0f)
-#pragma unroll
-      for (int j = 0; j < 8; j++) acc[j] *= in.output_scale;
-#pragma unroll
-    for (int j = 0; j < 4; j++) o[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
-    reinterpret_cast<int4*>(in.y)[t * row_vectors + vec] = out;
+    reinterpret_cast<int4*>(in.y)[t * row_vectors + vec] = output_vector(acc, in.output_scale);
   }
 }
 
@@ -220,16 +225,8 @@ __device__ __forceinline__ void combine_rows_by_tma(const LayerView& v, const Fo
             ReceivedRows::add(*reinterpret_cast<const int4*>(rows + size_t(k) * box_cols * 2), slots[s].weight[k], acc);
       }
       cutlass::arch::ClusterBarrier::arrive(&empty[s]);
-      if (in_box && col < H) {
-        int4 out;
-        __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
-        if (in.output_scale != 1.0f)
-#pragma unroll
-          for (int i = 0; i < 8; i++) acc[i] *= in.output_scale;
-#pragma unroll
-        for (int i = 0; i < 4; i++) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-        *reinterpret_cast<int4*>(static_cast<__nv_bfloat16*>(in.y) + t * H + col) = out;
-      }
+      if (in_box && col < H)
+        *reinterpret_cast<int4*>(static_cast<__nv_bfloat16*>(in.y) + t * H + col) = output_vector(acc, in.output_scale);
     }
   }
 }
