@@ -46,12 +46,12 @@ __device__ __forceinline__ int4 output_vector(float (&acc)[8], float output_scal
   return out;
 }
 
-// Every thread of the grid takes 8-column vectors item, item + stride, ...; `rows` adds each slot's
-// weighted values (ReceivedRows, or the cast-then-sum ablation's fp32 copy in combine.cu). A thread
-// issues the loads of up to kBatch slots before it adds the first: one load at a time left the fused
-// kernel's combine, with its 12 warps per SM, at half the combine kernel's speed. The sums still run
-// k in order, so the result does not depend on the batch. The batch's vectors live in registers:
-// the combine kernel (64 per thread) takes 4, the fused kernel FusedForward::kCombineSlotsInFlight.
+// The combine kernel's (combine.cu): every thread of the grid takes 8-column vectors item, item +
+// stride, ...; `rows` adds each slot's weighted values (ReceivedRows, or the cast-then-sum ablation's
+// fp32 copy). A thread issues the loads of up to kBatch slots before it adds the first (one load at a
+// time left the fused kernel's combine, when it used this function, at half the combine kernel's
+// speed). The sums still run k in order, so the result does not depend on the batch. The batch's
+// vectors live in registers: the combine kernel (64 per thread) takes 4.
 template <bool kIdsInt64, int kBatch, class Rows>
 __device__ __forceinline__ void combine_rows(const LayerView& v, const ForwardInputs& in, int64_t first_item,
                                              int64_t stride, const Rows& rows) {
