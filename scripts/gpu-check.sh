@@ -18,7 +18,7 @@
 #   BIN (default build/bin; built with scripts/build.sh when missing), LIB (default build/lib)
 #   OLD_BIN          a build of an earlier version (golden, bench-old: same run, both builds)
 #   GPUS             GPUs for the NCCL runs (default: all)
-#   LOOPBACK_RANKS   loopback rank counts (default "1 2 3 4 8")
+#   LOOPBACK_RANKS   loopback rank counts (default "1 2 3 4 8"; set but empty: none, the NCCL run only)
 #   FUSED_LOOPBACK_RANKS  the same for layer-fused: the layer suite with MEGAMOE_IMPL=fused (default "2 3 4")
 #   FUSED_POOL_ROWS  the fused forward's pools layer-fused runs with (MEGAMOE_POOL_ROWS; default "0 256":
 #                    the default pool, compact_pool_rows, which at the tests' shapes is the worst case
@@ -44,7 +44,7 @@ BIN=${BIN:-build/bin}
 LIB=${LIB:-build/lib}
 [ -x "$BIN/megamoe" ] || ./scripts/build.sh
 GPUS=${GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
-LOOPBACK_RANKS=${LOOPBACK_RANKS:-1 2 3 4 8}
+LOOPBACK_RANKS=${LOOPBACK_RANKS-1 2 3 4 8}
 STRESS_STEPS=${STRESS_STEPS:-10000}
 PRESETS=${PRESETS:-dsv4-flash,dsv4-pro,dsv3}
 TOKENS=${TOKENS:-1,64,512,1024,2048,4096,8192}
@@ -99,7 +99,7 @@ for s in $steps; do
         tag=$([ "$pool" = 0 ] && echo "" || echo "-pool$pool")
         step "layer-fused$tag-nccl-$GPUS" 500 env MEGAMOE_IMPL=fused MEGAMOE_POOL_ROWS="$pool" MEGAMOE_TEST_GPUS="$GPUS" \
           "$BIN/test_gpu_layer" "${filter[@]}"
-        for w in ${FUSED_LOOPBACK_RANKS:-2 3 4}; do
+        for w in ${FUSED_LOOPBACK_RANKS-2 3 4}; do
           step "layer-fused$tag-loopback-$w" 500 env MEGAMOE_IMPL=fused MEGAMOE_POOL_ROWS="$pool" MEGAMOE_TEST_RANKS="$w" \
             "$BIN/test_gpu_layer" "${filter[@]}"
         done
