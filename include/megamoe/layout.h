@@ -65,9 +65,11 @@ struct GridSyncState {
   uint32_t arrived;     // arrivals at the grid syncs of the current forward (every CTA once per sync)
   uint32_t exited;      // CTAs done with the current forward
   uint32_t grid;        // CTAs of the last fused kernel launched (0 before the first)
+  uint32_t gemms_done;  // without pool windows: CTAs done with FC2 in this forward (the last zeroes it)
   // Global-timer stamps of the last forward (LayerOptions::stage_timing reads them): [0] CTA 0's
-  // start, [p] when the last CTA reached sync point p (FusedSyncPoint 1-6; without pool windows [4]
-  // is when the last CTA finished FC1), [7] when the last CTA finished.
+  // start, [p] when the last CTA reached sync point p (FusedSyncPoint 1-6; [1] is when the last CTA
+  // finished its claims, and without pool windows [4] and [5] when the last CTA finished FC1 and
+  // FC2), [7] when the last CTA finished.
   uint64_t stage_ns[8];
 };
 

@@ -446,7 +446,8 @@ struct Layer::Impl {
     for (int r = 0; r < W; r++) out += " " + std::to_string(r) + ": " + std::to_string(flags[size_t(r)]);
     out += "; FC1 rows copied in " + std::to_string(arrived_total) + " of " + std::to_string(offsets[size_t(El)]);
     if (impl == ForwardImpl::kFused && grid.grid > 0)  // (one word read: the two parts stay consistent)
-      out += "; fused kernel: grid syncs passed in this forward (FusedSyncPoint, without pool windows one fewer) " +
+      out += "; fused kernel: grid syncs passed in this forward (dispatched, scheduled, per pool window FC1 done "
+             "and FC2 done, combine ready) " +
              std::to_string(grid.arrived / grid.grid) +
              ", CTAs at the next " + std::to_string(grid.arrived % grid.grid) + " of " + std::to_string(grid.grid);
     return out + describe_stall_log(st.stalled_cta);

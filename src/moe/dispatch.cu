@@ -22,9 +22,9 @@ __global__ void __launch_bounds__(kScheduleThreads) dispatch_schedule_kernel(Lay
 }  // namespace
 
 void launch_dispatch_claim(const LayerView& v, const ForwardInputs& in, int num_sms, cudaStream_t stream) {
-  // Enough CTAs for the staging (kStageTokensPerCta tokens each) as well as for the claims.
-  const int staging_ctas = (in.launch_tokens + kStageTokensPerCta - 1) / kStageTokensPerCta;
-  const int ctas = std::clamp(staging_ctas, 1, num_sms);
+  // Enough CTAs for the claims and, beside them, the staging (one token each, claim_cta).
+  const int claim_ctas = (in.launch_tokens + kClaimTokensPerCta - 1) / kClaimTokensPerCta;
+  const int ctas = std::clamp(in.launch_tokens + claim_ctas, 1, num_sms);
   const size_t smem = claim_smem_bytes(v.num_experts, v.world_size);
   if (in.ids_int64) dispatch_claim_kernel<true><<<ctas, kClaimThreads, smem, stream>>>(v, in);
   else dispatch_claim_kernel<false><<<ctas, kClaimThreads, smem, stream>>>(v, in);

@@ -2,7 +2,7 @@
 // (token, k) pair travels to the rank that owns expert topk_ids[t,k].
 //
 // claim (on the source rank, before the dispatch barrier):
-//   - every CTA of the grid stages a share of the tokens (kStageTokensPerCta at a time) in the rank's
+//   - every CTA of the grid stages a share of the tokens (up to kMaxStageTokensPerCta at a time) in the rank's
 //     symmetric token_staging (peers pull rows from there): bf16 rows as they are; for an fp8 layer
 //     quantised per 128 columns (moe/quantize.cuh), or copied when the caller passed them quantised;
 //   then per chunk of kClaimTokensPerCta tokens, one CTA:
@@ -27,9 +27,12 @@ namespace megamoe::moe {
 
 inline constexpr int kClaimThreads = 256;
 inline constexpr int kClaimTokensPerCta = 64;
-// Staging (and fp8 quantising) x is spread over more CTAs than the claims: a few tokens per CTA per
-// round, so that a 64-token batch is not staged by one CTA alone.
-inline constexpr int kStageTokensPerCta = 4;
+// Staging (and fp8 quantising) x is spread over more CTAs than the claims: one token per CTA per
+// round while the grid has a CTA for every token, so that a small batch takes one round of loads
+// (4 per CTA took four dependent rounds at 64 tokens: the fused claim 12 -> 8 us), up to
+// kMaxStageTokensPerCta when every CTA stages many (1 per round made the claim at 8192 tokens 4-10%
+// slower; one H200, docs/PERFORMANCE.md, seventeenth session).
+inline constexpr int kMaxStageTokensPerCta = 4;
 inline constexpr int kClaimPairsPerThread = kClaimTokensPerCta * int(kMaxTopK) / kClaimThreads;
 inline constexpr int kScheduleThreads = 512;
 
@@ -132,9 +135,11 @@ __device__ __forceinline__ void stage_tokens(const LayerView& v, const ForwardIn
 // One claim CTA (its first kClaimThreads threads) stages its share of the tokens, then handles chunks of
 // kClaimTokensPerCta tokens: blockIdx.x, blockIdx.x + gridDim.x, ... (the grid stays within the SM
 // budget); then the last CTA to finish publishes this rank's list lengths. Its barriers (4 per chunk,
-// 2 at the end) are what claim_barriers_only repeats.
+// 2 at the end) are what claim_barriers_only repeats. Returns, in every claim thread, whether this
+// CTA was the last: every CTA's claims are then in place (the fused forward passes the dispatch
+// barrier from there).
 template <bool kIdsInt64, int kCtaThreads = kClaimThreads>
-__device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInputs& in, int32_t* smem) {
+__device__ __forceinline__ bool claim_cta(const LayerView& v, const ForwardInputs& in, int32_t* smem) {
   int32_t* expert_pairs = smem;                               // [E] pairs of this chunk per expert
   int32_t* expert_first_slot = expert_pairs + v.num_experts;  // [E] first slot claimed on the owner
   int32_t* rank_pairs = expert_first_slot + v.num_experts;    // [W] pairs of this chunk per owner rank
@@ -146,9 +151,14 @@ __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInput
   const size_t list_capacity = size_t(v.max_tokens) * K;
   const int chunks = (num_tokens + kClaimTokensPerCta - 1) / kClaimTokensPerCta;
 
-  // Peers read token_staging only after the dispatch barrier, so any CTA may stage any token.
-  for (int first = int(blockIdx.x) * kStageTokensPerCta; first < num_tokens; first += int(gridDim.x) * kStageTokensPerCta)
-    stage_tokens(v, in, first, min(kStageTokensPerCta, num_tokens - first));
+  // Peers read token_staging only after the dispatch barrier, so any CTA may stage any token. The
+  // staging starts past the CTAs that claim (while a grid has CTAs without a chunk), so that the
+  // claims, the longer chain, do not wait for it.
+  const int claim_ctas = chunks < int(gridDim.x) ? chunks : 0;
+  const int staging_slot = (int(blockIdx.x) + int(gridDim.x) - claim_ctas) % int(gridDim.x);
+  const int round_tokens = max(1, min(kMaxStageTokensPerCta, num_tokens / int(gridDim.x)));
+  for (int first = staging_slot * round_tokens; first < num_tokens; first += int(gridDim.x) * round_tokens)
+    stage_tokens(v, in, first, min(round_tokens, num_tokens - first));
 
   for (int chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
     const int token_begin = chunk * kClaimTokensPerCta;
@@ -218,6 +228,7 @@ __device__ __forceinline__ void claim_cta(const LayerView& v, const ForwardInput
       comm::peer_store(v.peers, v.ws.source_pair_count + v.rank, r, atomicAdd(&v.ws.send_pair_count[r], 0));
     __threadfence_system();
   }
+  return is_last_cta;
 }
 
 // The threads of a CTA past the claim's kClaimThreads: every barrier of claim_cta, nothing else. One

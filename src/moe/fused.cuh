@@ -1,11 +1,13 @@
 // The fused forward: the whole layer in one persistent launch (LayerOptions::impl = kFused). Every
 // CTA of the grid runs the stages of the staged path in turn, as the same device functions:
-//   claim (dispatch.cuh) -> [grid sync; CTA 0 passes the dispatch barrier with the peers; grid sync]
-//   -> schedule (dispatch.cuh) -> [grid sync] -> for each pool window:
+//   claim (dispatch.cuh) -> [the last CTA to finish its claims passes the dispatch barrier with the
+//   peers; grid sync] -> schedule (dispatch.cuh) -> [grid sync] -> for each pool window:
 //        FC1 (fc1.cuh, rows pulled by its feed warps) -> [grid sync; without windows none: FC2's
 //        producer waits for FC1's tiles of each expert, counted in fc1_tiles_done]
-//        -> FC2 (fc2.cuh, rows stored into the sources' combine_recv) -> [grid sync]
-//   -> CTA 0 zeroes the must-zero counters and passes the combine barrier -> [grid sync] -> combine
+//        -> FC2 (fc2.cuh, rows stored into the sources' combine_recv) -> [grid sync; without
+//        windows none: the last CTA to finish FC2 goes on alone]
+//   -> that CTA (CTA 0 with windows) zeroes the must-zero counters and passes the combine barrier
+//   -> [grid sync] -> combine
 // A pool smaller than the worst case (WorkspaceLayout::windowed) holds a window of the received rows
 // at a time: whole GEMM units of the schedule, FC1 and FC2 over one window, then the next in the same
 // pool and fc1_out; with the worst-case pool there is one window, every unit.
@@ -85,15 +87,23 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
   auto sync = [&](FusedSyncPoint point) { comm::grid_sync(v.ws.grid_sync, v.status(), v.wait_timeout_ns, point); };
 
   comm::grid_stamp_start(v.ws.grid_sync);
-  // 1. Claim: stage this rank's tokens, claim slots on the experts' owners.
+  // 1. Claim: stage this rank's tokens, claim slots on the experts' owners. The last CTA to finish
+  // (claim_cta counts them) knows every claim of the rank is in place: it passes the dispatch
+  // barrier with the peers while the others wait at the grid sync (one grid sync fewer than a sync
+  // before the barrier and one after).
+  __shared__ bool last_to_claim;
   if (threadIdx.x < kClaimThreads) {
-    if (p.in.ids_int64) claim_cta<true, F::kThreads>(v, p.in, small_smem);
-    else claim_cta<false, F::kThreads>(v, p.in, small_smem);
+    const bool last = p.in.ids_int64 ? claim_cta<true, F::kThreads>(v, p.in, small_smem)
+                                     : claim_cta<false, F::kThreads>(v, p.in, small_smem);
+    if (threadIdx.x == 0) last_to_claim = last;
   } else {
     claim_barriers_only<F::kThreads>(v, p.in);
   }
-  sync(kSyncClaimed);
-  if (blockIdx.x == 0) comm::device_barrier_cta(p.barrier, kDispatchBarrier);
+  __syncthreads();
+  if (last_to_claim) {
+    if (threadIdx.x == 0) v.ws.grid_sync->stage_ns[kSyncClaimed] = comm::global_timer_ns();
+    comm::device_barrier_cta(p.barrier, kDispatchBarrier);
+  }
   sync(kSyncDispatched);
 
   // 2. Schedule: this rank's experts laid out in the pool.
@@ -131,7 +141,9 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
     }
     gemm::grouped_gemm_cta<typename F::Fc2::Config, typename F::Fc2::Epilogue, gemm::NoFeed, kAfter, kRole, !kWindowed>(
         &fc1_out, &w2, p.fc2.problem, p.fc2.params, gemm::NoFeed::Params{}, smem, w);
-    sync_after_gemm(kSyncFc2Done);
+    // With windows the next window's FC1 overwrites the pool and fc1_out: every CTA waits. Without,
+    // the CTAs only count themselves out (below).
+    if constexpr (kWindowed) sync_after_gemm(kSyncFc2Done);
   };
   if constexpr (kWindowed) {
     // Every CTA reads the same schedule, so all take the same number of windows (and grid syncs).
@@ -167,9 +179,25 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
     gemms_of_window(std::integral_constant<int, -1>{}, 0);
   }
 
-  // Every reader of the counters has run: zero them for the next forward, then the combine barrier
-  // (its system-scope fence orders the zeros before this rank's arrival).
-  if (blockIdx.x == 0) {
+  // Once every CTA is done with FC2, every reader of the counters has run: one CTA zeroes them for
+  // the next forward, then passes the combine barrier (its system-scope fence orders the zeros and
+  // every CTA's FC2 stores before this rank's arrival). With windows that is CTA 0 after the last
+  // window's grid sync; without, the last CTA to finish FC2 (a count the others leave at once for
+  // the grid sync below: one grid sync fewer).
+  __shared__ bool passes_combine_barrier;
+  if constexpr (kWindowed) {
+    if (threadIdx.x == 0) passes_combine_barrier = blockIdx.x == 0;
+  } else if (threadIdx.x == 0) {
+    __threadfence();  // this CTA's reads of the counters and its stores before its count
+    passes_combine_barrier = atomicAdd(&v.ws.grid_sync->gemms_done, 1u) == gridDim.x - 1;
+    if (passes_combine_barrier) {
+      __threadfence();
+      v.ws.grid_sync->stage_ns[kSyncFc2Done] = comm::global_timer_ns();
+      v.ws.grid_sync->gemms_done = 0;  // every CTA has counted itself: zero for the next forward
+    }
+  }
+  __syncthreads();
+  if (passes_combine_barrier) {
     for (int i = int(threadIdx.x); i < p.zero_prefix_words; i += F::kThreads) p.zero_prefix[i] = 0;
     comm::device_barrier_cta(p.barrier, kCombineBarrier);
   }

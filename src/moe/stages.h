@@ -58,9 +58,11 @@ void launch_combine_cast_then_sum(const LayerView& v, const ForwardInputs& in, f
                                   cudaStream_t stream);
 
 // Where the fused kernel's CTAs meet, in order (DeviceStatus::grid_sync_point on a timeout), and the
-// stage stamps of --stages (GridSyncState::stage_ns). Without pool windows FC1 and FC2 do not meet
-// (FC2 waits per expert for FC1's tiles): kSyncFc1Done is only the stamp of the last CTA's FC1 end,
-// and a forward has five grid syncs; with windows every window has an FC1 and an FC2 sync.
+// stage stamps of --stages (GridSyncState::stage_ns). kSyncClaimed is no grid sync, only the stamp
+// of the last CTA's claim end (that CTA then passes the dispatch barrier). Without pool windows FC1
+// and FC2 do not meet either (FC2 waits per expert for FC1's tiles): kSyncFc1Done and kSyncFc2Done
+// are only the stamps of the last CTA's FC1 and FC2 ends (the last to finish FC2 passes the combine
+// barrier), and a forward has three grid syncs; with windows every window has an FC1 and an FC2 sync.
 enum FusedSyncPoint : int32_t {
   kSyncClaimed = 1,
   kSyncDispatched = 2,
