@@ -19,8 +19,8 @@ namespace megamoe::comm {
 
 // Every thread of every CTA calls it. Writes of the whole CTA before the call are visible to every
 // CTA after it (gpu scope). `point` names the sync point in the timeout record. The bound is twice
-// `timeout_ns`: a CTA may be late because it waits for a peer rank (CTA 0 in a cross-rank barrier,
-// bounded by timeout_ns), and that wait's record, naming the rank, must be the one kept.
+// `timeout_ns`: a CTA may be late because it waits for a peer rank (the CTA that passes a cross-rank
+// barrier, bounded by timeout_ns), and that wait's record, naming the rank, must be the one kept.
 // Unlike the other waits it still waits once this rank has aborted: after a timeout elsewhere the
 // kernel drains, every wait for a peer returning at once, and its CTAs must leave each phase
 // together. A sync that let CTAs run ahead would let a CTA read the schedule while CTA 0 still

@@ -125,7 +125,8 @@ struct CombineSlots {
 inline constexpr size_t kCombineHeaderBytes = kCombineMaxStages * (16 + sizeof(CombineSlots));
 inline constexpr size_t kCombineHeaderPadded = (kCombineHeaderBytes + 127) / 128 * 128;
 // At least: the header, the alignment of the buffer, two stages of the largest box.
-inline constexpr size_t kCombineMinSmemBytes = 128 + kCombineHeaderPadded + 2 * size_t(kMaxTopK) * 2048 * 2;
+inline constexpr size_t kCombineMinSmemBytes =
+    128 + kCombineHeaderPadded + 2 * size_t(kMaxTopK) * kCombineBoxMaxBlocks * 128 * sizeof(__nv_bfloat16);
 
 template <bool kIdsInt64, int kThreads>
 __device__ __forceinline__ void combine_rows_by_tma(const LayerView& v, const ForwardInputs& in,

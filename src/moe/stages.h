@@ -76,8 +76,9 @@ enum FusedSyncPoint : int32_t {
 CUtensorMap make_combine_recv_map(const LayerView& v);
 
 // The whole forward, steps 1-5, in one persistent launch (fused.cuh): the same stages separated by
-// grid-wide syncs, the barriers passed by CTA 0, the counters zeroed in the kernel
-// (zero_prefix: the symmetric arena's must-zero prefix). cluster_m as for fc1/fc2.
+// grid-wide syncs, each cross-rank barrier passed by one CTA (the last to finish the stage before it,
+// or CTA 0), the counters zeroed in the kernel (zero_prefix: the symmetric arena's must-zero prefix).
+// cluster_m as for fc1/fc2.
 void launch_fused_forward(const LayerView& v, const ForwardInputs& in, const ExpertGemmOperands& g,
                           const comm::DeviceBarrierView& barrier, int32_t* zero_prefix, size_t zero_prefix_bytes,
                           int cluster_m, int num_sms, cudaStream_t stream);
