@@ -17,6 +17,21 @@
 
 namespace megamoe::comm {
 
+// Whether this CTA is the last of the grid to count itself in at `count` (thread 0 of each CTA
+// calls it; the caller shares the answer with its CTA). What a CTA wrote before its count is visible
+// to the last one after it: a fence on each side of the count. kReset: the last CTA puts the count
+// back to zero for the next forward (every CTA has counted itself, so nothing reads it any more).
+template <bool kReset, class Count>
+__device__ __forceinline__ bool last_cta_to_arrive(Count* count) {
+  __threadfence();
+  const bool last = atomicAdd(count, Count(1)) == Count(gridDim.x - 1);
+  if (last) {
+    __threadfence();
+    if constexpr (kReset) atomicExch(count, Count(0));
+  }
+  return last;
+}
+
 // Every thread of every CTA calls it. Writes of the whole CTA before the call are visible to every
 // CTA after it (gpu scope). `point` names the sync point in the timeout record. The bound is twice
 // `timeout_ns`: a CTA may be late because it waits for a peer rank (the CTA that passes a cross-rank
@@ -76,7 +91,8 @@ __device__ __forceinline__ void grid_stamp_exit(GridSyncState* state) {
   if (threadIdx.x == 0 && atomicAdd(&state->exited, 1u) == gridDim.x - 1) {
     state->stage_ns[7] = global_timer_ns();
     // Every CTA is past its last grid sync (each read `arrived` before it counted itself out): the
-    // arrivals go back to zero for the next forward.
+    // arrivals go back to zero for the next forward. (Not last_cta_to_arrive: no CTA's writes need
+    // to be seen here, and its fence before the count would wait for every CTA's output stores.)
     __threadfence();
     atomicExch(&state->arrived, 0u);
     atomicExch(&state->exited, 0u);

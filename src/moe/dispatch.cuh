@@ -18,6 +18,7 @@
 #pragma once
 #include <cuda_bf16.h>
 
+#include "comm/grid_sync.cuh"
 #include "comm/peer.cuh"
 #include "gemm/scheduler.h"
 #include "moe/device_status.cuh"
@@ -220,10 +221,10 @@ __device__ __forceinline__ bool claim_cta(const LayerView& v, const ForwardInput
   // The last CTA publishes this rank's list lengths on every owner (zero included).
   __threadfence_system();
   claim_sync<kCtaThreads>();
-  if (threadIdx.x == 0) is_last_cta = atomicAdd(v.ws.dispatch_done_ctas, 1) == int(gridDim.x) - 1;
+  // (dispatch_done_ctas is in the must-zero prefix: zeroed for the next forward with the rest.)
+  if (threadIdx.x == 0) is_last_cta = comm::last_cta_to_arrive</*kReset=*/false>(v.ws.dispatch_done_ctas);
   claim_sync<kCtaThreads>();
   if (is_last_cta) {
-    __threadfence();
     for (int r = threadIdx.x; r < v.world_size; r += kClaimThreads)
       comm::peer_store(v.peers, v.ws.source_pair_count + v.rank, r, atomicAdd(&v.ws.send_pair_count[r], 0));
     __threadfence_system();

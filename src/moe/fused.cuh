@@ -188,13 +188,9 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
   if constexpr (kWindowed) {
     if (threadIdx.x == 0) passes_combine_barrier = blockIdx.x == 0;
   } else if (threadIdx.x == 0) {
-    __threadfence();  // this CTA's reads of the counters and its stores before its count
-    passes_combine_barrier = atomicAdd(&v.ws.grid_sync->gemms_done, 1u) == gridDim.x - 1;
-    if (passes_combine_barrier) {
-      __threadfence();
-      v.ws.grid_sync->stage_ns[kSyncFc2Done] = comm::global_timer_ns();
-      v.ws.grid_sync->gemms_done = 0;  // every CTA has counted itself: zero for the next forward
-    }
+    // (This CTA's reads of the counters and its stores come before its count.)
+    passes_combine_barrier = comm::last_cta_to_arrive</*kReset=*/true>(&v.ws.grid_sync->gemms_done);
+    if (passes_combine_barrier) v.ws.grid_sync->stage_ns[kSyncFc2Done] = comm::global_timer_ns();
   }
   __syncthreads();
   if (passes_combine_barrier) {
