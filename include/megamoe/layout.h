@@ -192,11 +192,11 @@ struct DeviceStatus {
   uint64_t barrier_epoch;      // device barrier: barriers this rank has completed (never reset)
   uint64_t waited_for_epoch;   // kBarrierTimeout: the barrier's number (this rank's epoch + 1)
   uint64_t peer_epoch_seen;    // kBarrierTimeout: the last barrier waited_for_rank had signalled
-  // kPipelineStall: which grouped GEMM (1 FC1, 2 FC2), which wait (0: the producer for a free stage,
+  // kPipelineStall: which pipeline (StalledPipeline), which wait (0: the producer for a free stage,
   // 1: a consumer for a full one, 2: the fused forward's FC2 producer for FC1's tiles of the item's
   // expert), which CTA, which work item, and the bound that wait gave up after (the fused forward's
   // FC2 waits twice the layer's timeout, so that a stalled FC1 it waits behind reports the cause).
-  int32_t stalled_gemm, stalled_wait, stalled_cta, stalled_item;
+  int32_t stalled_pipeline, stalled_wait, stalled_cta, stalled_item;
   uint64_t stalled_after_ns;
   // kGridSyncTimeout: the fused kernel's sync point (FusedSyncPoint) and the CTAs that had reached it.
   int32_t grid_sync_point, grid_sync_arrived;
@@ -208,9 +208,12 @@ enum DeviceErrorCode : int32_t {
   kBadTokenCount = 2,     // a device-side token count outside [0, max_tokens_per_rank]; treated as 0
   kBarrierTimeout = 4,    // a peer did not arrive in time; outputs are garbage, the layer is dead
   kRowArrivalTimeout = 8, // FC1 waited too long for an expert's rows; outputs are garbage, the layer is dead
-  kPipelineStall = 16,    // a GEMM's shared-memory pipeline stopped moving; outputs are garbage, the layer is dead
+  kPipelineStall = 16,    // a shared-memory pipeline (GEMM, combine) stopped moving; outputs are garbage, the layer is dead
   kGridSyncTimeout = 32,  // not every CTA of the fused kernel reached a grid-wide sync; the layer is dead
 };
+
+// DeviceStatus::stalled_pipeline: the shared-memory pipelines whose waits are bounded.
+enum StalledPipeline : int32_t { kFc1Pipeline = 1, kFc2Pipeline = 2, kCombinePipeline = 3 };
 
 enum BarrierId : int32_t { kDispatchBarrier = 0, kCombineBarrier = 1, kTestBarrier = 2, kBenchBarrier = 3 };
 const char* barrier_name(int32_t id);

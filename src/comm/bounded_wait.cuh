@@ -30,4 +30,17 @@ __device__ __forceinline__ bool bounded_wait(DeviceStatus* status, uint64_t time
   return true;
 }
 
+// Records a stalled shared-memory pipeline wait (kPipelineStall and DeviceStatus::stalled_*) by this
+// CTA; the caller is the rank's first wait to give up (it set `aborted`).
+__device__ __forceinline__ void record_pipeline_stall(DeviceStatus* s, StalledPipeline pipeline, int which, int item,
+                                                      uint64_t after_ns) {
+  s->stalled_pipeline = pipeline;
+  s->stalled_wait = which;
+  s->stalled_cta = int(blockIdx.x);
+  s->stalled_item = item;
+  s->stalled_after_ns = after_ns;
+  __threadfence_system();
+  atomicOr(&s->error_flags, kPipelineStall);
+}
+
 }  // namespace megamoe::comm

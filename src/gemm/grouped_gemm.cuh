@@ -106,7 +106,7 @@ struct GroupedProblem {
   // timeout; twice that for the one-window fused forward's FC2, which waits behind FC1).
   DeviceStatus* status;
   uint64_t timeout_ns;
-  int32_t gemm_id;  // DeviceStatus::stalled_gemm
+  StalledPipeline pipeline;  // kFc1Pipeline or kFc2Pipeline: DeviceStatus::stalled_pipeline
   // Optional (null: none), for the layer's stall report: a warp whose wait times out writes {item,
   // k block, stage, phase + 2 * which} at stall_log_warp_entry(CTA, warp); the producer also copies
   // its CTA's mbarrier words to stall_log_barrier_entry(CTA) (config.h). Unwritten entries read -1.
@@ -119,17 +119,10 @@ __device__ __forceinline__ int64_t weight_scale_row(const GroupedProblem& p, con
   return (int64_t(c.expert) * (p.n / 128) + int64_t(c.n_block) * p.weight_scales.n_block_stride) * k_blocks;
 }
 
-// Records a stalled pipeline wait (DeviceStatus, kPipelineStall); the caller is the rank's first wait
-// to give up (it set `aborted`). `which`: DeviceStatus::stalled_wait.
+// Records a stalled pipeline wait of this GEMM; the caller is the rank's first wait to give up.
+// `which`: DeviceStatus::stalled_wait.
 __device__ __forceinline__ void record_pipeline_stall(const GroupedProblem& problem, int which, int item) {
-  DeviceStatus* s = problem.status;
-  s->stalled_gemm = problem.gemm_id;
-  s->stalled_wait = which;
-  s->stalled_cta = int(blockIdx.x);
-  s->stalled_item = item;
-  s->stalled_after_ns = problem.timeout_ns;
-  __threadfence_system();
-  atomicOr(&s->error_flags, kPipelineStall);
+  comm::record_pipeline_stall(problem.status, problem.pipeline, which, item, problem.timeout_ns);
 }
 
 // The slow path of wait_stage: waits on, and after the timeout records the stall once.

@@ -126,8 +126,11 @@ std::string describe_device_status(const DeviceStatus& s, int rank, double timeo
     add("FC1 timed out after " + comm::format_seconds(timeout_s) + " s waiting for the rows of local expert " +
         std::to_string(s.waited_for_expert) + " to be copied in");
   if (s.error_flags & kPipelineStall)
-    add(std::string(s.stalled_gemm == 1 ? "FC1" : "FC2") + " GEMM stalled: CTA " + std::to_string(s.stalled_cta) +
-        " waited " + comm::format_seconds(double(s.stalled_after_ns) * 1e-9) + " s " +
+    add(std::string(s.stalled_pipeline == kFc1Pipeline   ? "FC1 GEMM"
+                    : s.stalled_pipeline == kFc2Pipeline ? "FC2 GEMM"
+                                                         : "combine") +
+        " stalled: CTA " + std::to_string(s.stalled_cta) + " waited " +
+        comm::format_seconds(double(s.stalled_after_ns) * 1e-9) + " s " +
         (s.stalled_wait == 2 ? std::string("for FC1 to finish the tiles of its expert")
                              : std::string("for a shared-memory stage to ") +
                                    (s.stalled_wait == 0 ? "free (producer)" : "fill (consumer)")) +

@@ -7,6 +7,7 @@
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
 
+#include "comm/bounded_wait.cuh"
 #include "comm/ptx.cuh"
 #include "moe/device_status.cuh"
 
@@ -163,18 +164,30 @@ __device__ __forceinline__ void combine_rows_by_tma(const LayerView& v, const Fo
   }
   __syncthreads();
 
-  auto wait = [](const uint64_t* barrier, uint32_t parity) {
+  auto item_of = [&](int j) { return int64_t(blockIdx.x) + int64_t(j) * gridDim.x; };
+  // The ring's waits depend only on this CTA and its TMA loads, so only a bug stalls them; like the
+  // GEMMs' (gemm::wait_stage), one that lasts past the layer's timeout is recorded (kPipelineStall,
+  // kCombinePipeline: the host stops waiting and reports it) and goes on, since TMA may still write
+  // into the stage. `which`: 0 a wait for a free stage, 1 for a full one (DeviceStatus::stalled_wait).
+  auto wait = [&](const uint64_t* barrier, uint32_t parity, int which, int j) {
+    if (comm::mbarrier_try_wait_parity(barrier, parity)) return;
+    const uint64_t start = comm::global_timer_ns();
+    bool recorded = false;
     while (!comm::mbarrier_try_wait_parity(barrier, parity)) {
+      if (recorded || comm::global_timer_ns() - start <= v.wait_timeout_ns) continue;
+      recorded = true;
+      DeviceStatus* status = v.status();
+      if (atomicCAS(&status->aborted, 0, 1) == 0)
+        comm::record_pipeline_stall(status, kCombinePipeline, which, int(item_of(j)), v.wait_timeout_ns);
     }
   };
-  auto item_of = [&](int j) { return int64_t(blockIdx.x) + int64_t(j) * gridDim.x; };
   if (threadIdx.x == 0) {
     // combine_recv was written through the generic proxy (FC2's epilogues, this rank's and the
     // peers', ordered before the combine barrier); TMA reads it through the async one.
     asm volatile("fence.proxy.async.global;" ::: "memory");
     for (int j = 0; j < cta_items; j++) {
       const int s = j % num_stages;
-      if (j >= num_stages) wait(&empty[s], uint32_t(j / num_stages - 1) & 1u);
+      if (j >= num_stages) wait(&empty[s], uint32_t(j / num_stages - 1) & 1u, 0, j);
       const int64_t item = item_of(j);
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&full[s], stage_bytes);
       cute::SM90_TMA_LOAD_3D::copy(rows_map, &full[s], uint64_t(cute::TMA::CacheHintSm90::EVICT_FIRST),
@@ -204,7 +217,7 @@ __device__ __forceinline__ void combine_rows_by_tma(const LayerView& v, const Fo
         const bool valid = id >= 0 && id < E;
         const float this_weight = weight;
         load(j + loaders);
-        if (j >= num_stages) wait(&empty[s], uint32_t(j / num_stages - 1) & 1u);
+        if (j >= num_stages) wait(&empty[s], uint32_t(j / num_stages - 1) & 1u, 0, j);
         slots[s].valid[k] = valid;
         slots[s].weight[k] = this_weight;
         cutlass::arch::ClusterBarrier::arrive(&full[s]);
@@ -217,7 +230,7 @@ __device__ __forceinline__ void combine_rows_by_tma(const LayerView& v, const Fo
       const int s = j % num_stages;
       const int64_t item = item_of(j), t = item / chunks;
       const int col = int(item % chunks) * box_cols + col_in_box;
-      wait(&full[s], uint32_t(j / num_stages) & 1u);
+      wait(&full[s], uint32_t(j / num_stages) & 1u, 1, j);
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       if (in_box) {
         const char* rows = stages + size_t(s) * stage_bytes + size_t(col_in_box) * 2;

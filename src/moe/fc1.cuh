@@ -241,7 +241,7 @@ Fc1Args<Operands, kClusterM> fc1_args(const LayerView& v, const ExpertGemmOperan
   problem.status = v.status();
   problem.stall_log = v.stall_log;
   problem.timeout_ns = v.wait_timeout_ns;
-  problem.gemm_id = 1;
+  problem.pipeline = kFc1Pipeline;
   typename Epilogue::Params params{};
   if constexpr (Operands::kBlockScaled) {
     params = {v.ws.fc1_out, v.ws.fc1_out_scale, v.intermediate, v.scale_pitch, v.swiglu_limit};

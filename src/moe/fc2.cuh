@@ -84,7 +84,7 @@ Fc2Args<Operands, kBlockN, kClusterM> fc2_args(const LayerView& v, const ExpertG
   problem.status = v.status();
   problem.stall_log = v.stall_log;
   problem.timeout_ns = v.wait_timeout_ns;
-  problem.gemm_id = 2;
+  problem.pipeline = kFc2Pipeline;
   typename ScatterEpilogue<kBlockN>::Params params{v.ws.pool_source, v.peers, v.ws.combine_recv, v.hidden};
   return {problem, params};
 }

@@ -61,7 +61,7 @@ void sync_or_exit_on_stall(const DeviceStatus* status, const std::string& what) 
       MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(&s, status, sizeof s, cudaMemcpyDeviceToHost, probe));
       MEGAMOE_CUDA_CHECK(cudaStreamSynchronize(probe));
       if (s.error_flags & kPipelineStall) {
-        ADD_FAILURE() << what << ": FC" << s.stalled_gemm << " pipeline stalled (CTA " << s.stalled_cta << ", "
+        ADD_FAILURE() << what << ": FC" << s.stalled_pipeline << " pipeline stalled (CTA " << s.stalled_cta << ", "
                       << (s.stalled_wait ? "a consumer waiting for a full stage" : "the producer waiting for a free stage")
                       << ", work item " << s.stalled_item << ")";
         std::fflush(stdout);
