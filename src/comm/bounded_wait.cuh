@@ -30,6 +30,22 @@ __device__ __forceinline__ bool bounded_wait(DeviceStatus* status, uint64_t time
   return true;
 }
 
+// The slow path of a shared-memory pipeline's wait (gemm::wait_stage, the fused combine's ring): waits
+// until the phase of parity `phase` of an mbarrier has completed; past timeout_ns it calls on_stall()
+// once (never with a null status) and waits on, since giving up would leave TMA writes in flight
+// into the stage.
+template <class OnStall>
+__device__ __forceinline__ void mbarrier_wait_bounded(const uint64_t* barrier, uint32_t phase, const DeviceStatus* status,
+                                                      uint64_t timeout_ns, OnStall&& on_stall) {
+  const uint64_t start = global_timer_ns();
+  bool stalled = status == nullptr;
+  while (!mbarrier_try_wait_parity(barrier, phase)) {
+    if (stalled || global_timer_ns() - start <= timeout_ns) continue;
+    stalled = true;
+    on_stall();
+  }
+}
+
 // Records a stalled shared-memory pipeline wait (kPipelineStall and DeviceStatus::stalled_*) by this
 // CTA; the caller is the rank's first wait to give up (it set `aborted`).
 __device__ __forceinline__ void record_pipeline_stall(DeviceStatus* s, StalledPipeline pipeline, int which, int item,

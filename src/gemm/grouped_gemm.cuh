@@ -129,11 +129,7 @@ __device__ __forceinline__ void record_pipeline_stall(const GroupedProblem& prob
 __device__ __forceinline__ void wait_stage_slow(const GroupedProblem& problem, const uint64_t* barrier, uint32_t phase,
                                              int which, int item, int kb, int stage, const uint64_t* barrier_words,
                                              int num_barrier_words) {
-  const uint64_t start = comm::global_timer_ns();
-  bool recorded = problem.status == nullptr;
-  while (!comm::mbarrier_try_wait_parity(barrier, phase)) {
-    if (recorded || comm::global_timer_ns() - start <= problem.timeout_ns) continue;
-    recorded = true;
+  comm::mbarrier_wait_bounded(barrier, phase, problem.status, problem.timeout_ns, [&] {
     const bool log = problem.stall_log && blockIdx.x < kStallLogCtas;
     if (log && threadIdx.x % 32 == 0)
       problem.stall_log[stall_log_warp_entry(int(blockIdx.x), int(threadIdx.x) / 32)] =
@@ -148,7 +144,7 @@ __device__ __forceinline__ void wait_stage_slow(const GroupedProblem& problem, c
       }
     }
     if (atomicCAS(&problem.status->aborted, 0, 1) == 0) record_pipeline_stall(problem, which, item);
-  }
+  });
 }
 
 // Waits for the phase of parity `phase` of a pipeline mbarrier. A stage that never fills or frees (a

@@ -171,15 +171,11 @@ __device__ __forceinline__ void combine_rows_by_tma(const LayerView& v, const Fo
   // into the stage. `which`: 0 a wait for a free stage, 1 for a full one (DeviceStatus::stalled_wait).
   auto wait = [&](const uint64_t* barrier, uint32_t parity, int which, int j) {
     if (comm::mbarrier_try_wait_parity(barrier, parity)) return;
-    const uint64_t start = comm::global_timer_ns();
-    bool recorded = false;
-    while (!comm::mbarrier_try_wait_parity(barrier, parity)) {
-      if (recorded || comm::global_timer_ns() - start <= v.wait_timeout_ns) continue;
-      recorded = true;
-      DeviceStatus* status = v.status();
+    DeviceStatus* status = v.status();
+    comm::mbarrier_wait_bounded(barrier, parity, status, v.wait_timeout_ns, [&] {
       if (atomicCAS(&status->aborted, 0, 1) == 0)
         comm::record_pipeline_stall(status, kCombinePipeline, which, int(item_of(j)), v.wait_timeout_ns);
-    }
+    });
   };
   if (threadIdx.x == 0) {
     // combine_recv was written through the generic proxy (FC2's epilogues, this rank's and the
