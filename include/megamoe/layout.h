@@ -118,8 +118,8 @@ struct RegionPlacement {
 // The token pool (and FC1's output beside it) holds P rows. The staged forward holds every (token, k)
 // pair of every rank at once, the all-to-one-rank worst case W*Tmax*K. The fused forward can run its
 // two GEMMs in windows of the received rows instead (FC1 then FC2 on each window in turn, the pool and
-// fc1_out reused), so a pool of P rows serves any routing: a window is whole GEMM units of 128 or 256
-// rows, so P is a multiple of kPoolRowsMultiple.
+// fc1_out reused), so a pool of P rows serves any routing: a window is whole 128-row GEMM units, and P
+// a multiple of kPoolRowsMultiple (two of them).
 inline constexpr int64_t kPoolRowsMultiple = 256;
 // W*Tmax*K.
 int64_t worst_case_pool_rows(const MoeShape& shape);

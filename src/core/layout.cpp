@@ -39,13 +39,13 @@ size_t align_up(size_t v, size_t a) { return v == kSaturated ? kSaturated : mul(
 // Element size and count of a region for a shape; the formulas match kTable's count_formula.
 // H and I are multiples of 128, so "H/128" is exact.
 // The windows a pool of pool_rows rows (0: the worst case, no windows) may take: units of 128 rows
-// (single CTAs) or 256 (pairs), at most pairs/128 + E/W of them (each expert's last unit partial), a
-// window holding pool_rows/256 units at least.
+// (gemm::kScheduleUnitRows), at most pairs/128 + E/W of them (each expert's last unit partial), a
+// window holding pool_rows/128 units.
 size_t count_pool_windows(const MoeShape& s, size_t pool_rows) {
   if (pool_rows == 0) return 0;
   const size_t pairs = mul(mul(size_t(s.ep_size), size_t(s.max_tokens_per_rank)), size_t(s.top_k));
   const size_t units = add((pairs + 127) / 128, size_t(s.experts_per_rank()));
-  const size_t per_window = pool_rows / size_t(kPoolRowsMultiple);
+  const size_t per_window = pool_rows / 128;
   return (units + per_window - 1) / per_window;
 }
 
@@ -184,7 +184,7 @@ void validate_pool_rows(const MoeShape& shape, int64_t rows, const std::string& 
     throw InvalidArgument(arg_name + " = " + std::to_string(rows) +
                           ": must be 0 (the default), at least " + std::to_string(worst) +
                           " (room for every pair of every rank) or a positive multiple of " + std::to_string(kPoolRowsMultiple) +
-                          " (the fused forward's window: whole 256-row GEMM units)");
+                          " (the fused forward's window: whole 128-row GEMM units)");
 }
 
 int64_t largest_pool_rows_within(const MoeShape& shape, size_t max_bytes) {

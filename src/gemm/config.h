@@ -35,21 +35,21 @@ inline constexpr int stages_for(size_t stage_bytes, size_t other_bytes) {
   return int(std::min<size_t>(8, available / stage_bytes));
 }
 
-// CTAs per cluster along M (cluster_m), chosen per forward:
-//   1: every CTA computes its own 128-row tile and loads its own weight tile;
-//   2: a pair computes two 128-row tiles of the same expert and N block, each loading half of the
-//      weight tile and multicasting it to both: half the weight traffic through L2.
-// Pairs lose 4-9% while every expert fits in one 128-row tile (the partner idles and fewer weight
-// bytes are in flight) and win 25-35% as soon as many experts need a second tile (4 x H100, EP 4:
-// dsv3 at 128 expected rows per expert 3566 -> 2661 us, dsv4-pro 7591 -> 5639 us; docs/PERFORMANCE.md).
-// With uniform routing an expert's row count is about Poisson(expected), so pair when expected rows
-// plus two standard deviations reach a second tile (BF16).
-// FP8 tiles run as single CTAs (unless LayerOptions::gemm_cluster_m forces pairs): pairs gained at
-// most 7% (one H200, dsv4-flash, 64 experts, uniform routing: 1152 -> 1069 us at 2048 tokens,
-// within 3% either way at 4096-8192) and lost 31% under skewed routing at 2048 tokens (1085 -> 1419
-// us), where most experts hold fewer than 128 rows and a pair's second CTA idles through every one
-// of their items; below 2048 tokens pairs lost 40-64% (docs/PERFORMANCE.md, eighth session). Which
-// experts are cold is only known on the device, after the launch is fixed.
+// CTAs per cluster (cluster_m), chosen per forward:
+//   1: every CTA computes its own 128-row tiles and loads their weight tiles;
+//   2: pairs (decode_pair_item in scheduler.h): two 128-row tiles of one expert and N block share
+//      their weight tile (each CTA loads half and multicasts it to both: half the weight traffic
+//      through L2), and a unit left alone (an expert's last when it has an odd number) is split by
+//      N blocks between the two CTAs, so no CTA idles.
+// Pairs win once many experts have a second tile, and are level below (one H200, dsv4-flash FP8, 64
+// experts, uniform routing, staged / fused: 1024 tokens 541-545 / 572-607 us either way, 2048
+// 1008-1011 -> 884-887 / 1029 -> 907-930, 4096 1666-1740 -> 1535-1561 / 1711-1743 -> 1552-1623, 8192
+// 3267-3286 -> 2980-2994 / 3399-3406 -> 3105-3160; BF16 2048 1749 -> 1257 staged; skewed routing
+// within 2.5% or faster at 64-8192 tokens; docs/PERFORMANCE.md, nineteenth session). With uniform
+// routing an expert's row count is about Poisson(expected), so pair when expected rows plus two
+// standard deviations reach a second tile. (Pairs whose unit was 256 rows idled the second CTA wherever an
+// expert's last unit held 128 rows or fewer: they lost 40-64% below 2048 tokens and were kept from
+// FP8 then.)
 // FP8 tiles with <= 64 valid rows: split N instead of M between the two consumer warpgroups (both
 // on the same 64 rows, one 128-column pass each), so that at decode sizes the second warpgroup
 // works instead of idling. On by default since its first GPU run (one H200, 64 experts: FC1 at 64
@@ -72,8 +72,7 @@ inline constexpr int stall_log_barrier_entry(int cta) {
 }
 inline constexpr int kStallLogEntries = stall_log_barrier_entry(kStallLogCtas);
 
-inline int cluster_m_for(double expected_rows_per_expert, bool block_scaled) {
-  if (block_scaled) return 1;
+inline int cluster_m_for(double expected_rows_per_expert) {
   const double high = expected_rows_per_expert + 2.0 * std::sqrt(std::max(expected_rows_per_expert, 0.0));
   return high > kBlockM ? 2 : 1;
 }

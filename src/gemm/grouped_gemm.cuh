@@ -16,11 +16,11 @@
 // One persistent CTA per SM, 384 threads, warp-specialised, in clusters of kClusterM CTAs (see
 // cluster_m_for in config.h for when 2 pays):
 //   warpgroup 0 (producer): warps 1-3 run the Feed (FC1: copy the pool rows in over NVLink);
-//     one thread of warp 0 streams the CTA's 128 x BK A tile and its share of the BN x BK weight
-//     tile (and, fp8, the k block's row and weight-block scales, unswizzled) into a ring of
-//     shared-memory stages with TMA (128B swizzle); the weight share is multicast to every CTA of
-//     the cluster, which all work on the same expert and N block (the cluster's unit is
-//     kClusterM * 128 rows), so weights cross L2 once per cluster; with
+//     one thread of warp 0 streams the CTA's 128 x BK A tile and the BN x BK weight tile (or its
+//     share; and, fp8, the k block's row and weight-block scales, unswizzled) into a ring of
+//     shared-memory stages with TMA (128B swizzle); in a CTA pair whose two tiles need the same
+//     weight tile, its share is multicast to both, so those weights cross L2 once per pair
+//     (decode_pair_item says which tiles a pair computes); with
 //     a tile's first stage it hands the consumers the tile's coordinates (the storage's `tile`);
 //   warpgroups 1-2 (consumers): each owns 64 of the tile's 128 rows, issues wgmma (SS, fp32
 //     accumulators) per stage, and each of its warps releases the stage on the "empty" mbarrier of
@@ -95,13 +95,13 @@ struct GroupedProblem {
   //   tiles_done (FC1): every consumer warp of every CTA adds 1 at [expert] once its part of a tile
   //     is stored and fenced (a tile later: see the consumers' count_stored_tile);
   //   wait_tiles (FC2): the producer waits (bounded) before an expert's first A load until [expert]
-  //     holds wait_tiles_per_unit (FC1's n blocks x consumer warps x CTAs per cluster) per unit;
-  //   rotate_by_n_blocks (FC2): FC1's n blocks; the item walk starts FC1's item count later, so the
-  //     CTAs that FC1 left idle or finished first take the first FC2 items (the first experts').
+  //     holds wait_tiles_per_unit (FC1's items per unit x consumer warps x CTAs per cluster) per unit;
+  //   rotate_by_unit_items (FC2): FC1's items per unit; the item walk starts FC1's item count later,
+  //     so the CTAs that FC1 left idle or finished first take the first FC2 items (the first experts').
   int32_t* tiles_done;
   const int32_t* wait_tiles;
   int32_t wait_tiles_per_unit;
-  int32_t rotate_by_n_blocks;
+  int32_t rotate_by_unit_items;
   // Where a stalled pipeline is recorded (null: wait without bound) and after how long (the layer's
   // timeout; twice that for the one-window fused forward's FC2, which waits behind FC1).
   DeviceStatus* status;
@@ -375,7 +375,7 @@ struct TileValues {
 // per role: the producer warpgroup with 0, the consumer warpgroups with 1. Then nothing here changes
 // registers, and the CTA-wide barriers are the non-.aligned ones.
 // kCountedTiles: compile the FC1 -> FC2 counters and FC2's rotated item walk (GroupedProblem's
-// tiles_done, wait_tiles, rotate_by_n_blocks; the one-window fused forward); without it those fields
+// tiles_done, wait_tiles, rotate_by_unit_items; the one-window fused forward); without it those fields
 // are ignored and the code is not there (it made the other kernels spill more).
 template <class Config, class Epilogue, class Feed, uint32_t kRegistersAfter = 0, int kRole = -1,
           bool kCountedTiles = false>
@@ -440,11 +440,11 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     if constexpr (kBlockScaled) return Epilogue::kScaleSlotIsParity || BN > 128;
     else return false;
   }();
-  const int num_items = total_units(problem.schedule, window) * n_blocks;
-  // This cluster's first item (GroupedProblem::rotate_by_n_blocks); then every num_clusters-th.
+  const int num_items = total_units(problem.schedule, window) * items_per_unit<kCluster>(n_blocks);
+  // This cluster's first item (GroupedProblem::rotate_by_unit_items); then every num_clusters-th.
   const int first_item = [&] {
-    if (!kCountedTiles || problem.rotate_by_n_blocks == 0) return cluster_id;
-    const int rotation = total_units(problem.schedule, window) * problem.rotate_by_n_blocks % num_clusters;
+    if (!kCountedTiles || problem.rotate_by_unit_items == 0) return cluster_id;
+    const int rotation = total_units(problem.schedule, window) * problem.rotate_by_unit_items % num_clusters;
     return (cluster_id + num_clusters - rotation) % num_clusters;
   }();
 
@@ -460,7 +460,15 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
       PipelineState write{0, 1, 0};  // a fresh "empty" barrier counts as already released once
       int tiles_waited_for = -1;  // the expert whose FC1 tiles are known done (wait_tiles)
       for (int item = first_item; item < num_items; item += num_clusters) {
-        const TileCoord c = decode_unit<kCluster>(problem.schedule, window, item, n_blocks, cluster_rank);
+        TileCoord c;
+        bool shares_weights = false;  // CTA pairs: each loads half of the weight tile and multicasts it
+        if constexpr (kCluster == 1) {
+          c = decode_unit(problem.schedule, window, item, n_blocks);
+        } else {
+          const PairTile pair_tile = decode_pair_item(problem.schedule, window, item, n_blocks, cluster_rank);
+          c = pair_tile.tile;
+          shares_weights = pair_tile.shares_weights;
+        }
         Feed::wait_rows(feed, c.expert, window);
         if constexpr (kCountedTiles) {
           if (problem.wait_tiles && c.expert != tiles_waited_for) {
@@ -468,8 +476,8 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
             tiles_waited_for = c.expert;
           }
         }
-        // This CTA's share of the weight tile: rows [cluster_rank * BN / kCluster, ...) of it.
-        const int b_row = c.expert * problem.n + c.n_block * BN + cluster_rank * (BN / kCluster);
+        // The tile's first weight row.
+        const int b_row = c.expert * problem.n + c.n_block * BN;
         const int64_t b_scale_row = weight_scale_row(problem, c, k_blocks);
         for (int kb = 0; kb < k_blocks; kb++, ++write) {
           const int stage = write.index();
@@ -479,8 +487,8 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
           if (kb == 0) smem.tile[stage] = c;
           asm volatile("" ::: "memory");  // (the arrive's asm has no memory clobber: keep the store before it)
           // fp8: a box's bytes count in full, also where it reaches past the tensor (TMA fills zeros:
-          // rows past the scale matrix are past the pool, never valid; a pair's second tile may start
-          // there; block scales past the last expert's are never read).
+          // rows past the scale matrix are past the pool, never valid; block scales past the last
+          // expert's are never read).
           constexpr uint32_t kScaleBytes =
               kBlockScaled ? sizeof(float) * (kRowScaleBox + (kTwoWeightBlocks ? 2 : 1) * kBlockScaleBox) : 0;
           cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(
@@ -501,10 +509,19 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
                                      uint64_t(TMA::CacheHintSm90::EVICT_LAST), b_dst + Config::kScaleBoxStride,
                                      int32_t(slot1 & ~int64_t(3)));
           }
-          typename Config::Element* b_dst = smem.b + stage * BN * BK + cluster_rank * (BN / kCluster) * BK;
+          // The weight map's boxes are BN / kCluster rows (weight_box_rows).
+          typename Config::Element* b_dst = smem.b + stage * BN * BK;
           if constexpr (kCluster > 1) {
-            SM90_TMA_LOAD_MULTICAST_2D::copy(&tma_b, &smem.full[stage], uint16_t((1 << kCluster) - 1),
-                                             uint64_t(TMA::CacheHintSm90::EVICT_FIRST), b_dst, kb * BK, b_row);
+            constexpr int kShare = BN / kCluster;
+            if (shares_weights) {  // this CTA's share, rows [cluster_rank * kShare, +kShare), to both
+              SM90_TMA_LOAD_MULTICAST_2D::copy(&tma_b, &smem.full[stage], uint16_t((1 << kCluster) - 1),
+                                               uint64_t(TMA::CacheHintSm90::EVICT_FIRST),
+                                               b_dst + cluster_rank * kShare * BK, kb * BK, b_row + cluster_rank * kShare);
+            } else {  // the whole tile, for this CTA alone
+              for (int share = 0; share < kCluster; share++)
+                SM90_TMA_LOAD_2D::copy(&tma_b, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_FIRST),
+                                       b_dst + share * kShare * BK, kb * BK, b_row + share * kShare);
+            }
           } else {
             SM90_TMA_LOAD_2D::copy(&tma_b, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_FIRST), b_dst,
                                    kb * BK, b_row);
@@ -557,8 +574,8 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
       // The tile, from the producer (its first stage is waited for again, at once, by the mainloop).
       wait_stage(problem, &smem.full[read.index()], read.phase(), 1, item, 0, read.index());
       const TileCoord c = smem.tile[read.index()];
-      // Tiles past the expert's rows (the pair's second tile when the expert has one 128-row tile in
-      // this unit), or a warpgroup's half of a tile without rows (unless split), still take part in the pipeline but
+      // Tiles without rows (a pair's N block past the last: decode_pair_item), or a
+      // warpgroup's half of a tile without rows (unless split), still take part in the pipeline but
       // skip the math; the epilogue stores only valid rows.
       const bool has_rows = c.rows_valid > 0;
       const bool wg_has_rows = c.rows_valid > 64 * consumer_wg;

@@ -5,22 +5,6 @@
 
 namespace megamoe::gemm {
 
-// One output tile as the mainloop and the epilogue see it.
-struct TileCoord {
-  int expert;
-  int row_begin;       // first A row of the tile (in the window)
-  int schedule_row;    // the same row in schedule order (row_begin + the window's first row)
-  int rows_valid;      // rows of the tile that belong to the expert (<= kBlockM; <= 0: none)
-  int n_block;
-};
-
-// Plain (coherent) loads, not __ldg: in the fused forward the schedule is written by the same
-// kernel, before a grid-wide sync, and the read-only path is only defined for data that no thread
-// of the kernel writes.
-__device__ __forceinline__ PoolWindow schedule_window(const GroupedSchedule& s, int window) {
-  if (s.windows) return s.windows[window];
-  return PoolWindow{0, s.unit_offset[s.experts], 0, s.row_offset[s.experts]};
-}
 __device__ __forceinline__ int total_units(const GroupedSchedule& s, int window) {
   const PoolWindow w = schedule_window(s, window);
   return w.unit_end - w.unit_begin;
@@ -28,13 +12,12 @@ __device__ __forceinline__ int total_units(const GroupedSchedule& s, int window)
 
 // Work item `item` of window `window` (unit-major within an expert: all of the expert's units of one
 // N block, then the next N block, so clusters working at the same time share a weight tile through
-// L2) -> this CTA's tile. Items count from the window's first unit; an expert's share of the window
-// is whole N blocks of items, so the unit `unit_begin + item / n_blocks` belongs to the item's
-// expert: the largest e with unit_offset[e] <= that unit (experts without rows have no units). The
-// schedule stays in global memory (cache-resident): a decode reads ~log2(E) entries.
-template <int kClusterM>
-__device__ __forceinline__ TileCoord decode_unit(const GroupedSchedule& s, int window, int item, int n_blocks,
-                                                 int cluster_rank) {
+// L2) -> the tile of a single CTA (kClusterM = 1; CTA pairs: decode_pair_item in scheduler.h). Items
+// count from the window's first unit; an expert's share of the window is whole N blocks of items,
+// so the unit `unit_begin + item / n_blocks` belongs to the item's expert: the largest e with
+// unit_offset[e] <= that unit (experts without rows have no units). The schedule stays in global
+// memory (cache-resident): a decode reads ~log2(E) entries.
+__device__ __forceinline__ TileCoord decode_unit(const GroupedSchedule& s, int window, int item, int n_blocks) {
   const PoolWindow w = schedule_window(s, window);
   const int expert = expert_of_unit(s.unit_offset, s.experts, w.unit_begin + item / n_blocks);
   const int first_unit = max(w.unit_begin, s.unit_offset[expert]);  // the expert's units in the window
@@ -44,7 +27,7 @@ __device__ __forceinline__ TileCoord decode_unit(const GroupedSchedule& s, int w
   TileCoord c;
   c.expert = expert;
   c.n_block = local / expert_units;
-  c.schedule_row = s.row_offset[expert] + ((unit - s.unit_offset[expert]) * kClusterM + cluster_rank) * kBlockM;
+  c.schedule_row = s.row_offset[expert] + (unit - s.unit_offset[expert]) * kBlockM;
   c.rows_valid = min(kBlockM, s.row_offset[expert + 1] - c.schedule_row);
   c.row_begin = c.schedule_row - w.row_begin;
   return c;

@@ -1,16 +1,17 @@
 // The grouped GEMM's schedule: which rows belong to which expert and which work units exist.
 //
 // Format (written by the dispatch stage on the device, or by build_schedule on the host; read by the
-// GEMM's decode_unit): rows of the A matrix are grouped by expert; expert e owns rows
-// [row_offset[e], row_offset[e+1]) and units [unit_offset[e], unit_offset[e+1]), one unit being
-// unit_rows = cluster_m * 128 rows of one expert (ceil of its rows over unit_rows). A GEMM work item
-// is (unit, N block); a cluster of cluster_m CTAs computes one.
+// GEMM's decode_unit and decode_pair_item): rows of the A matrix are grouped by expert; expert e
+// owns rows [row_offset[e], row_offset[e+1]) and units [unit_offset[e], unit_offset[e+1]), one unit
+// being kScheduleUnitRows = 128 rows of one expert (ceil of its rows over 128): one tile. A GEMM work
+// item is (unit, N block) for single CTAs, (unit, pair of N blocks) for CTA pairs (scheduler.cuh).
 //
 // With a window table (the fused forward's pool windows, WorkspaceLayout::windowed), a GEMM computes
 // one window's units only: [unit_begin, unit_end) in the order above, whose rows are contiguous in
 // the schedule (an expert cut by a window's edge is cut at a unit boundary). Their rows sit in the A
 // matrix (and FC1's output) from row 0 on: A row = schedule row - the window's row_begin.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -19,8 +20,13 @@
 
 namespace megamoe::gemm {
 
-MEGAMOE_HOST_DEVICE inline constexpr int schedule_unit_rows(int cluster_m) { return 128 * cluster_m; }
+inline constexpr int kScheduleUnitRows = 128;
 MEGAMOE_HOST_DEVICE inline int units_for_rows(int rows, int unit_rows) { return (rows + unit_rows - 1) / unit_rows; }
+// Work items per unit: its N blocks (single CTAs), or pairs of them (CTA pairs: decode_pair_item).
+template <int kClusterM>
+MEGAMOE_HOST_DEVICE inline constexpr int items_per_unit(int n_blocks) {
+  return kClusterM == 1 ? n_blocks : (n_blocks + 1) / 2;
+}
 
 // Where each expert's rows and units start.
 struct GroupedSchedule {
@@ -55,6 +61,68 @@ MEGAMOE_HOST_DEVICE inline PoolWindow pool_window(const int32_t* row_offset, con
   };
   const int first = w * window_units, end = first + window_units < total_units ? first + window_units : total_units;
   return PoolWindow{first, end, first_row(first), first_row(end)};
+}
+
+// One output tile as the mainloop and the epilogue see it.
+struct TileCoord {
+  int expert;
+  int row_begin;       // first A row of the tile (in the window)
+  int schedule_row;    // the same row in schedule order (row_begin + the window's first row)
+  int rows_valid;      // rows of the tile that belong to the expert (<= 128; <= 0: none)
+  int n_block;
+};
+
+// The window `window` of a schedule (every unit and row without a window table). Plain (coherent)
+// loads, not __ldg, here and in the decodes: in the fused forward the schedule is written by the
+// same kernel, before a grid-wide sync, and the read-only path is only defined for data that no
+// thread of the kernel writes.
+MEGAMOE_HOST_DEVICE inline PoolWindow schedule_window(const GroupedSchedule& s, int window) {
+  if (s.windows) return s.windows[window];
+  return PoolWindow{0, s.unit_offset[s.experts], 0, s.row_offset[s.experts]};
+}
+
+// CTA pairs (kClusterM = 2): the units are 128-row tiles as for single CTAs, and a work item is
+// (unit t, pair of N blocks j), ordered as decode_unit's (scheduler.cuh: unit-major within an
+// expert). Within an expert's share of the window, units pair up, (0, 1), (2, 3), ...; the last
+// stays alone when their number is odd. Each CTA of the pair computes one tile per item:
+//   - paired units: item (t, j) is N block 2j + t % 2 for both CTAs, on unit t - t % 2 + rank; the
+//     two tiles need the same weight tile, so each CTA loads half of it and multicasts it to both
+//     (shares_weights): weights cross L2 once per pair;
+//   - a unit alone: both CTAs on its rows, rank r on N block 2j + r, each loading its own weight
+//     tile. (Before, a pair's unit was 256 rows; where an expert's last one held 128 rows or fewer,
+//     the second CTA idled through all its items: pairs then lost 40-64% wherever most experts held
+//     fewer than 128 rows, docs/PERFORMANCE.md.)
+// With an odd number of N blocks, an N block past the last (2j + 1 = n_blocks) makes a tile without
+// rows: it loads the last N block's operands and skips the math.
+struct PairTile {
+  TileCoord tile;
+  bool shares_weights;  // the weight tile is loaded half by each CTA and multicast to both
+};
+MEGAMOE_HOST_DEVICE inline PairTile decode_pair_item(const GroupedSchedule& s, int window, int item, int n_blocks,
+                                                     int cluster_rank) {
+  const int n_pairs = (n_blocks + 1) / 2;
+  const PoolWindow w = schedule_window(s, window);
+  const int expert = expert_of_unit(s.unit_offset, s.experts, w.unit_begin + item / n_pairs);
+  const int first_unit = std::max(w.unit_begin, s.unit_offset[expert]);  // the expert's units in the window
+  const int expert_units = std::min(w.unit_end, s.unit_offset[expert + 1]) - first_unit;
+  const int local = item - (first_unit - w.unit_begin) * n_pairs;
+  const int unit = local % expert_units, pair = local / expert_units;  // unit: counted in the window's share
+  PairTile p;
+  p.shares_weights = (unit | 1) < expert_units;
+  TileCoord& c = p.tile;
+  c.expert = expert;
+  const int tile_unit = p.shares_weights ? (unit & ~1) + cluster_rank : unit;
+  c.n_block = 2 * pair + (p.shares_weights ? unit & 1 : cluster_rank);
+  const int expert_row = (first_unit - s.unit_offset[expert] + tile_unit) * kScheduleUnitRows;
+  c.schedule_row = s.row_offset[expert] + expert_row;
+  const int rows_left = s.row_offset[expert + 1] - c.schedule_row;
+  c.rows_valid = rows_left < kScheduleUnitRows ? rows_left : kScheduleUnitRows;  // (std::min odr-uses the constant)
+  if (c.n_block >= n_blocks) {
+    c.n_block = n_blocks - 1;
+    c.rows_valid = 0;
+  }
+  c.row_begin = c.schedule_row - w.row_begin;
+  return p;
 }
 
 // Host: the schedule of the given row counts (tests and tools).

@@ -253,7 +253,7 @@ struct Layer::Impl {
     // share a GPC), so there the pairing follows the capacity, the same on every rank.
     const double pairing_tokens = uniform_pairing ? double(shape.max_tokens_per_rank) : double(in.launch_tokens);
     const double expected_rows = pairing_tokens * v.top_k * v.world_size / v.num_experts;
-    int cluster_m = forced_cluster_m ? forced_cluster_m : gemm::cluster_m_for(expected_rows, v.fp8);
+    int cluster_m = forced_cluster_m ? forced_cluster_m : gemm::cluster_m_for(expected_rows);
     if (num_sms < 2) cluster_m = 1;  // a pair needs two SMs of the budget
     if (impl == ForwardImpl::kFused) {
       while (mark < 4) stage_done();  // the events bracket the one kernel; last_stage_times reads its own stamps
@@ -267,7 +267,7 @@ struct Layer::Impl {
     stage_done();
     comm::launch_device_barrier(barrier, kDispatchBarrier, stream);
     stage_done();
-    moe::launch_dispatch_schedule(v, num_sms, cluster_m, stream);
+    moe::launch_dispatch_schedule(v, num_sms, stream);
     stage_done();
     moe::launch_fc1(v, gemms, cluster_m, num_sms, stream);
     stage_done();

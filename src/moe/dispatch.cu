@@ -31,9 +31,9 @@ void launch_dispatch_claim(const LayerView& v, const ForwardInputs& in, int num_
   detail::check_launch("dispatch_claim_kernel");
 }
 
-void launch_dispatch_schedule(const LayerView& v, int num_sms, int cluster_m, cudaStream_t stream) {
+void launch_dispatch_schedule(const LayerView& v, int num_sms, cudaStream_t stream) {
   const size_t smem = schedule_smem_bytes(v.experts_per_rank, v.world_size);
-  dispatch_schedule_kernel<<<num_sms, kScheduleThreads, smem, stream>>>(v, gemm::schedule_unit_rows(cluster_m));
+  dispatch_schedule_kernel<<<num_sms, kScheduleThreads, smem, stream>>>(v, gemm::kScheduleUnitRows);
   detail::check_launch("dispatch_schedule_kernel");
 }
 

@@ -54,7 +54,7 @@ struct FusedForward {
     comm::DeviceBarrierView barrier;
     Fc1 fc1;
     Fc2 fc2;
-    int32_t unit_rows;             // the schedule's unit: kClusterM * 128 rows
+    int32_t unit_rows;             // the schedule's unit: 128 rows (gemm::kScheduleUnitRows)
     int32_t window_units;          // units per pool window (pool rows / unit_rows); 0: one window
     int32_t* zero_prefix;          // the symmetric arena's must-zero counters
     int32_t zero_prefix_words;
@@ -251,14 +251,15 @@ void launch_fused_forward_as(const LayerView& v, const ForwardInputs& in, const 
     const int32_t fc1_n_blocks = p.fc1.problem.n / gemm::kFc1BlockN;
     p.fc1.problem.tiles_done = v.ws.fc1_tiles_done;
     p.fc2.problem.wait_tiles = v.ws.fc1_tiles_done;
-    p.fc2.problem.wait_tiles_per_unit = fc1_n_blocks * gemm::kConsumerWarps * kClusterM;
-    p.fc2.problem.rotate_by_n_blocks = fc1_n_blocks;
+    const int32_t fc1_unit_items = gemm::items_per_unit<kClusterM>(fc1_n_blocks);
+    p.fc2.problem.wait_tiles_per_unit = fc1_unit_items * gemm::kConsumerWarps * kClusterM;
+    p.fc2.problem.rotate_by_unit_items = fc1_unit_items;
     // FC2 starts waiting (for FC1's tiles, for its stages) while FC1 still runs: at twice the bound,
     // a stalled FC1 wait (a row that never arrives, a stage that never fills) records its own cause
     // first, as it did when a grid sync (also twice the bound) stood between the two GEMMs.
     p.fc2.problem.timeout_ns = 2 * v.wait_timeout_ns;
   }
-  p.unit_rows = gemm::schedule_unit_rows(kClusterM);
+  p.unit_rows = gemm::kScheduleUnitRows;
   p.window_units = kWindowed ? v.pool_rows / p.unit_rows : 0;
   p.zero_prefix = zero_prefix;
   p.zero_prefix_words = int32_t(zero_prefix_bytes / sizeof(int32_t));

@@ -36,8 +36,8 @@ struct ExpertGemmOperands {
 void launch_dispatch_claim(const LayerView& v, const ForwardInputs& in, int num_sms, cudaStream_t stream);
 
 // 2. After the dispatch barrier: the expert owner lays its experts out in the pool (the GEMM
-//    schedule, in units of cluster_m * 128 rows) and records the source of every pool row.
-void launch_dispatch_schedule(const LayerView& v, int num_sms, int cluster_m, cudaStream_t stream);
+//    schedule, in units of 128 rows) and records the source of every pool row.
+void launch_dispatch_schedule(const LayerView& v, int num_sms, cudaStream_t stream);
 
 // 3. FC1 grouped GEMM over each local expert's pool rows with interleaved gate/up weights and the
 //    SwiGLU (optional clamp) in the epilogue -> fc1_out (bf16, or e4m3 + per-128 scales). Three warps

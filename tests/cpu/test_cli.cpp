@@ -178,7 +178,7 @@ TEST_F(Cli, BenchImplementationsAndAblations) {
   EXPECT_INVALID(bench({"--impl", "fused", "--zeroing", "full"}), HasSubstr("the ablations are of the staged path"));
 }
 
-// --pool-rows: the fused forward's windowed pool (whole 256-row units; by default the compact one);
+// --pool-rows: the fused forward's windowed pool (a multiple of 256 rows; by default the compact one);
 // the staged forward's pool always holds every pair of every rank.
 TEST_F(Cli, PoolRows) {
   EXPECT_EQ(bench({}).pool_rows, 0);

@@ -115,8 +115,8 @@ TEST(Layout, WindowedPoolSizes) {
   EXPECT_EQ(l[Region::kFc1OutScale].bytes, P * I / 128 * 4);
   EXPECT_EQ(l[Region::kRecvPairs].bytes, W * T * K * 16);
   EXPECT_EQ(l[Region::kPoolSource].bytes, W * T * K * 8);
-  // Units of 128 rows at most W*T*K/128 + El of them, windows of P/256 units at least.
-  EXPECT_EQ(size_t(l.max_pool_windows()), ((W * T * K + 127) / 128 + El + P / 256 - 1) / (P / 256));
+  // Units of 128 rows, at most W*T*K/128 + El of them, windows of P/128 units.
+  EXPECT_EQ(size_t(l.max_pool_windows()), ((W * T * K + 127) / 128 + El + P / 128 - 1) / (P / 128));
   EXPECT_EQ(l[Region::kPoolWindows].bytes, size_t(l.max_pool_windows()) * sizeof(PoolWindow));
   EXPECT_LE(l.total_bytes(), size_t(1) << 30);
   EXPECT_LT(l.total_bytes(), WorkspaceLayout(f).total_bytes() / 3);
@@ -144,7 +144,7 @@ TEST(Layout, PoolRowsRules) {
   EXPECT_EQ(WorkspaceLayout(s, 769).pool_rows(), 768);
   try {
     pool_rows_for(s, 700, true, "--pool-rows");
-    ADD_FAILURE() << "a pool below the worst case that is not whole 256-row units was accepted";
+    ADD_FAILURE() << "a pool below the worst case that is not a multiple of 256 rows was accepted";
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("--pool-rows = 700: must be 0 (the default), at least 768"),
               std::string::npos)

@@ -1,6 +1,7 @@
 // The GEMM schedule's pool windows (gemm::pool_window, what the fused forward's schedule_cta writes
 // for a windowed pool), on the host: over adversarial row counts, the windows cover every unit and
-// every row once, in order, each within the pool, each cut at a unit boundary. And the CTA pairing
+// every row once, in order, each within the pool, each cut at a unit boundary. The CTA pairs' work
+// items (gemm::decode_pair_item) over the same schedules: every tile once. And the CTA pairing
 // heuristic (gemm::cluster_m_for).
 #include <gtest/gtest.h>
 
@@ -14,23 +15,23 @@
 namespace megamoe {
 namespace {
 
-// FP8 tiles never pair (pairs lost up to 31% under skewed routing); BF16 pairs once expected rows per
-// expert plus two standard deviations pass one 128-row tile: 107 + 2 sqrt(107) = 127.7, 108 -> 128.8.
-TEST(GemmHeuristics, Fp8OnSingleCtasBf16PairsFromASecondTile) {
-  for (double rows : {0.0, 1.0, 96.0, 108.0, 192.0, 768.0, 1e6}) EXPECT_EQ(gemm::cluster_m_for(rows, true), 1) << rows;
-  EXPECT_EQ(gemm::cluster_m_for(0.0, false), 1);
-  EXPECT_EQ(gemm::cluster_m_for(96.0, false), 1);
-  EXPECT_EQ(gemm::cluster_m_for(107.0, false), 1);
-  EXPECT_EQ(gemm::cluster_m_for(108.0, false), 2);
-  EXPECT_EQ(gemm::cluster_m_for(192.0, false), 2);
-  EXPECT_EQ(gemm::cluster_m_for(1e6, false), 2);
+// Pairs once expected rows per expert plus two standard deviations pass one 128-row tile:
+// 107 + 2 sqrt(107) = 127.7, 108 -> 128.8.
+TEST(GemmHeuristics, PairsFromASecondTile) {
+  EXPECT_EQ(gemm::cluster_m_for(0.0), 1);
+  EXPECT_EQ(gemm::cluster_m_for(96.0), 1);
+  EXPECT_EQ(gemm::cluster_m_for(107.0), 1);
+  EXPECT_EQ(gemm::cluster_m_for(108.0), 2);
+  EXPECT_EQ(gemm::cluster_m_for(192.0), 2);
+  EXPECT_EQ(gemm::cluster_m_for(1e6), 2);
 }
 
 TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
   std::mt19937 rng(12345);
   const int edge_rows[] = {0, 1, 63, 64, 127, 128, 129, 255, 256, 257, 511, 512, 513};
   int cases = 0;
-  for (int unit_rows : {128, 256})
+  const int unit_rows = gemm::kScheduleUnitRows;
+  for (int n_blocks : {1, 2, 3, 16})
     for (int pool_rows : {256, 512, 768, 1024, 4096})
       for (int trial = 0; trial < 200; trial++) {
         const int experts = 1 + int(rng() % 40);
@@ -41,8 +42,8 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
         const int total_units = s.unit_offset.back(), total_rows = s.row_offset.back();
         const int window_units = pool_rows / unit_rows;
         const int windows = (total_units + window_units - 1) / window_units;
-        // The workspace's bound (count_pool_windows): units of 128 rows, windows of pool_rows/256.
-        const int64_t bound = ((total_rows + 127) / 128 + experts + pool_rows / 256 - 1) / (pool_rows / 256);
+        // The workspace's bound (count_pool_windows): units of 128 rows, windows of pool_rows/128.
+        const int64_t bound = ((total_rows + 127) / 128 + experts + pool_rows / 128 - 1) / (pool_rows / 128);
         EXPECT_LE(windows, bound);
         PoolWindow previous{0, 0, 0, 0};
         for (int w = 0; w < windows; w++) {
@@ -60,6 +61,51 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
           ASSERT_EQ(p.row_begin - s.row_offset[size_t(e)], (p.unit_begin - s.unit_offset[size_t(e)]) * unit_rows);
           previous = p;
         }
+        // CTA pairs, window by window (as the fused forward's windowed GEMMs) and over the whole
+        // schedule (no window table): the items' tiles with rows cover every (unit, N block) once;
+        // the two CTAs of an item agree on sharing the weight tile, and where they share it they
+        // compute the same N block on the two units of a pair. Tiles stay inside their window.
+        std::vector<PoolWindow> table;
+        for (int w = 0; w < windows; w++)
+          table.push_back(
+              gemm::pool_window(s.row_offset.data(), s.unit_offset.data(), experts, unit_rows, window_units, w));
+        for (const bool windowed : {false, true}) {
+          const gemm::GroupedSchedule g{s.row_offset.data(), s.unit_offset.data(), experts,
+                                        windowed ? table.data() : nullptr};
+          std::vector<int> covered(size_t(total_units) * size_t(n_blocks), 0);
+          for (int w = 0; w < (windowed ? windows : 1); w++) {
+            const PoolWindow p = gemm::schedule_window(g, w);
+            const int items = (p.unit_end - p.unit_begin) * gemm::items_per_unit<2>(n_blocks);
+            for (int item = 0; item < items; item++) {
+              const gemm::PairTile t0 = gemm::decode_pair_item(g, w, item, n_blocks, 0);
+              const gemm::PairTile t1 = gemm::decode_pair_item(g, w, item, n_blocks, 1);
+              ASSERT_EQ(t0.shares_weights, t1.shares_weights) << "item " << item;
+              if (t0.shares_weights) {
+                ASSERT_EQ(t0.tile.n_block, t1.tile.n_block);
+                ASSERT_EQ(t1.tile.schedule_row, t0.tile.schedule_row + 128);
+              } else {
+                ASSERT_EQ(t1.tile.schedule_row, t0.tile.schedule_row);
+              }
+              for (const gemm::TileCoord& c : {t0.tile, t1.tile}) {
+                ASSERT_EQ(c.expert, t0.tile.expert);
+                ASSERT_GE(c.n_block, 0);
+                ASSERT_LT(c.n_block, n_blocks);
+                ASSERT_EQ(c.row_begin, c.schedule_row - p.row_begin);
+                if (c.rows_valid <= 0) continue;
+                const int e = c.expert;
+                ASSERT_GE(c.schedule_row, std::max(s.row_offset[size_t(e)], p.row_begin));
+                ASSERT_LE(c.schedule_row + c.rows_valid, std::min(s.row_offset[size_t(e) + 1], p.row_end));
+                ASSERT_EQ(c.rows_valid, std::min(128, s.row_offset[size_t(e) + 1] - c.schedule_row));
+                ASSERT_EQ((c.schedule_row - s.row_offset[size_t(e)]) % 128, 0);
+                const int unit = s.unit_offset[size_t(e)] + (c.schedule_row - s.row_offset[size_t(e)]) / 128;
+                covered[size_t(unit) * size_t(n_blocks) + size_t(c.n_block)]++;
+              }
+            }
+          }
+          for (size_t i = 0; i < covered.size(); i++)
+            ASSERT_EQ(covered[i], 1) << "unit " << i / size_t(n_blocks) << ", N block " << i % size_t(n_blocks)
+                                     << (windowed ? ", windowed" : "");
+        }
         EXPECT_EQ(previous.unit_end, total_units);
         EXPECT_EQ(previous.row_end, total_rows);
         // Every expert's units lie in the windows that hold its rows: a unit u of expert e starts at row
@@ -76,7 +122,7 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
           }
         cases++;
       }
-  EXPECT_EQ(cases, 2 * 5 * 200);
+  EXPECT_EQ(cases, 4 * 5 * 200);
 }
 
 }  // namespace

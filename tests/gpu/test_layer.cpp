@@ -769,7 +769,7 @@ LAYER_TEST(FusedEqualsStagedAndSurvivesAThousandReplays) {
 // A fused forward with a pool smaller than the worst case (LayerOptions::pool_rows) runs FC1 and
 // FC2 window by window and still computes exactly what the staged one (the worst-case pool) does:
 // every routing (all-to-one sends every token's first choice to one expert: many windows on its
-// owner), random T per rank, single CTAs and CTA pairs, pools of one and two 256-row units and the
+// owner), random T per rank, single CTAs and CTA pairs, pools of 256 and 512 rows and the
 // default pool (compact_pool_rows: windowed at 4 ranks and more for this shape, the worst case
 // below). Then one captured windowed forward, replayed with changing T and routing, checked every
 // replay.
@@ -854,7 +854,7 @@ LAYER_TEST(AblationsComputeTheSameOutputs) {
   EXPECT_THAT(message, HasSubstr("options.combine_cast_then_sum: an ablation of the staged path"));
 }
 
-// A pool below the worst case is the fused forward's alone, and whole 256-row units: both rules are
+// A pool below the worst case is the fused forward's alone, and a multiple of 256 rows: both rules are
 // errors naming the option before anything is allocated.
 LAYER_TEST(PoolRowsAreChecked) {
   const MoeShape shape = tiny_shape(format, 128);
