@@ -4,7 +4,8 @@
 // GEMM's decode_unit and decode_pair_item): rows of the A matrix are grouped by expert; expert e
 // owns rows [row_offset[e], row_offset[e+1]) and units [unit_offset[e], unit_offset[e+1]), one unit
 // being kScheduleUnitRows = 128 rows of one expert (ceil of its rows over 128): one tile. A GEMM work
-// item is (unit, N block) for single CTAs, (unit, pair of N blocks) for CTA pairs (scheduler.cuh).
+// item is (unit, N block) for single CTAs (decode_unit, scheduler.cuh), (unit, pair of N blocks) for
+// CTA pairs (decode_pair_item, below).
 //
 // With a window table (the fused forward's pool windows, WorkspaceLayout::windowed), a GEMM computes
 // one window's units only: [unit_begin, unit_end) in the order above, whose rows are contiguous in
