@@ -47,9 +47,9 @@ inline constexpr int stages_for(size_t stage_bytes, size_t other_bytes) {
 // 3267-3286 -> 2980-2994 / 3399-3406 -> 3105-3160; BF16 2048 1749 -> 1257 staged; skewed routing
 // within 2.5% or faster at 64-8192 tokens; docs/PERFORMANCE.md, nineteenth session). With uniform
 // routing an expert's row count is about Poisson(expected), so pair when expected rows plus two
-// standard deviations reach a second tile. (Pairs whose unit was 256 rows idled the second CTA wherever an
-// expert's last unit held 128 rows or fewer: they lost 40-64% below 2048 tokens and were kept from
-// FP8 then.)
+// standard deviations reach a second tile. (Pairs whose unit was 256 rows idled the second CTA
+// wherever an expert's last unit held 128 rows or fewer: they lost 40-64% below 2048 tokens and were
+// kept from FP8 then.)
 // FP8 tiles with <= 64 valid rows: split N instead of M between the two consumer warpgroups (both
 // on the same 64 rows, one 128-column pass each), so that at decode sizes the second warpgroup
 // works instead of idling. On by default since its first GPU run (one H200, 64 experts: FC1 at 64

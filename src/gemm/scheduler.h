@@ -82,6 +82,27 @@ MEGAMOE_HOST_DEVICE inline PoolWindow schedule_window(const GroupedSchedule& s, 
   return PoolWindow{0, s.unit_offset[s.experts], 0, s.row_offset[s.experts]};
 }
 
+// Where work item `item` of window `window` lies, with `unit_items` items per unit: the window, the
+// item's expert, the expert's first unit in the window and its number of units there, and the item's
+// index among the expert's items there. Items count from the window's first unit and an expert's
+// share of the window is whole units' items, so the unit `unit_begin + item / unit_items` belongs to
+// the item's expert: the largest e with unit_offset[e] <= that unit (experts without rows have no
+// units). The schedule stays in global memory (cache-resident): this reads ~log2(E) entries.
+struct ExpertItem {
+  PoolWindow window;
+  int expert, first_unit, expert_units, local;
+};
+MEGAMOE_HOST_DEVICE inline ExpertItem locate_expert_item(const GroupedSchedule& s, int window, int item,
+                                                         int unit_items) {
+  ExpertItem e;
+  e.window = schedule_window(s, window);
+  e.expert = expert_of_unit(s.unit_offset, s.experts, e.window.unit_begin + item / unit_items);
+  e.first_unit = std::max(e.window.unit_begin, s.unit_offset[e.expert]);
+  e.expert_units = std::min(e.window.unit_end, s.unit_offset[e.expert + 1]) - e.first_unit;
+  e.local = item - (e.first_unit - e.window.unit_begin) * unit_items;
+  return e;
+}
+
 // CTA pairs (kClusterM = 2): the units are 128-row tiles as for single CTAs, and a work item is
 // (unit t, pair of N blocks j), ordered as decode_unit's (scheduler.cuh: unit-major within an
 // expert). Within an expert's share of the window, units pair up, (0, 1), (2, 3), ...; the last
@@ -101,28 +122,24 @@ struct PairTile {
 };
 MEGAMOE_HOST_DEVICE inline PairTile decode_pair_item(const GroupedSchedule& s, int window, int item, int n_blocks,
                                                      int cluster_rank) {
-  const int n_pairs = (n_blocks + 1) / 2;
-  const PoolWindow w = schedule_window(s, window);
-  const int expert = expert_of_unit(s.unit_offset, s.experts, w.unit_begin + item / n_pairs);
-  const int first_unit = std::max(w.unit_begin, s.unit_offset[expert]);  // the expert's units in the window
-  const int expert_units = std::min(w.unit_end, s.unit_offset[expert + 1]) - first_unit;
-  const int local = item - (first_unit - w.unit_begin) * n_pairs;
-  const int unit = local % expert_units, pair = local / expert_units;  // unit: counted in the window's share
+  const ExpertItem e = locate_expert_item(s, window, item, items_per_unit<2>(n_blocks));
+  // unit: counted in the expert's share of the window
+  const int unit = e.local % e.expert_units, pair = e.local / e.expert_units;
   PairTile p;
-  p.shares_weights = (unit | 1) < expert_units;
+  p.shares_weights = (unit | 1) < e.expert_units;
   TileCoord& c = p.tile;
-  c.expert = expert;
+  c.expert = e.expert;
   const int tile_unit = p.shares_weights ? (unit & ~1) + cluster_rank : unit;
   c.n_block = 2 * pair + (p.shares_weights ? unit & 1 : cluster_rank);
-  const int expert_row = (first_unit - s.unit_offset[expert] + tile_unit) * kScheduleUnitRows;
-  c.schedule_row = s.row_offset[expert] + expert_row;
-  const int rows_left = s.row_offset[expert + 1] - c.schedule_row;
+  const int expert_row = (e.first_unit - s.unit_offset[e.expert] + tile_unit) * kScheduleUnitRows;
+  c.schedule_row = s.row_offset[e.expert] + expert_row;
+  const int rows_left = s.row_offset[e.expert + 1] - c.schedule_row;
   c.rows_valid = rows_left < kScheduleUnitRows ? rows_left : kScheduleUnitRows;  // (std::min odr-uses the constant)
   if (c.n_block >= n_blocks) {
     c.n_block = n_blocks - 1;
     c.rows_valid = 0;
   }
-  c.row_begin = c.schedule_row - w.row_begin;
+  c.row_begin = c.schedule_row - e.window.row_begin;
   return p;
 }
 
