@@ -43,7 +43,7 @@
 #include "comm/ptx.cuh"
 #include "gemm/config.h"
 #include "gemm/epilogue.cuh"
-#include "gemm/scheduler.cuh"
+#include "gemm/scheduler.h"
 #include "megamoe/layout.h"
 #include "runtime/cuda_check.h"
 

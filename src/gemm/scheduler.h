@@ -4,8 +4,8 @@
 // GEMM's decode_unit and decode_pair_item): rows of the A matrix are grouped by expert; expert e
 // owns rows [row_offset[e], row_offset[e+1]) and units [unit_offset[e], unit_offset[e+1]), one unit
 // being kScheduleUnitRows = 128 rows of one expert (ceil of its rows over 128): one tile. A GEMM work
-// item is (unit, N block) for single CTAs (decode_unit, scheduler.cuh), (unit, pair of N blocks) for
-// CTA pairs (decode_pair_item, below).
+// item is (unit, N block) for single CTAs (decode_unit), (unit, pair of N blocks) for CTA pairs
+// (decode_pair_item); locate_item says in which order the items come.
 //
 // With a window table (the fused forward's pool windows, WorkspaceLayout::windowed), a GEMM computes
 // one window's units only: [unit_begin, unit_end) in the order above, whose rows are contiguous in
@@ -22,7 +22,7 @@
 namespace megamoe::gemm {
 
 inline constexpr int kScheduleUnitRows = 128;
-MEGAMOE_HOST_DEVICE inline int units_for_rows(int rows, int unit_rows) { return (rows + unit_rows - 1) / unit_rows; }
+MEGAMOE_HOST_DEVICE inline int units_for_rows(int rows) { return (rows + kScheduleUnitRows - 1) / kScheduleUnitRows; }
 // Work items per unit: its N blocks (single CTAs), or pairs of them (CTA pairs: decode_pair_item).
 template <int kClusterM>
 MEGAMOE_HOST_DEVICE inline constexpr int items_per_unit(int n_blocks) {
@@ -53,12 +53,12 @@ MEGAMOE_HOST_DEVICE inline int expert_of_unit(const int32_t* unit_offset, int ex
 // next window's (the end of the rows after the last unit). The fused forward's schedule_cta writes
 // them; tests check them on the host.
 MEGAMOE_HOST_DEVICE inline PoolWindow pool_window(const int32_t* row_offset, const int32_t* unit_offset, int experts,
-                                                  int unit_rows, int window_units, int w) {
+                                                  int window_units, int w) {
   const int total_units = unit_offset[experts];
   auto first_row = [&](int unit) {
     if (unit >= total_units) return row_offset[experts];
     const int e = expert_of_unit(unit_offset, experts, unit);
-    return row_offset[e] + (unit - unit_offset[e]) * unit_rows;
+    return row_offset[e] + (unit - unit_offset[e]) * kScheduleUnitRows;
   };
   const int first = w * window_units, end = first + window_units < total_units ? first + window_units : total_units;
   return PoolWindow{first, end, first_row(first), first_row(end)};
@@ -82,31 +82,64 @@ MEGAMOE_HOST_DEVICE inline PoolWindow schedule_window(const GroupedSchedule& s, 
   return PoolWindow{0, s.unit_offset[s.experts], 0, s.row_offset[s.experts]};
 }
 
-// Where work item `item` of window `window` lies, with `unit_items` items per unit: the window, the
-// item's expert, the expert's first unit in the window and its number of units there, and the item's
-// index among the expert's items there. Items count from the window's first unit and an expert's
-// share of the window is whole units' items, so the unit `unit_begin + item / unit_items` belongs to
-// the item's expert: the largest e with unit_offset[e] <= that unit (experts without rows have no
-// units). The schedule stays in global memory (cache-resident): this reads ~log2(E) entries.
-struct ExpertItem {
+// The units of a window (every unit without a window table).
+MEGAMOE_HOST_DEVICE inline int total_units(const GroupedSchedule& s, int window) {
+  const PoolWindow w = schedule_window(s, window);
+  return w.unit_end - w.unit_begin;
+}
+
+// Where work item `item` of window `window` lies, with `unit_items` items per unit (items_per_unit).
+// The order: expert by expert (each expert's share of the window), and within an expert column j of
+// every unit, then j + 1, ..., where an item's column is its N block (single CTAs) or pair of N
+// blocks (CTA pairs): so the units that need one weight tile come one after another and the
+// clusters working at the same time share it through L2. (Groups of 16 units across experts, column
+// by column, so that a skewed routing's hot experts' math-bound tiles run beside the cold experts'
+// weight streams, were no faster: docs/PERFORMANCE.md, twentieth session.)
+// Items count from the window's first unit and an expert's share of the window is whole units'
+// items, so the unit `unit_begin + item / unit_items` belongs to the item's expert: the largest e
+// with unit_offset[e] <= that unit (experts without rows have no units). Returns the window, the
+// item's expert, the expert's first unit in the window and its number of units there, the item's
+// unit among those (`unit`) and its column. The schedule stays in global memory (cache-resident):
+// this reads ~log2(E) entries.
+struct ItemPlace {
   PoolWindow window;
-  int expert, first_unit, expert_units, local;
+  int expert, first_unit, expert_units, unit, column;
 };
-MEGAMOE_HOST_DEVICE inline ExpertItem locate_expert_item(const GroupedSchedule& s, int window, int item,
-                                                         int unit_items) {
-  ExpertItem e;
+MEGAMOE_HOST_DEVICE inline ItemPlace locate_item(const GroupedSchedule& s, int window, int item, int unit_items) {
+  ItemPlace e;
   e.window = schedule_window(s, window);
   e.expert = expert_of_unit(s.unit_offset, s.experts, e.window.unit_begin + item / unit_items);
   e.first_unit = std::max(e.window.unit_begin, s.unit_offset[e.expert]);
   e.expert_units = std::min(e.window.unit_end, s.unit_offset[e.expert + 1]) - e.first_unit;
-  e.local = item - (e.first_unit - e.window.unit_begin) * unit_items;
+  const int local = item - (e.first_unit - e.window.unit_begin) * unit_items;
+  e.unit = local % e.expert_units;
+  e.column = local / e.expert_units;
   return e;
 }
 
+// The rows of unit `unit` (counted in the expert's share of the window) as a tile's.
+MEGAMOE_HOST_DEVICE inline TileCoord unit_tile(const GroupedSchedule& s, const ItemPlace& e, int unit, int n_block) {
+  TileCoord c;
+  c.expert = e.expert;
+  c.n_block = n_block;
+  c.schedule_row = s.row_offset[e.expert] + (e.first_unit - s.unit_offset[e.expert] + unit) * kScheduleUnitRows;
+  const int rows_left = s.row_offset[e.expert + 1] - c.schedule_row;
+  c.rows_valid = rows_left < kScheduleUnitRows ? rows_left : kScheduleUnitRows;
+  c.row_begin = c.schedule_row - e.window.row_begin;
+  return c;
+}
+
+// Work item `item` of window `window` -> the tile of a single CTA (kClusterM = 1): the item's unit,
+// its column as the N block.
+MEGAMOE_HOST_DEVICE inline TileCoord decode_unit(const GroupedSchedule& s, int window, int item, int n_blocks) {
+  const ItemPlace e = locate_item(s, window, item, n_blocks);
+  return unit_tile(s, e, e.unit, e.column);
+}
+
 // CTA pairs (kClusterM = 2): the units are 128-row tiles as for single CTAs, and a work item is
-// (unit t, pair of N blocks j), ordered as decode_unit's (scheduler.cuh: unit-major within an
-// expert). Within an expert's share of the window, units pair up, (0, 1), (2, 3), ...; the last
-// stays alone when their number is odd. Each CTA of the pair computes one tile per item:
+// (unit t, pair of N blocks j), in locate_item's order. Within an expert's share of the window,
+// units pair up, (0, 1), (2, 3), ...; the last stays alone when their number is odd. Each CTA of the
+// pair computes one tile per item:
 //   - paired units: item (t, j) is N block 2j + t % 2 for both CTAs, on unit t - t % 2 + rank; the
 //     two tiles need the same weight tile, so each CTA loads half of it and multicasts it to both
 //     (shares_weights): weights cross L2 once per pair;
@@ -122,24 +155,13 @@ struct PairTile {
 };
 MEGAMOE_HOST_DEVICE inline PairTile decode_pair_item(const GroupedSchedule& s, int window, int item, int n_blocks,
                                                      int cluster_rank) {
-  const ExpertItem e = locate_expert_item(s, window, item, items_per_unit<2>(n_blocks));
-  // unit: counted in the expert's share of the window
-  const int unit = e.local % e.expert_units, pair = e.local / e.expert_units;
+  const ItemPlace e = locate_item(s, window, item, items_per_unit<2>(n_blocks));
   PairTile p;
-  p.shares_weights = (unit | 1) < e.expert_units;
-  TileCoord& c = p.tile;
-  c.expert = e.expert;
-  const int tile_unit = p.shares_weights ? (unit & ~1) + cluster_rank : unit;
-  c.n_block = 2 * pair + (p.shares_weights ? unit & 1 : cluster_rank);
-  const int expert_row = (e.first_unit - s.unit_offset[e.expert] + tile_unit) * kScheduleUnitRows;
-  c.schedule_row = s.row_offset[e.expert] + expert_row;
-  const int rows_left = s.row_offset[e.expert + 1] - c.schedule_row;
-  c.rows_valid = rows_left < kScheduleUnitRows ? rows_left : kScheduleUnitRows;  // (std::min odr-uses the constant)
-  if (c.n_block >= n_blocks) {
-    c.n_block = n_blocks - 1;
-    c.rows_valid = 0;
-  }
-  c.row_begin = c.schedule_row - e.window.row_begin;
+  p.shares_weights = (e.unit | 1) < e.expert_units;
+  const int tile_unit = p.shares_weights ? (e.unit & ~1) + cluster_rank : e.unit;
+  const int n_block = 2 * e.column + (p.shares_weights ? e.unit & 1 : cluster_rank);
+  p.tile = unit_tile(s, e, tile_unit, n_block < n_blocks ? n_block : n_blocks - 1);
+  if (n_block >= n_blocks) p.tile.rows_valid = 0;
   return p;
 }
 
@@ -147,13 +169,13 @@ MEGAMOE_HOST_DEVICE inline PairTile decode_pair_item(const GroupedSchedule& s, i
 struct HostSchedule {
   std::vector<int32_t> row_offset, unit_offset;
 };
-inline HostSchedule build_schedule(const std::vector<int>& rows_per_expert, int unit_rows) {
+inline HostSchedule build_schedule(const std::vector<int>& rows_per_expert) {
   HostSchedule s;
   s.row_offset.assign(rows_per_expert.size() + 1, 0);
   s.unit_offset.assign(rows_per_expert.size() + 1, 0);
   for (size_t e = 0; e < rows_per_expert.size(); e++) {
     s.row_offset[e + 1] = s.row_offset[e] + rows_per_expert[e];
-    s.unit_offset[e + 1] = s.unit_offset[e] + units_for_rows(rows_per_expert[e], unit_rows);
+    s.unit_offset[e + 1] = s.unit_offset[e] + units_for_rows(rows_per_expert[e]);
   }
   return s;
 }

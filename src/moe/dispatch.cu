@@ -14,9 +14,9 @@ __global__ void __launch_bounds__(kClaimThreads) dispatch_claim_kernel(LayerView
   claim_cta<kIdsInt64>(v, in, claim_smem);
 }
 
-__global__ void __launch_bounds__(kScheduleThreads) dispatch_schedule_kernel(LayerView v, int unit_rows) {
+__global__ void __launch_bounds__(kScheduleThreads) dispatch_schedule_kernel(LayerView v) {
   extern __shared__ int32_t schedule_smem[];
-  schedule_cta<kScheduleThreads>(v, unit_rows, 0, schedule_smem);  // the staged pool: no windows
+  schedule_cta<kScheduleThreads>(v, 0, schedule_smem);  // the staged pool: no windows
 }
 
 }  // namespace
@@ -33,7 +33,7 @@ void launch_dispatch_claim(const LayerView& v, const ForwardInputs& in, int num_
 
 void launch_dispatch_schedule(const LayerView& v, int num_sms, cudaStream_t stream) {
   const size_t smem = schedule_smem_bytes(v.experts_per_rank, v.world_size);
-  dispatch_schedule_kernel<<<num_sms, kScheduleThreads, smem, stream>>>(v, gemm::kScheduleUnitRows);
+  dispatch_schedule_kernel<<<num_sms, kScheduleThreads, smem, stream>>>(v);
   detail::check_launch("dispatch_schedule_kernel");
 }
 

@@ -271,15 +271,14 @@ __device__ __forceinline__ void claim_barriers_only(const LayerView& v, const Fo
 
 // Exclusive prefix sums by one warp: out[i] = sum(in[0..i)), out[n] = total; optionally also the
 // prefix of the GEMM units of each count into units_out. Each lane scans a contiguous chunk.
-__device__ __forceinline__ void warp_exclusive_scan(const int32_t* in, int n, int32_t* out, int32_t* units_out,
-                                                    int unit_rows) {
+__device__ __forceinline__ void warp_exclusive_scan(const int32_t* in, int n, int32_t* out, int32_t* units_out) {
   const int lane = threadIdx.x % 32;
   const int chunk = (n + 31) / 32;
   const int begin = min(n, lane * chunk), end = min(n, begin + chunk);
   int sum = 0, units = 0;
   for (int i = begin; i < end; i++) {
     sum += in[i];
-    if (units_out) units += gemm::units_for_rows(in[i], unit_rows);
+    if (units_out) units += gemm::units_for_rows(in[i]);
   }
   int sum_incl = sum, units_incl = units;
   for (int d = 1; d < 32; d *= 2) {
@@ -292,7 +291,7 @@ __device__ __forceinline__ void warp_exclusive_scan(const int32_t* in, int n, in
     running += in[i];
     if (units_out) {
       units_out[i] = running_units;
-      running_units += gemm::units_for_rows(in[i], unit_rows);
+      running_units += gemm::units_for_rows(in[i]);
     }
   }
   if (lane == 31) {
@@ -305,7 +304,7 @@ __device__ __forceinline__ void warp_exclusive_scan(const int32_t* in, int n, in
 // publishes the schedule and, for a windowed pool (window_units > 0: units per window), the window
 // table; all CTAs share the pool_source writes.
 template <int kThreads>
-__device__ __forceinline__ void schedule_cta(const LayerView& v, int unit_rows, int window_units, int32_t* smem) {
+__device__ __forceinline__ void schedule_cta(const LayerView& v, int window_units, int32_t* smem) {
   const int El = v.experts_per_rank, W = v.world_size;
   int32_t* expert_counts = smem;                  // [El]
   int32_t* row_offset = expert_counts + El;       // [El+1]
@@ -317,8 +316,8 @@ __device__ __forceinline__ void schedule_cta(const LayerView& v, int unit_rows, 
   for (int i = threadIdx.x; i < El; i += kThreads) expert_counts[i] = v.ws.expert_recv_count[i];
   for (int i = threadIdx.x; i < W; i += kThreads) source_counts[i] = v.ws.source_pair_count[i];
   __syncthreads();
-  if (warp == 0) warp_exclusive_scan(expert_counts, El, row_offset, unit_offset, unit_rows);
-  if (warp == 1) warp_exclusive_scan(source_counts, W, source_offset, nullptr, 1);
+  if (warp == 0) warp_exclusive_scan(expert_counts, El, row_offset, unit_offset);
+  if (warp == 1) warp_exclusive_scan(source_counts, W, source_offset, nullptr);
   __syncthreads();
   if (blockIdx.x == 0) {
     for (int i = threadIdx.x; i <= El; i += kThreads) {
@@ -327,7 +326,7 @@ __device__ __forceinline__ void schedule_cta(const LayerView& v, int unit_rows, 
     }
     if (window_units > 0)
       for (int w = threadIdx.x; w * window_units < unit_offset[El]; w += kThreads)
-        v.ws.pool_windows[w] = gemm::pool_window(row_offset, unit_offset, El, unit_rows, window_units, w);
+        v.ws.pool_windows[w] = gemm::pool_window(row_offset, unit_offset, El, window_units, w);
   }
 
   const int total_pairs = source_offset[W];

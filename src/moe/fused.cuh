@@ -54,8 +54,7 @@ struct FusedForward {
     comm::DeviceBarrierView barrier;
     Fc1 fc1;
     Fc2 fc2;
-    int32_t unit_rows;             // the schedule's unit: 128 rows (gemm::kScheduleUnitRows)
-    int32_t window_units;          // units per pool window (pool rows / unit_rows); 0: one window
+    int32_t window_units;          // units per pool window (pool rows / gemm::kScheduleUnitRows); 0: one window
     int32_t* zero_prefix;          // the symmetric arena's must-zero counters
     int32_t zero_prefix_words;
   };
@@ -107,7 +106,7 @@ __global__ void __launch_bounds__(FusedForward<Operands, kClusterM, kFc2BlockN>:
   sync(kSyncDispatched);
 
   // 2. Schedule: this rank's experts laid out in the pool.
-  schedule_cta<F::kThreads>(v, p.unit_rows, p.window_units, small_smem);
+  schedule_cta<F::kThreads>(v, p.window_units, small_smem);
   if constexpr (!kWindowed) {  // FC1 counts its stored tiles from here on (GroupedProblem::tiles_done)
     if (blockIdx.x == 0) {
       for (int e = int(threadIdx.x); e < v.experts_per_rank; e += F::kThreads) v.ws.fc1_tiles_done[e] = 0;
@@ -259,8 +258,7 @@ void launch_fused_forward_as(const LayerView& v, const ForwardInputs& in, const 
     // first, as it did when a grid sync (also twice the bound) stood between the two GEMMs.
     p.fc2.problem.timeout_ns = 2 * v.wait_timeout_ns;
   }
-  p.unit_rows = gemm::kScheduleUnitRows;
-  p.window_units = kWindowed ? v.pool_rows / p.unit_rows : 0;
+  p.window_units = kWindowed ? v.pool_rows / gemm::kScheduleUnitRows : 0;
   p.zero_prefix = zero_prefix;
   p.zero_prefix_words = int32_t(zero_prefix_bytes / sizeof(int32_t));
   const size_t smem = F::smem_bytes(v);

@@ -1,8 +1,8 @@
 // The GEMM schedule's pool windows (gemm::pool_window, what the fused forward's schedule_cta writes
 // for a windowed pool), on the host: over adversarial row counts, the windows cover every unit and
-// every row once, in order, each within the pool, each cut at a unit boundary. The CTA pairs' work
-// items (gemm::decode_pair_item) over the same schedules: every tile once. And the CTA pairing
-// heuristic (gemm::cluster_m_for).
+// every row once, in order, each within the pool, each cut at a unit boundary. The GEMM's work items
+// over the same schedules, for single CTAs (gemm::decode_unit) and CTA pairs (gemm::decode_pair_item):
+// every tile once. And the CTA pairing heuristic (gemm::cluster_m_for).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -38,7 +38,7 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
         std::vector<int> rows(size_t(experts), 0);
         for (int& r : rows)
           r = rng() % 3 == 0 ? edge_rows[rng() % std::size(edge_rows)] : int(rng() % (trial % 2 ? 3000 : 300));
-        const gemm::HostSchedule s = gemm::build_schedule(rows, unit_rows);
+        const gemm::HostSchedule s = gemm::build_schedule(rows);
         const int total_units = s.unit_offset.back(), total_rows = s.row_offset.back();
         const int window_units = pool_rows / unit_rows;
         const int windows = (total_units + window_units - 1) / window_units;
@@ -48,7 +48,7 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
         PoolWindow previous{0, 0, 0, 0};
         for (int w = 0; w < windows; w++) {
           const PoolWindow p =
-              gemm::pool_window(s.row_offset.data(), s.unit_offset.data(), experts, unit_rows, window_units, w);
+              gemm::pool_window(s.row_offset.data(), s.unit_offset.data(), experts, window_units, w);
           ASSERT_EQ(p.unit_begin, previous.unit_end) << "window " << w;
           ASSERT_EQ(p.row_begin, previous.row_end) << "window " << w;
           ASSERT_LT(p.unit_begin, p.unit_end);
@@ -61,51 +61,61 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
           ASSERT_EQ(p.row_begin - s.row_offset[size_t(e)], (p.unit_begin - s.unit_offset[size_t(e)]) * unit_rows);
           previous = p;
         }
-        // CTA pairs, window by window (as the fused forward's windowed GEMMs) and over the whole
-        // schedule (no window table): the items' tiles with rows cover every (unit, N block) once;
-        // the two CTAs of an item agree on sharing the weight tile, and where they share it they
-        // compute the same N block on the two units of a pair. Tiles stay inside their window.
+        // The work items, window by window (as the fused forward's windowed GEMMs) and over the whole
+        // schedule (no window table), for single CTAs and for CTA pairs: the items' tiles with rows
+        // cover every (unit, N block) once; single CTAs have no tile without rows; the two CTAs of an
+        // item agree on sharing the weight tile, and where they share it they compute the same N
+        // block on the two units of a pair. Tiles stay inside their window.
         std::vector<PoolWindow> table;
         for (int w = 0; w < windows; w++)
-          table.push_back(
-              gemm::pool_window(s.row_offset.data(), s.unit_offset.data(), experts, unit_rows, window_units, w));
-        for (const bool windowed : {false, true}) {
-          const gemm::GroupedSchedule g{s.row_offset.data(), s.unit_offset.data(), experts,
-                                        windowed ? table.data() : nullptr};
-          std::vector<int> covered(size_t(total_units) * size_t(n_blocks), 0);
-          for (int w = 0; w < (windowed ? windows : 1); w++) {
-            const PoolWindow p = gemm::schedule_window(g, w);
-            const int items = (p.unit_end - p.unit_begin) * gemm::items_per_unit<2>(n_blocks);
-            for (int item = 0; item < items; item++) {
-              const gemm::PairTile t0 = gemm::decode_pair_item(g, w, item, n_blocks, 0);
-              const gemm::PairTile t1 = gemm::decode_pair_item(g, w, item, n_blocks, 1);
-              ASSERT_EQ(t0.shares_weights, t1.shares_weights) << "item " << item;
-              if (t0.shares_weights) {
-                ASSERT_EQ(t0.tile.n_block, t1.tile.n_block);
-                ASSERT_EQ(t1.tile.schedule_row, t0.tile.schedule_row + 128);
-              } else {
-                ASSERT_EQ(t1.tile.schedule_row, t0.tile.schedule_row);
-              }
-              for (const gemm::TileCoord& c : {t0.tile, t1.tile}) {
-                ASSERT_EQ(c.expert, t0.tile.expert);
-                ASSERT_GE(c.n_block, 0);
-                ASSERT_LT(c.n_block, n_blocks);
-                ASSERT_EQ(c.row_begin, c.schedule_row - p.row_begin);
-                if (c.rows_valid <= 0) continue;
-                const int e = c.expert;
-                ASSERT_GE(c.schedule_row, std::max(s.row_offset[size_t(e)], p.row_begin));
-                ASSERT_LE(c.schedule_row + c.rows_valid, std::min(s.row_offset[size_t(e) + 1], p.row_end));
-                ASSERT_EQ(c.rows_valid, std::min(128, s.row_offset[size_t(e) + 1] - c.schedule_row));
-                ASSERT_EQ((c.schedule_row - s.row_offset[size_t(e)]) % 128, 0);
-                const int unit = s.unit_offset[size_t(e)] + (c.schedule_row - s.row_offset[size_t(e)]) / 128;
-                covered[size_t(unit) * size_t(n_blocks) + size_t(c.n_block)]++;
+          table.push_back(gemm::pool_window(s.row_offset.data(), s.unit_offset.data(), experts, window_units, w));
+        for (const int cluster_m : {1, 2})
+          for (const bool windowed : {false, true}) {
+            const gemm::GroupedSchedule g{s.row_offset.data(), s.unit_offset.data(), experts,
+                                          windowed ? table.data() : nullptr};
+            std::vector<int> covered(size_t(total_units) * size_t(n_blocks), 0);
+            for (int w = 0; w < (windowed ? windows : 1); w++) {
+              const PoolWindow p = gemm::schedule_window(g, w);
+              ASSERT_EQ(gemm::total_units(g, w), p.unit_end - p.unit_begin);
+              const int unit_items = cluster_m == 1 ? gemm::items_per_unit<1>(n_blocks) : gemm::items_per_unit<2>(n_blocks);
+              const int items = gemm::total_units(g, w) * unit_items;
+              for (int item = 0; item < items; item++) {
+                std::vector<gemm::TileCoord> tiles;
+                if (cluster_m == 1) {
+                  tiles.push_back(gemm::decode_unit(g, w, item, n_blocks));
+                  ASSERT_GT(tiles[0].rows_valid, 0) << "item " << item;
+                } else {
+                  const gemm::PairTile t0 = gemm::decode_pair_item(g, w, item, n_blocks, 0);
+                  const gemm::PairTile t1 = gemm::decode_pair_item(g, w, item, n_blocks, 1);
+                  ASSERT_EQ(t0.shares_weights, t1.shares_weights) << "item " << item;
+                  if (t0.shares_weights) {
+                    ASSERT_EQ(t0.tile.n_block, t1.tile.n_block);
+                    ASSERT_EQ(t1.tile.schedule_row, t0.tile.schedule_row + 128);
+                  } else {
+                    ASSERT_EQ(t1.tile.schedule_row, t0.tile.schedule_row);
+                  }
+                  ASSERT_EQ(t1.tile.expert, t0.tile.expert);
+                  tiles = {t0.tile, t1.tile};
+                }
+                for (const gemm::TileCoord& c : tiles) {
+                  ASSERT_GE(c.n_block, 0);
+                  ASSERT_LT(c.n_block, n_blocks);
+                  ASSERT_EQ(c.row_begin, c.schedule_row - p.row_begin);
+                  if (c.rows_valid <= 0) continue;
+                  const int e = c.expert;
+                  ASSERT_GE(c.schedule_row, std::max(s.row_offset[size_t(e)], p.row_begin));
+                  ASSERT_LE(c.schedule_row + c.rows_valid, std::min(s.row_offset[size_t(e) + 1], p.row_end));
+                  ASSERT_EQ(c.rows_valid, std::min(128, s.row_offset[size_t(e) + 1] - c.schedule_row));
+                  ASSERT_EQ((c.schedule_row - s.row_offset[size_t(e)]) % 128, 0);
+                  const int unit = s.unit_offset[size_t(e)] + (c.schedule_row - s.row_offset[size_t(e)]) / 128;
+                  covered[size_t(unit) * size_t(n_blocks) + size_t(c.n_block)]++;
+                }
               }
             }
+            for (size_t i = 0; i < covered.size(); i++)
+              ASSERT_EQ(covered[i], 1) << "unit " << i / size_t(n_blocks) << ", N block " << i % size_t(n_blocks)
+                                       << (windowed ? ", windowed" : "") << ", cluster_m " << cluster_m;
           }
-          for (size_t i = 0; i < covered.size(); i++)
-            ASSERT_EQ(covered[i], 1) << "unit " << i / size_t(n_blocks) << ", N block " << i % size_t(n_blocks)
-                                     << (windowed ? ", windowed" : "");
-        }
         EXPECT_EQ(previous.unit_end, total_units);
         EXPECT_EQ(previous.row_end, total_rows);
         // Every expert's units lie in the windows that hold its rows: a unit u of expert e starts at row
@@ -113,8 +123,8 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
         for (int e = 0; e < experts; e++)
           for (int u = s.unit_offset[size_t(e)]; u < s.unit_offset[size_t(e) + 1]; u++) {
             EXPECT_EQ(gemm::expert_of_unit(s.unit_offset.data(), experts, u), e);
-            const PoolWindow p = gemm::pool_window(s.row_offset.data(), s.unit_offset.data(), experts, unit_rows,
-                                                   window_units, u / window_units);
+            const PoolWindow p = gemm::pool_window(s.row_offset.data(), s.unit_offset.data(), experts, window_units,
+                                                   u / window_units);
             const int first = s.row_offset[size_t(e)] + (u - s.unit_offset[size_t(e)]) * unit_rows;
             const int last = std::min(s.row_offset[size_t(e) + 1], first + unit_rows);
             EXPECT_GE(first, p.row_begin);

@@ -95,7 +95,7 @@ double row_error(const double* got, const double* want, int n) {
 // One case in one format with one cluster size: everything built fresh, run once, checked.
 void run_case(const GemmCase& gc, bool fp8, int cluster_m, uint64_t seed) {
   const int H = gc.hidden, I = gc.intermediate, E = int(gc.rows_per_expert.size());
-  const gemm::HostSchedule schedule = gemm::build_schedule(gc.rows_per_expert, gemm::kScheduleUnitRows);
+  const gemm::HostSchedule schedule = gemm::build_schedule(gc.rows_per_expert);
   const int rows = schedule.row_offset.back();
   // Spare rows past the last expert: tiles read past its rows (and past the pool: TMA fills zeros);
   // they must never be written.
