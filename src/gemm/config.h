@@ -87,8 +87,8 @@ inline std::string describe_gemm_heuristics() {
          "one waited-for 128-column partial per pass" +
          std::string(kFp8SplitSmallTiles ? "; 256-column tiles of <= 64 rows split by columns between the warpgroups"
                                          : "") +
-         "); stages: as many as fit in 227 KiB beside the epilogue; CTA pairs sharing "
-         "weight tiles (bf16 only) when expected rows per expert + 2 sqrt(expected) > 128";
+         "); stages: as many as fit in 227 KiB beside the epilogue; CTA pairs (two units of an expert share each "
+         "weight tile, a unit alone is split by N blocks) when expected rows per expert + 2 sqrt(expected) > 128";
 }
 
 }  // namespace megamoe::gemm
