@@ -537,7 +537,9 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
   } else {
     if constexpr (!kRoleGiven) cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
     const int consumer_tid = threadIdx.x - 128;
-    const int consumer_wg = consumer_tid / 128;
+    // Broadcast from lane 0, so that the compiler knows it is the same in every lane of a warp (as
+    // CUTLASS's canonical_warp_group_idx): what is computed from it can live in uniform registers.
+    const int consumer_wg = __shfl_sync(0xffffffffu, consumer_tid / 128, 0);
     const bool releases = consumer_tid % 32 == 0;  // one arrival per consumer warp (see the empty barriers)
     auto release = [&](int s) {
       if constexpr (kCluster > 1) {
@@ -550,14 +552,16 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     auto thread_mma = tiled_mma.get_thread_slice(consumer_tid);
     Tensor sA = make_tensor(make_smem_ptr(smem.a), typename Config::SmemLayoutA{});  // (BM, BK, stages)
     Tensor sB = make_tensor(make_smem_ptr(smem.b), typename Config::SmemLayoutB{});  // (kMmaN, BK, pages)
-    Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // wgmma smem descriptors
-    Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));
+    // The wgmma shared-memory descriptors: the same for every thread of a warpgroup, so taken from
+    // the slice of its first thread (warp-uniform, as consumer_wg).
+    auto warpgroup_mma = tiled_mma.get_thread_slice(consumer_wg * 128);
+    Tensor tCrA = warpgroup_mma.make_fragment_A(warpgroup_mma.partition_A(sA));
+    Tensor tCrB = warpgroup_mma.make_fragment_B(warpgroup_mma.partition_B(sB));
     using Fragment = decltype(partition_fragment_C(tiled_mma, Shape<Int<BM>, Int<kMmaN>>{}));
     Fragment accum[kPasses];
     Tensor tile_coords = thread_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<kMmaN>>{}));
     // The A operand of the tile's first 64 rows, which both warpgroups use on split tiles.
-    Tensor tCrA_first = tiled_mma.get_thread_slice(consumer_tid % 128).make_fragment_A(
-        tiled_mma.get_thread_slice(consumer_tid % 128).partition_A(sA));
+    Tensor tCrA_first = tiled_mma.get_thread_slice(0).make_fragment_A(tiled_mma.get_thread_slice(0).partition_A(sA));
 
     // GroupedProblem::tiles_done: this warp's previous tile, counted once its stores are long done
     // (after the next tile's mainloop, or after the loop): the fence then waits for nothing, where
@@ -573,7 +577,8 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     for (int item = first_item; item < num_items; item += num_clusters) {
       // The tile, from the producer (its first stage is waited for again, at once, by the mainloop).
       wait_stage(problem, &smem.full[read.index()], read.phase(), 1, item, 0, read.index());
-      const TileCoord c = smem.tile[read.index()];
+      TileCoord c = smem.tile[read.index()];
+      c.rows_valid = __shfl_sync(0xffffffffu, c.rows_valid, 0);  // warp-uniform, as consumer_wg
       // Tiles without rows (a pair's N block past the last: decode_pair_item), or a
       // warpgroup's half of a tile without rows (unless split), still take part in the pipeline but
       // skip the math; the epilogue stores only valid rows.
