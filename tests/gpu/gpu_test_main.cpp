@@ -78,6 +78,14 @@ struct LeaveGroupOnUnwind {
   }
 };
 
+// The seed line, flushed at once: a test that hangs and is killed by a time limit (a sanitizer run,
+// a step of scripts/gpu-check.sh) must still have told which seed to replay; stdout into a pipe is
+// block-buffered, and a run killed mid-test lost it (docs/GPU-RUNS.md, twenty-first session).
+void print_seed(const std::string& seed) {
+  std::printf("[   seed   ] %s\n", seed.c_str());
+  std::fflush(stdout);
+}
+
 // One rank's run of a test body.
 void run_rank(Communicator& c, std::unique_ptr<Communicator>* owned, cudaStream_t s, const std::function<void()>& body) {
   const int rank = c.rank();
@@ -91,7 +99,7 @@ void run_rank(Communicator& c, std::unique_ptr<Communicator>* owned, cudaStream_
     MEGAMOE_CUDA_CHECK(cudaSetDevice(c.device()));
     tl_seed = c.broadcast(fresh_seed(), 0);
     seed = seed_text(*tl_seed);
-    if (rank == 0) std::printf("[   seed   ] %s\n", seed.c_str());
+    if (rank == 0) print_seed(seed);
     SCOPED_TRACE("rank " + std::to_string(rank) + " of " + std::to_string(c.world_size()) + " (" + c.transport() +
                  "), " + seed);
     body();
@@ -287,7 +295,7 @@ void run_in_this_process(const std::function<void()>& body) {
     MEGAMOE_CUDA_CHECK(cudaSetDevice(g_device));
     tl_seed = tl_comm ? tl_comm->broadcast(fresh_seed(), 0) : fresh_seed();
     seed = seed_text(*tl_seed);
-    std::printf("[   seed   ] %s\n", seed.c_str());
+    print_seed(seed);
     SCOPED_TRACE(seed);
     body();
   } catch (const std::exception& e) {
