@@ -561,7 +561,8 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     Fragment accum[kPasses];
     Tensor tile_coords = thread_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<kMmaN>>{}));
     // The A operand of the tile's first 64 rows, which both warpgroups use on split tiles.
-    Tensor tCrA_first = tiled_mma.get_thread_slice(0).make_fragment_A(tiled_mma.get_thread_slice(0).partition_A(sA));
+    auto first_warpgroup_mma = tiled_mma.get_thread_slice(0);
+    Tensor tCrA_first = first_warpgroup_mma.make_fragment_A(first_warpgroup_mma.partition_A(sA));
 
     // GroupedProblem::tiles_done: this warp's previous tile, counted once its stores are long done
     // (after the next tile's mainloop, or after the loop): the fence then waits for nothing, where
