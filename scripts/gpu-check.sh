@@ -26,8 +26,12 @@
 #   IMPLS            the forward implementations bench times, one table each (default staged,fused)
 #   STRESS_STEPS     forwards of the stress run at W = 4 (default 10000)
 #   SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck"), SANITIZE_RANKS (default 2),
-#   SANITIZE_FILTER (default the tiny-shape layer tests), SANITIZE_TIMEOUT (s per tool, default 300)
+#   SANITIZE_FILTER (default the tiny-shape layer tests), SANITIZE_TIMEOUT (s per tool, default 300),
+#   SANITIZE_BARRIER_TIMEOUT_S (the layer's waits for peers under the sanitizers, default 30)
 #   MAX_STEP_S       caps every step's time limit (a first run on a new machine, a short budget)
+#   HANG_DUMP_S      a step still running this many seconds before its limit gets its processes'
+#                    threads (state, kernel wait channel) and our programs' host backtraces (cuda-gdb,
+#                    else gdb) written into its log before the limit stops it (default: no dump)
 #   PRESETS (default dsv4-flash,dsv4-pro,dsv3), TOKENS (default 1,64,512,1024,2048,4096,8192),
 #   DTYPES (default "fp8 bf16"), ITERS (default 30), EXPERTS_dsv4_flash etc. (default: the experts of
 #   one rank of EP 4 on one GPU: 64, 96, 64), GTEST_FILTER (optional, for the test binaries),
@@ -55,12 +59,38 @@ summary=()
 filter=()
 [ -n "${GTEST_FILTER:-}" ] && filter=(--gtest_filter="$GTEST_FILTER")
 
+dump_processes() {  # dump_processes PGID: a step's processes as it nears its limit (HANG_DUMP_S)
+  echo "=== still running $HANG_DUMP_S s before the step's limit: its processes and threads"
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
+  local p t debugger
+  debugger=$(command -v cuda-gdb || command -v gdb)
+  for p in $(pgrep -g "$1"); do
+    echo "--- pid $p: $(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | cut -c1-200)"
+    for t in /proc/"$p"/task/*; do
+      echo "  thread ${t##*/} $(cat "$t/comm" 2>/dev/null) state $(awk '{print $3}' "$t/stat" 2>/dev/null) wchan $(cat "$t/wchan" 2>/dev/null)"
+    done
+    # The host backtraces of our programs (not of the sanitizer or of timeout around them).
+    case "$(cat "/proc/$p/comm" 2>/dev/null)" in
+      test_gpu_*|megamoe|golden_forward|python*)
+        [ -n "$debugger" ] && timeout 60 "$debugger" -p "$p" -batch -ex "set pagination off" -ex "thread apply all bt 20" \
+          2>&1 | grep -E "^Thread|^#" | head -300 ;;
+    esac
+  done
+}
+
 step() {  # step NAME TIMEOUT_S COMMAND...: runs, logs to $OUT/logs/NAME.log (+ all.log), records the outcome
   local name=$1 limit=$2; shift 2
   [ -n "${MAX_STEP_S:-}" ] && [ "$limit" -gt "$MAX_STEP_S" ] && limit=$MAX_STEP_S
   local t0=$(date +%s)
   echo "=== $name: $*" | tee "$OUT/logs/$name.log"
-  timeout --kill-after=10 "$limit" "$@" >>"$OUT/logs/$name.log" 2>&1
+  # timeout runs the step in a process group of its own (its pid's) and stops the whole group.
+  timeout --kill-after=10 "$limit" "$@" >>"$OUT/logs/$name.log" 2>&1 &
+  local pid=$!
+  if [ -n "${HANG_DUMP_S:-}" ] && [ "$limit" -gt "$HANG_DUMP_S" ]; then
+    while kill -0 "$pid" 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt $(( limit - HANG_DUMP_S )) ]; do sleep 1; done
+    kill -0 "$pid" 2>/dev/null && dump_processes "$pid" >>"$OUT/logs/$name.log" 2>&1
+  fi
+  wait "$pid"
   local rc=$?
   tail -n 25 "$OUT/logs/$name.log"
   cat "$OUT/logs/$name.log" >> "$OUT/all.log"  # one file that comes back even if the run is cut short
@@ -115,7 +145,7 @@ for s in $steps; do
           pool=$([ $impl = fused-pool256 ] && echo 256 || echo 0)
           step "sanitize-$impl-$tool" "${SANITIZE_TIMEOUT:-300}" env MEGAMOE_IMPL=${impl%-pool256} MEGAMOE_POOL_ROWS=$pool \
             MEGAMOE_TEST_RANKS="${SANITIZE_RANKS:-2}" \
-            MEGAMOE_BARRIER_TIMEOUT_S=30 compute-sanitizer --tool "$tool" --error-exitcode 1 "$BIN/test_gpu_layer" \
+            MEGAMOE_BARRIER_TIMEOUT_S="${SANITIZE_BARRIER_TIMEOUT_S:-30}" compute-sanitizer --tool "$tool" --error-exitcode 1 "$BIN/test_gpu_layer" \
             --gtest_filter="${SANITIZE_FILTER:-Layer*.Tiny*:Layer*.Deterministic*}"
         done
       done ;;
