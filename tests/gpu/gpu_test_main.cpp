@@ -78,13 +78,8 @@ struct LeaveGroupOnUnwind {
   }
 };
 
-// The seed line, flushed at once: a test that hangs and is killed by a time limit (a sanitizer run,
-// a step of scripts/gpu-check.sh) must still have told which seed to replay; stdout into a pipe is
-// block-buffered, and a run killed mid-test lost it (docs/GPU-RUNS.md, twenty-first session).
-void print_seed(const std::string& seed) {
-  std::printf("[   seed   ] %s\n", seed.c_str());
-  std::fflush(stdout);
-}
+// The seed line (stdout is line-buffered from main on: a run killed mid-test has printed it).
+void print_seed(const std::string& seed) { std::printf("[   seed   ] %s\n", seed.c_str()); }
 
 // One rank's run of a test body.
 void run_rank(Communicator& c, std::unique_ptr<Communicator>* owned, cudaStream_t s, const std::function<void()>& body) {
@@ -322,6 +317,11 @@ void sync_and_check(const std::string& what) {
 
 int main(int argc, char** argv) {
   using namespace megamoe;
+  // Every line out at once, also into a pipe or a file (block-buffered by default): a test that hangs
+  // and is killed by a time limit (a sanitizer run, a step of scripts/gpu-check.sh) must have told its
+  // seed and how far it got. Block-buffered, a run killed mid-test lost both: the seed
+  // (docs/GPU-RUNS.md, twenty-first session) and every case line of the test (twenty-third session).
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
   // Before the first CUDA call, and inherited by the ranks run_ranks starts: every module is loaded at
   // start-up. A kernel spinning on another rank's kernel stalls when that kernel's first launch needs a
   // lazy module load (seen with loopback ranks on an H200).
