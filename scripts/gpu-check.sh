@@ -27,7 +27,9 @@
 #   STRESS_STEPS     forwards of the stress run at W = 4 (default 10000)
 #   SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck"), SANITIZE_RANKS (default 2),
 #   SANITIZE_FILTER (default the tiny-shape layer tests), SANITIZE_TIMEOUT (s per tool, default 300),
-#   SANITIZE_BARRIER_TIMEOUT_S (the layer's waits for peers under the sanitizers, default 30)
+#   SANITIZE_BARRIER_TIMEOUT_S (the layer's waits for peers under the sanitizers, default 30),
+#   SANITIZE_IMPLS (default "staged fused fused-pool256"), SANITIZE_REPEAT (runs of each, default 1:
+#   a hang seen in a few runs in a hundred needs many)
 #   MAX_STEP_S       caps every step's time limit (a first run on a new machine, a short budget)
 #   HANG_DUMP_S      a step still running this many seconds before its limit gets its processes'
 #                    threads (state, kernel wait channel) and our programs' host backtraces (cuda-gdb,
@@ -140,13 +142,15 @@ for s in $steps; do
       # The tiny-shape layer tests at W = 2 on the loopback transport (ncclMemAlloc is not permitted
       # under the sanitizer on these machines); every tool must report 0 errors.
       # Both forward implementations, the fused one also with a 256-row pool (windows).
-      for impl in staged fused fused-pool256; do
+      for impl in ${SANITIZE_IMPLS:-staged fused fused-pool256}; do
         for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
           pool=$([ $impl = fused-pool256 ] && echo 256 || echo 0)
-          step "sanitize-$impl-$tool" "${SANITIZE_TIMEOUT:-300}" env MEGAMOE_IMPL=${impl%-pool256} MEGAMOE_POOL_ROWS=$pool \
-            MEGAMOE_TEST_RANKS="${SANITIZE_RANKS:-2}" \
-            MEGAMOE_BARRIER_TIMEOUT_S="${SANITIZE_BARRIER_TIMEOUT_S:-30}" compute-sanitizer --tool "$tool" --error-exitcode 1 "$BIN/test_gpu_layer" \
-            --gtest_filter="${SANITIZE_FILTER:-Layer*.Tiny*:Layer*.Deterministic*}"
+          for run in $(seq "${SANITIZE_REPEAT:-1}"); do
+            step "sanitize-$impl-$tool$([ "${SANITIZE_REPEAT:-1}" -gt 1 ] && echo "-$run")" "${SANITIZE_TIMEOUT:-300}" \
+              env MEGAMOE_IMPL=${impl%-pool256} MEGAMOE_POOL_ROWS=$pool MEGAMOE_TEST_RANKS="${SANITIZE_RANKS:-2}" \
+              MEGAMOE_BARRIER_TIMEOUT_S="${SANITIZE_BARRIER_TIMEOUT_S:-30}" compute-sanitizer --tool "$tool" --error-exitcode 1 \
+              "$BIN/test_gpu_layer" --gtest_filter="${SANITIZE_FILTER:-Layer*.Tiny*:Layer*.Deterministic*}"
+          done
         done
       done ;;
     selftest)

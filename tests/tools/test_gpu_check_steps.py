@@ -1,6 +1,8 @@
 """scripts/gpu-check.sh's step runner without a GPU: its functions run steps that pass, that outlive
 their limit, and one that outlives it with HANG_DUMP_S set, whose log must then tell which processes
-were still running and in which threads, before the limit stops them all (a child's child too)."""
+were still running and in which threads, before the limit stops them all (a child's child too). Then
+the whole script's sanitize step, with stand-ins for compute-sanitizer, nvidia-smi and the binaries:
+SANITIZE_IMPLS picks the implementations (each with its environment), SANITIZE_REPEAT the runs."""
 import os
 import re
 import shutil
@@ -22,6 +24,50 @@ def script_functions(names):
             raise AssertionError(f"scripts/gpu-check.sh has no function {name}()")
         parts.append(match.group(0))
     return "\n".join(parts)
+
+
+def check_sanitize_step(work):
+    """The failures of `gpu-check.sh sanitize` run with stand-ins (an empty list: none)."""
+    bin_dir, fake_path = os.path.join(work, "bin"), os.path.join(work, "path")
+    os.makedirs(bin_dir)
+    os.makedirs(fake_path)
+    programs = {
+        os.path.join(bin_dir, "megamoe"): "exit 0",
+        os.path.join(bin_dir, "test_gpu_layer"): 'echo "test run: $*"',
+        # Shows the environment the step gave it, then runs the program after its 4 options.
+        os.path.join(fake_path, "compute-sanitizer"):
+            'echo "sanitizer impl=$MEGAMOE_IMPL pool=$MEGAMOE_POOL_ROWS ranks=$MEGAMOE_TEST_RANKS"; shift 4; exec "$@"',
+        os.path.join(fake_path, "nvidia-smi"): 'echo "stand-in GPU"',
+    }
+    for path, body in programs.items():
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n" + body + "\n")
+        os.chmod(path, 0o755)
+    failures = []
+    runs = (("repeat", {"SANITIZE_IMPLS": "staged fused-pool256", "SANITIZE_REPEAT": "2"},
+             ["sanitize-staged-racecheck-1", "sanitize-staged-racecheck-2", "sanitize-fused-pool256-racecheck-1",
+              "sanitize-fused-pool256-racecheck-2"]),
+            ("default", {}, ["sanitize-staged-racecheck", "sanitize-fused-racecheck", "sanitize-fused-pool256-racecheck"]))
+    for name, extra, expected in runs:
+        out = os.path.join(work, "sanitize-" + name)
+        env = dict(os.environ, PATH=fake_path + os.pathsep + os.environ["PATH"], OUT=out, BIN=bin_dir, GPUS="1",
+                   SANITIZE_TOOLS="racecheck", **extra)
+        for key in ("SANITIZE_IMPLS", "SANITIZE_REPEAT"):
+            if key not in extra:
+                env.pop(key, None)
+        subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu-check.sh"), "sanitize"], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        steps = re.findall(r"^(sanitize-\S+)\s+rc=0\b", open(os.path.join(out, "summary.txt")).read(), re.M)
+        if steps != expected:
+            failures.append(f"sanitize ({name}): steps {steps}, expected {expected}")
+        logs = subprocess.run(["tar", "-xzOf", os.path.join(out, "logs.tar.gz")], capture_output=True,
+                              text=True).stdout
+        for impl, pool in (("staged", 0), ("fused", 256)) if name == "repeat" else (("fused", 0),):
+            if f"sanitizer impl={impl} pool={pool} ranks=2" not in logs:
+                failures.append(f"sanitize ({name}): no run with MEGAMOE_IMPL={impl} MEGAMOE_POOL_ROWS={pool}:\n{logs}")
+        if "test run: --gtest_filter=Layer*.Tiny*:Layer*.Deterministic*" not in logs:
+            failures.append(f"sanitize ({name}): the tests did not run with the default filter:\n{logs}")
+    return failures
 
 
 def main():
@@ -72,11 +118,12 @@ def main():
             failures.append(f"processes left running after their steps' limits: {left}")
         if elapsed > 60:
             failures.append(f"the three steps took {elapsed:.0f} s (limits 5 + 5 + 2 s)")
+        failures += check_sanitize_step(work)
         for f in failures:
             print("FAILED:", f)
         if failures:
             return 1
-        print(f"gpu-check steps: dump, rc and clean-up as expected ({elapsed:.1f} s)")
+        print(f"gpu-check steps: dump, rc and clean-up as expected ({elapsed:.1f} s); the sanitize step's runs too")
         return 0
     finally:
         subprocess.run(["pkill", "-9", "-f", work], capture_output=True)
