@@ -50,11 +50,11 @@ def check_sanitize_step(work):
             ("default", {}, ["sanitize-staged-racecheck", "sanitize-fused-racecheck", "sanitize-fused-pool256-racecheck"]))
     for name, extra, expected in runs:
         out = os.path.join(work, "sanitize-" + name)
-        env = dict(os.environ, PATH=fake_path + os.pathsep + os.environ["PATH"], OUT=out, BIN=bin_dir, GPUS="1",
+        # The caller's knobs of the step (a SANITIZE_FILTER, a HANG_DUMP_S) would change what it runs.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("SANITIZE_") and k not in ("HANG_DUMP_S", "MAX_STEP_S", "GTEST_FILTER")}
+        env.update(PATH=fake_path + os.pathsep + os.environ["PATH"], OUT=out, BIN=bin_dir, GPUS="1",
                    SANITIZE_TOOLS="racecheck", **extra)
-        for key in ("SANITIZE_IMPLS", "SANITIZE_REPEAT"):
-            if key not in extra:
-                env.pop(key, None)
         subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu-check.sh"), "sanitize"], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
         steps = re.findall(r"^(sanitize-\S+)\s+rc=0\b", open(os.path.join(out, "summary.txt")).read(), re.M)
