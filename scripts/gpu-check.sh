@@ -71,7 +71,10 @@ dump_processes() {  # dump_processes PGID: a step's processes as it nears its li
     for t in /proc/"$p"/task/*; do
       echo "  thread ${t##*/} $(cat "$t/comm" 2>/dev/null) state $(awk '{print $3}' "$t/stat" 2>/dev/null) wchan $(cat "$t/wchan" 2>/dev/null)"
     done
-    # The host backtraces of our programs (not of the sanitizer or of timeout around them).
+    # The host backtraces of our programs (not of the sanitizer or of timeout around them). Under
+    # compute-sanitizer cuda-gdb cannot reach the GPU ("Could not find CUDA Debugger back-end"): it
+    # prints the host backtraces, then its attach ends the process (the step fails with rc 11 at
+    # the dump, not at its limit).
     case "$(cat "/proc/$p/comm" 2>/dev/null)" in
       test_gpu_*|megamoe|golden_forward|python*)
         [ -n "$debugger" ] && timeout 60 "$debugger" -p "$p" -batch -ex "set pagination off" -ex "thread apply all bt 20" \
