@@ -74,11 +74,12 @@ dump_processes() {  # dump_processes PGID: a step's processes as it nears its li
     # The host backtraces of our programs (not of the sanitizer or of timeout around them). Under
     # compute-sanitizer cuda-gdb cannot reach the GPU ("Could not find CUDA Debugger back-end"): it
     # prints the host backtraces, then its attach ends the process (the step fails with rc 11 at
-    # the dump, not at its limit).
+    # the dump, not at its limit). 40 frames: under the sanitizer a test's own frames start ~20 below
+    # the driver's.
     case "$(cat "/proc/$p/comm" 2>/dev/null)" in
       test_gpu_*|megamoe|golden_forward|python*)
-        [ -n "$debugger" ] && timeout 60 "$debugger" -p "$p" -batch -ex "set pagination off" -ex "thread apply all bt 20" \
-          2>&1 | grep -E "^Thread|^#" | head -300 ;;
+        [ -n "$debugger" ] && timeout 60 "$debugger" -p "$p" -batch -ex "set pagination off" -ex "thread apply all bt 40" \
+          2>&1 | grep -E "^Thread|^#" | head -600 ;;
     esac
   done
 }
