@@ -33,11 +33,24 @@ struct Roofline {
   double weight_us = 0, compute_us = 0, nvlink_us = 0;
   double floor_us = 0;       // max of the three
   const char* bound = "";    // "weights", "compute" or "nvlink"
+  // The same with every local expert's rows rounded up to a whole number of kTileRows (wgmma's M:
+  // a tensor-core instruction computes 64 rows, whatever number of them is valid), at their expected
+  // value under uniform routing. Under such routing no kernel built from these tiles beats
+  // tile_floor_us on average; at 192 rows per expert (dsv4-flash, 2048 tokens per rank, 64 local
+  // experts) it is ~1.16x floor_us.
+  static constexpr int kTileRows = 64;
+  double tile_flops = 0;
+  double tile_compute_us = 0;
+  double tile_floor_us = 0;  // max(weight_us, tile_compute_us, nvlink_us)
 };
 
 Roofline roofline(const MoeShape& shape, int64_t tokens_per_rank, const Ceilings& ceilings = {});
 
-// Table: one row per T, with each term and the floor.
+// Expected value of ceil(X / tile) * tile for X ~ Binomial(trials, p): the rows an expert's
+// tile-granular GEMM computes when each of `trials` tokens picks it with probability p.
+double expected_tile_rows(int64_t trials, double p, int tile);
+
+// Table: one row per T, with each term, the floor and the 64-row tile floor.
 std::string roofline_table(const MoeShape& shape, const std::vector<int64_t>& tokens, const Ceilings& ceilings = {});
 
 }  // namespace megamoe

@@ -35,7 +35,8 @@ int info_main(int argc, char** argv) {
   }
   std::printf("\n");
   std::printf("roofline floor of one forward per rank (uniform routing; ceilings: HBM %.0f GB/s, %s %.0f TFLOP/s, "
-              "NVLink %.0f GB/s):\n%s",
+              "NVLink %.0f GB/s; 64-row tiles: the floor with each expert's rows rounded up to 64, the M of a "
+              "wgmma, at their expected value):\n%s",
               c.hbm_gbps, shape.weight_format == WeightFormat::kFp8 ? "fp8" : "bf16",
               shape.weight_format == WeightFormat::kFp8 ? c.fp8_tflops : c.bf16_tflops, c.nvlink_gbps,
               roofline_table(shape, o.tokens, c).c_str());

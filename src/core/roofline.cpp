@@ -26,6 +26,26 @@ std::optional<Ceilings> measured_ceilings(std::string_view gpu_name) {
   return std::nullopt;
 }
 
+double expected_tile_rows(int64_t trials, double p, int tile) {
+  if (trials < 0 || !(p >= 0.0 && p <= 1.0) || tile < 1)
+    throw InvalidArgument("expected_tile_rows: needs trials >= 0, 0 <= p <= 1 and tile >= 1");
+  auto rounded_up = [tile](int64_t rows) { return double((rows + tile - 1) / tile * tile); };
+  if (trials == 0 || p == 0.0) return 0.0;
+  if (p == 1.0) return rounded_up(trials);
+  // Sum over k of P(X = k) * ceil(k / tile) * tile, each term from logs (trials may be large).
+  const double n = double(trials), log_p = std::log(p), log_q = std::log1p(-p);
+  const double log_n_factorial = std::lgamma(n + 1.0);
+  double sum = 0.0;
+  for (int64_t k = 0; k <= trials; k++) {
+    const double x = double(k);
+    const double log_pmf = log_n_factorial - std::lgamma(x + 1.0) - std::lgamma(n - x + 1.0) + x * log_p + (n - x) * log_q;
+    sum += std::exp(log_pmf) * rounded_up(k);
+    // Past the mean by 40 standard deviations nothing more counts (and the loop stays short).
+    if (x > n * p + 40.0 * std::sqrt(n * p * (1.0 - p)) + 1.0) break;
+  }
+  return sum;
+}
+
 Roofline roofline(const MoeShape& shape, int64_t tokens_per_rank, const Ceilings& c) {
   validate(shape);
   if (tokens_per_rank < 0) throw InvalidArgument("tokens_per_rank = " + std::to_string(tokens_per_rank) + ": must be >= 0");
@@ -53,20 +73,25 @@ Roofline roofline(const MoeShape& shape, int64_t tokens_per_rank, const Ceilings
   r.nvlink_us = r.nvlink_bytes / (c.nvlink_gbps * 1e3);
   r.floor_us = std::max({r.weight_us, r.compute_us, r.nvlink_us});
   r.bound = r.floor_us == r.weight_us ? "weights" : r.floor_us == r.compute_us ? "compute" : "nvlink";
+  // Each of the W*T tokens picks a given expert with probability K/E (K distinct of E).
+  const double tile_rows = expected_tile_rows(int64_t(W * T), K / E, Roofline::kTileRows);
+  r.tile_flops = 2.0 * double(shape.experts_per_rank()) * tile_rows * (H * 2 * I + I * H);
+  r.tile_compute_us = r.tile_flops / ((fp8 ? c.fp8_tflops : c.bf16_tflops) * 1e6);
+  r.tile_floor_us = std::max({r.weight_us, r.tile_compute_us, r.nvlink_us});
   return r;
 }
 
 std::string roofline_table(const MoeShape& shape, const std::vector<int64_t>& tokens, const Ceilings& c) {
   std::ostringstream os;
   char line[256];
-  std::snprintf(line, sizeof line, "%8s %12s %10s %12s %10s %12s %10s %10s %8s\n", "T/rank", "weights MB", "HBM us",
-                "GFLOP", "TC us", "NVLink MB", "link us", "floor us", "bound");
+  std::snprintf(line, sizeof line, "%8s %12s %10s %12s %10s %12s %10s %10s %8s %12s\n", "T/rank", "weights MB", "HBM us",
+                "GFLOP", "TC us", "NVLink MB", "link us", "floor us", "bound", "64-row tiles");
   os << line;
   for (int64_t t : tokens) {
     Roofline r = roofline(shape, t, c);
-    std::snprintf(line, sizeof line, "%8lld %12.1f %10.1f %12.1f %10.1f %12.1f %10.1f %10.1f %8s\n", (long long)t,
+    std::snprintf(line, sizeof line, "%8lld %12.1f %10.1f %12.1f %10.1f %12.1f %10.1f %10.1f %8s %12.1f\n", (long long)t,
                   r.weight_bytes / 1e6, r.weight_us, r.flops / 1e9, r.compute_us, r.nvlink_bytes / 1e6, r.nvlink_us,
-                  r.floor_us, r.bound);
+                  r.floor_us, r.bound, r.tile_floor_us);
     os << line;
   }
   return os.str();
