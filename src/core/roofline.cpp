@@ -32,16 +32,18 @@ double expected_tile_rows(int64_t trials, double p, int tile) {
   auto rounded_up = [tile](int64_t rows) { return double((rows + tile - 1) / tile * tile); };
   if (trials == 0 || p == 0.0) return 0.0;
   if (p == 1.0) return rounded_up(trials);
-  // Sum over k of P(X = k) * ceil(k / tile) * tile, each term from logs (trials may be large).
+  // Sum over k of P(X = k) * ceil(k / tile) * tile, each term from logs (trials may be large), over
+  // the mean +- 40 standard deviations: nothing outside counts, and the loop stays short.
   const double n = double(trials), log_p = std::log(p), log_q = std::log1p(-p);
   const double log_n_factorial = std::lgamma(n + 1.0);
+  const double mean = n * p, reach = 40.0 * std::sqrt(n * p * (1.0 - p)) + 1.0;
+  const int64_t first = std::max<int64_t>(0, int64_t(std::floor(mean - reach)));
+  const int64_t last = std::min<int64_t>(trials, int64_t(std::ceil(mean + reach)));
   double sum = 0.0;
-  for (int64_t k = 0; k <= trials; k++) {
+  for (int64_t k = first; k <= last; k++) {
     const double x = double(k);
     const double log_pmf = log_n_factorial - std::lgamma(x + 1.0) - std::lgamma(n - x + 1.0) + x * log_p + (n - x) * log_q;
     sum += std::exp(log_pmf) * rounded_up(k);
-    // Past the mean by 40 standard deviations nothing more counts (and the loop stays short).
-    if (x > n * p + 40.0 * std::sqrt(n * p * (1.0 - p)) + 1.0) break;
   }
   return sum;
 }
