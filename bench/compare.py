@@ -8,7 +8,7 @@ the benchmarks:
   naive_torch_fp8: {"impl": "naive_torch_fp8", "dtype": "fp8", ...}
   megamoe:         {"impl": "megamoe", "dtype": "bf16"|"fp8", "variant": "staged"...,
                     "preset", "experts", "ep", "tokens", "latency_us", "tflops",
-                    "floor_us", "vs_floor", ...}
+                    "floor_us", "vs_floor", "tile_floor_us", "vs_tile_floor", ...}
   the torch op:    {"impl": "megamoe-torch-op", "variant": "graph"|"eager", "dtype", ...}
                    (bench/op_bench.py: the same layer through torch.ops.megamoe.forward)
 Lines without "impl", "preset" or "latency_us" are ignored; any other impl
