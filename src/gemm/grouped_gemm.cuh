@@ -476,6 +476,10 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
             tiles_waited_for = c.expert;
           }
         }
+        const uint64_t weight_policy =
+            uint64_t(weight_tile_read_again(problem.schedule, window, c.expert, shares_weights)
+                         ? TMA::CacheHintSm90::EVICT_NORMAL
+                         : TMA::CacheHintSm90::EVICT_FIRST);
         // The tile's first weight row.
         const int b_row = c.expert * problem.n + c.n_block * BN;
         const int64_t b_scale_row = weight_scale_row(problem, c, k_blocks);
@@ -515,15 +519,15 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
             constexpr int kShare = BN / kCluster;
             if (shares_weights) {  // this CTA's share, rows [cluster_rank * kShare, +kShare), to both
               SM90_TMA_LOAD_MULTICAST_2D::copy(&tma_b, &smem.full[stage], uint16_t((1 << kCluster) - 1),
-                                               uint64_t(TMA::CacheHintSm90::EVICT_FIRST),
+                                               weight_policy,
                                                b_dst + cluster_rank * kShare * BK, kb * BK, b_row + cluster_rank * kShare);
             } else {  // the whole tile, for this CTA alone
               for (int share = 0; share < kCluster; share++)
-                SM90_TMA_LOAD_2D::copy(&tma_b, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_FIRST),
+                SM90_TMA_LOAD_2D::copy(&tma_b, &smem.full[stage], weight_policy,
                                        b_dst + share * kShare * BK, kb * BK, b_row + share * kShare);
             }
           } else {
-            SM90_TMA_LOAD_2D::copy(&tma_b, &smem.full[stage], uint64_t(TMA::CacheHintSm90::EVICT_FIRST), b_dst,
+            SM90_TMA_LOAD_2D::copy(&tma_b, &smem.full[stage], weight_policy, b_dst,
                                    kb * BK, b_row);
           }
         }

@@ -2,11 +2,15 @@
 // for a windowed pool), on the host: over adversarial row counts, the windows cover every unit and
 // every row once, in order, each within the pool, each cut at a unit boundary. The GEMM's work items
 // over the same schedules, for single CTAs (gemm::decode_unit) and CTA pairs (gemm::decode_pair_item):
-// every tile once. And the CTA pairing heuristic (gemm::cluster_m_for).
+// every tile once, and which weight tiles another item loads too (gemm::weight_tile_read_again).
+// And the CTA pairing heuristic (gemm::cluster_m_for).
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <map>
 #include <random>
+#include <set>
+#include <utility>
 #include <vector>
 
 #include "gemm/config.h"
@@ -79,8 +83,13 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
               ASSERT_EQ(gemm::total_units(g, w), p.unit_end - p.unit_begin);
               const int unit_items = cluster_m == 1 ? gemm::items_per_unit<1>(n_blocks) : gemm::items_per_unit<2>(n_blocks);
               const int items = gemm::total_units(g, w) * unit_items;
+              // The items of the window that compute with each weight tile (expert, N block), and what
+              // weight_tile_read_again said of each item.
+              std::map<std::pair<int, int>, std::set<int>> loaders;
+              std::vector<std::pair<std::vector<std::pair<int, int>>, bool>> item_tiles;
               for (int item = 0; item < items; item++) {
                 std::vector<gemm::TileCoord> tiles;
+                bool shares_weights = false;
                 if (cluster_m == 1) {
                   tiles.push_back(gemm::decode_unit(g, w, item, n_blocks));
                   ASSERT_GT(tiles[0].rows_valid, 0) << "item " << item;
@@ -88,6 +97,7 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
                   const gemm::PairTile t0 = gemm::decode_pair_item(g, w, item, n_blocks, 0);
                   const gemm::PairTile t1 = gemm::decode_pair_item(g, w, item, n_blocks, 1);
                   ASSERT_EQ(t0.shares_weights, t1.shares_weights) << "item " << item;
+                  shares_weights = t0.shares_weights;
                   if (t0.shares_weights) {
                     ASSERT_EQ(t0.tile.n_block, t1.tile.n_block);
                     ASSERT_EQ(t1.tile.schedule_row, t0.tile.schedule_row + 128);
@@ -96,6 +106,14 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
                   }
                   ASSERT_EQ(t1.tile.expert, t0.tile.expert);
                   tiles = {t0.tile, t1.tile};
+                }
+                // The weight tiles the item computes with (a pair's N block past the last, which loads
+                // the last N block's operands for nothing, is not counted).
+                item_tiles.push_back({{}, gemm::weight_tile_read_again(g, w, tiles[0].expert, shares_weights)});
+                for (const gemm::TileCoord& c : tiles) {
+                  if (c.rows_valid <= 0) continue;
+                  loaders[{c.expert, c.n_block}].insert(item);
+                  item_tiles.back().first.push_back({c.expert, c.n_block});
                 }
                 for (const gemm::TileCoord& c : tiles) {
                   ASSERT_GE(c.n_block, 0);
@@ -111,6 +129,13 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
                   covered[size_t(unit) * size_t(n_blocks) + size_t(c.n_block)]++;
                 }
               }
+              // weight_tile_read_again: true exactly where another item of the window computes with
+              // the tile.
+              for (size_t item = 0; item < item_tiles.size(); item++)
+                for (const auto& tile : item_tiles[item].first)
+                  ASSERT_EQ(item_tiles[item].second, loaders[tile].size() > 1)
+                      << "item " << item << ", expert " << tile.first << ", N block " << tile.second
+                      << ", cluster_m " << cluster_m;
             }
             for (size_t i = 0; i < covered.size(); i++)
               ASSERT_EQ(covered[i], 1) << "unit " << i / size_t(n_blocks) << ", N block " << i % size_t(n_blocks)
