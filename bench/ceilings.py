@@ -7,12 +7,15 @@
     TFLOP/s, with use_fast_accum=True (the ceiling, "fp8_tflops") and False
     (fp32 promotion, "fp8_tflops_precise");
   - with >= 2 GPUs: copy-engine peer copy GPU0 -> GPU1 (tensor.copy_), GB/s.
-Random inputs (never zeros), warm-up first, then the median of timed repeats
-(CUDA events).  Prints readable lines and a last line
+Random inputs (never zeros), warm-up first (a few runs, then repeats for at
+least --warmup-ms: under sustained load an H200 reaches its 700 W power cap and
+lowers its SM clock within ~0.1 s, and `megamoe bench` times the layer after
+the same warm-up), then the median of timed repeats (CUDA events); after each,
+the SM clock nvidia-smi reads.  Prints readable lines and a last line
   CEILINGS {"gpu": ..., "hbm_gbps": ..., "bf16_tflops": ..., "fp8_tflops": ...,
             "fp8_tflops_precise": ..., "nvlink_gbps": ... or null}
 
-Usage: python3 bench/ceilings.py        (about 10-20 s on an H200)
+Usage: python3 bench/ceilings.py [--warmup-ms MS]   (default 300; about 10-20 s on an H200)
 """
 
 import os
@@ -22,19 +25,41 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
+import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import torch  # noqa: E402
 
 
+WARMUP_MS = 300.0  # --warmup-ms
+
+
+def sm_clock_mhz(device):
+    """The SM clock nvidia-smi reads now, or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", str(device.index or 0), "--query-gpu=clocks.sm",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+        return int(out.stdout.strip())
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def time_ms(fn, warmup, reps, device):
-    """Median milliseconds of fn() over reps, each bracketed by CUDA events on device's stream."""
+    """Median milliseconds of fn() over reps, each bracketed by CUDA events on device's stream,
+    after `warmup` runs and then repeats for at least WARMUP_MS."""
     with torch.cuda.device(device):
         for _ in range(warmup):
             fn()
         torch.cuda.synchronize()
+        began = time.monotonic()
+        while (time.monotonic() - began) * 1e3 < WARMUP_MS:
+            for _ in range(max(warmup, 1)):
+                fn()
+            torch.cuda.synchronize()
         times = []
         for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -43,6 +68,8 @@ def time_ms(fn, warmup, reps, device):
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
+        clock = sm_clock_mhz(device)
+    print(f"  (SM clock after the timed repeats: {clock if clock is not None else 'n/a'} MHz)")
     return statistics.median(times)
 
 
@@ -107,6 +134,11 @@ def peer_gbps():
 
 
 def main():
+    global WARMUP_MS
+    parser = argparse.ArgumentParser(description="Measure this GPU's ceilings (see the module docstring).")
+    parser.add_argument("--warmup-ms", type=float, default=WARMUP_MS,
+                        help="repeat each measurement for at least this long before timing it (default 300)")
+    WARMUP_MS = max(parser.parse_args().warmup_ms, 0.0)
     if not torch.cuda.is_available():
         sys.exit("CUDA is not available")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -114,7 +146,7 @@ def main():
     name = torch.cuda.get_device_name(dev)
     cap = torch.cuda.get_device_capability(dev)
     print(f"gpu: {name} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}, {torch.cuda.device_count()} GPU(s)")
-    res = {"gpu": name}
+    res = {"gpu": name, "warmup_ms": WARMUP_MS}
     res["hbm_gbps"] = round(hbm_gbps(dev), 1)
     print(f"HBM device-to-device copy (4 GiB, read + write): {res['hbm_gbps']:.1f} GB/s")
     res["bf16_tflops"] = round(bf16_tflops(dev), 1)

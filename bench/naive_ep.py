@@ -633,6 +633,9 @@ def parse_args():
                    help="expert-parallel size; must equal the world size (default: world size)")
     p.add_argument("--json", default=None, help="append one JSON object per T to this file (rank 0)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up forwards per T (>= 5)")
+    p.add_argument("--warmup-ms", type=float, default=300.0,
+                   help="then more warm-up forwards, for at least this long (default 300, as megamoe bench: "
+                        "the card settles at the clock it holds under sustained load)")
     p.add_argument("--iters", type=int, default=20, help="timed forwards per T (>= 20)")
     p.add_argument("--input-sets", type=int, default=2,
                    help="distinct (x, routing) sets rotated between forwards (>= 2)")
@@ -749,7 +752,19 @@ def main():
                 fail(f"T={T}: forward disagrees with the fp32 reference: "
                      f"max relative error {err:.3g} > {tol}")
 
+        began = time.perf_counter()
         for i in range(args.warmup):
+            layer.forward(*sets[i % len(sets)])
+        sync(device)
+        # More forwards to fill --warmup-ms; the same number on every rank (each forward exchanges
+        # tokens with every peer).
+        elapsed_ms = (time.perf_counter() - began) * 1e3
+        per_forward_ms = max(elapsed_ms / max(args.warmup, 1), 1e-3)
+        more = torch.tensor([min(math.ceil(max(args.warmup_ms - elapsed_ms, 0.0) / per_forward_ms), 10 ** 6)],
+                            dtype=torch.float64, device=device)
+        if W > 1:
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        for i in range(int(more.item())):
             layer.forward(*sets[i % len(sets)])
         sync(device)
         dist.barrier()

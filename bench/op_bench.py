@@ -12,7 +12,8 @@ For each T (tokens per rank), as src/cli/bench.cpp does:
     weights 0.5 + u normalised per token), as many as megamoe bench rotates so that together they
     exceed L2;
   - variant "graph": one CUDA graph per set, each capturing one torch.ops.megamoe.forward on the
-    current stream; 3 x sets warm-up replays; --iters timed replays in rotation, each bracketed by
+    current stream; warm-up replays for at least --warmup-ms (3 x sets, then as many as fill it: the
+    card settles at the clock it holds under sustained load); --iters timed replays in rotation, each bracketed by
     CUDA events; per rank the median; reported: the slowest rank's median (and its minimum);
   - variant "eager": the same with the op called directly, no graph. The events time the stream, so
     the op's Python, dispatch and launch overhead shows where the host cannot stay ahead of the GPU
@@ -68,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8"], help="weight format (default bf16)")
     p.add_argument("--tokens", default="1,64,512,1024,2048,4096,8192", help="tokens per rank, comma-separated")
     p.add_argument("--iters", type=int, default=30, help="timed forwards per T and variant (default 30)")
+    p.add_argument("--warmup-ms", type=float, default=300.0,
+                   help="warm-up forwards per T and variant for at least this long (default 300, as megamoe bench)")
     p.add_argument("--json", default=None, help="append one JSON line per T and variant to this file (rank 0)")
     args = p.parse_args(argv)
     try:
@@ -78,6 +81,8 @@ def parse_args(argv=None):
         p.error("--tokens %s: each must be in [0, %d]" % (",".join(map(str, args.tokens)), MAX_TOKENS))
     if args.iters < 1:
         p.error("--iters %d: must be >= 1" % args.iters)
+    if not 0 <= args.warmup_ms <= 60000:
+        p.error("--warmup-ms %g: must be in [0, 60000]" % args.warmup_ms)
     if args.experts is not None and args.experts < 1:
         p.error("--experts %d: must be >= 1" % args.experts)
     if args.json is not None:
@@ -272,6 +277,23 @@ class OpBench:
         self.synchronize()
         return [1e3 * start.elapsed_time(end) for start, end in events], host_us
 
+    def warm_up(self, launch, count):
+        """launch(i % count) 3 x count times, then as many more as fill --warmup-ms, as megamoe bench
+        warms up (the same number on every rank: a forward waits on its peers)."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
+        for w in range(3 * count):
+            launch(w % count)
+        end.record(self.stream)
+        self.synchronize()
+        first_ms = start.elapsed_time(end)
+        per_launch_ms = max(first_ms / (3 * count), 1e-3)
+        more = min(math.ceil(max(self.args.warmup_ms - first_ms, 0.0) / per_launch_ms), 10 ** 6)
+        more = int(self.slowest(float(more))[0])
+        for w in range(more):
+            launch(w % count)
+        self.synchronize()
+
     def check_finite(self, y, tokens, variant):
         if tokens > 0 and not bool(torch.isfinite(y.view(-1)[: 1 << 20]).all()):
             self.fail("non-finite output at T=%d (%s)" % (tokens, variant))
@@ -289,9 +311,7 @@ class OpBench:
 
         graphs, outputs = self.capture(sets)
         self.barrier()  # every rank has captured before any replays (a forward waits on its peers)
-        for w in range(3 * count):
-            graphs[w % count].replay()
-        self.synchronize()
+        self.warm_up(lambda i: graphs[i].replay(), count)
         self.barrier()
         device_us, host_us = self.time_stream(lambda i: graphs[i].replay(), count, self.args.iters)
         self.check_finite(outputs[0], tokens, "graph")
@@ -304,9 +324,7 @@ class OpBench:
         def eager(i):
             last[0] = self.call(sets[i])
 
-        for w in range(3 * count):
-            eager(w % count)
-        self.synchronize()
+        self.warm_up(eager, count)
         self.barrier()
         device_us, host_us = self.time_stream(eager, count, self.args.iters)
         self.check_finite(last[0], tokens, "eager")

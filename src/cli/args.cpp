@@ -24,7 +24,7 @@ const FlagSet& info_flags() {
 }
 
 const FlagSet& bench_flags() {
-  static const FlagSet set{{"preset", "dtype", "tokens", "gpus", "routing", "iters", "json", "experts",
+  static const FlagSet set{{"preset", "dtype", "tokens", "gpus", "routing", "iters", "warmup-ms", "json", "experts",
                             "gemm-cluster-m", "sms", "impl", "zeroing", "combine", "pool-rows", "hbm-gbps", "bf16-tflops", "fp8-tflops", "nvlink-gbps"},
                            {"comm", "stream", "stages"}};
   return set;
@@ -266,6 +266,7 @@ BenchOptions parse_bench_options(const Args& a) {
   o.tokens = a.integer_list("tokens", o.tokens, 0, kMaxBenchTokens);
   o.routing = parse_routing_kind(a.str("routing", "uniform"), "--routing");
   o.iters = int(a.integer("iters", o.iters, 1, 100000));
+  o.warmup_ms = int(a.integer("warmup-ms", o.warmup_ms, 0, 60000));
   if (a.has("json")) {
     o.json_path = a.str("json", "");
     check_json_path(o.json_path);
@@ -337,8 +338,8 @@ const char* kUsage =
     "  megamoe info --preset dsv3|dsv4-flash|dsv4-pro|tiny [--ep N] [--max-tokens M] [--dtype bf16|fp8]\n"
     "               [--tokens T,...] [--hbm-gbps X] [--bf16-tflops X] [--fp8-tflops X] [--nvlink-gbps X]\n"
     "  megamoe bench [--preset P[,P...]] [--dtype bf16|fp8] [--tokens 1,64,512,...] [--gpus N]\n"
-    "                [--routing uniform|balanced|skewed|all-to-one|masked] [--iters N] [--json PATH] [--stages]\n"
-    "                [--experts E] [--gemm-cluster-m 0|1|2] [--sms N] [ceilings as for info]\n"
+    "                [--routing uniform|balanced|skewed|all-to-one|masked] [--iters N] [--warmup-ms MS]\n"
+    "                [--json PATH] [--stages] [--experts E] [--gemm-cluster-m 0|1|2] [--sms N] [ceilings as for info]\n"
     "  megamoe bench --comm [--gpus N]\n"
     "  megamoe bench --stream\n"
     "  megamoe selftest --skip-barrier-rank R [--timeout S] [--gpus N]\n"
@@ -369,9 +370,10 @@ const char* kInfoUsage =
 
 const char* kBenchUsage =
     "usage: megamoe bench [--preset P[,P...]] [--dtype bf16|fp8] [--tokens T,...] [--gpus N] [--routing R]\n"
-    "                     [--iters N] [--json PATH] [--stages] [--experts E] [--gemm-cluster-m 0|1|2] [--sms N]\n"
-    "                     [--impl staged,fused] [--zeroing prefix,full] [--combine fused,cast-then-sum]\n"
-    "                     [--pool-rows P] [--hbm-gbps X] [--bf16-tflops X] [--fp8-tflops X] [--nvlink-gbps X]\n"
+    "                     [--iters N] [--warmup-ms MS] [--json PATH] [--stages] [--experts E]\n"
+    "                     [--gemm-cluster-m 0|1|2] [--sms N] [--impl staged,fused] [--zeroing prefix,full]\n"
+    "                     [--combine fused,cast-then-sum] [--pool-rows P] [--hbm-gbps X] [--bf16-tflops X]\n"
+    "                     [--fp8-tflops X] [--nvlink-gbps X]\n"
     "       megamoe bench --comm [--gpus N]\n"
     "       megamoe bench --stream\n"
     "The layer's latency under CUDA-graph replay, one rank per GPU, against the roofline floor.\n"
@@ -381,6 +383,8 @@ const char* kBenchUsage =
     "  --gpus N            ranks, one per GPU (default: every visible GPU)\n"
     "  --routing R         uniform, balanced, skewed, all-to-one, masked (default uniform)\n"
     "  --iters N           timed replays per token count, 1..100000 (default 30)\n"
+    "  --warmup-ms MS      replays before the timed ones, for at least MS ms, 0..60000 (default 300: an H200\n"
+    "                      reaches its power cap, and the clock it holds under load, within ~0.1 s)\n"
     "  --json PATH         append one JSON line per row to PATH\n"
     "  --stages            also time one eager forward stage by stage\n"
     "  --experts E         override the preset's expert count (e.g. one GPU as one rank of EP 4)\n"

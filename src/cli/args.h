@@ -87,6 +87,7 @@ struct BenchOptions {
   std::vector<int64_t> tokens = {1, 64, 512, 1024, 2048, 4096, 8192};  // per rank, one table row each
   RoutingKind routing = RoutingKind::kUniform;
   int iters = 30;         // timed graph replays per token count
+  int warmup_ms = 300;    // --warmup-ms: graph replays before the timed ones, at least this long
   std::string json_path;  // --json: append one line per row ("" = none)
   int64_t experts = 0;    // --experts: overrides the preset's expert count (0 = the preset's)
   bool stages = false;    // --stages: also time one eager forward stage by stage

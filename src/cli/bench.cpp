@@ -3,8 +3,10 @@
 // barrier's latency; or, with --stream, one GPU's TMA stream rate per SM (bench/cuda/stream_bench.h).
 //
 // Method: one graph per input set (x, routing, y), several sets so that inputs larger than L2 rotate;
-// warm-up replays, then each timed replay bracketed by CUDA events; per rank the median; reported: the
-// slowest rank's median.
+// warm-up replays for at least --warmup-ms (the card settles at the clock it holds under sustained
+// load: at its power cap from ~2048 tokens on), then each timed replay bracketed by CUDA events; per
+// rank the median; reported: the slowest rank's median, and the SM clock and the share of time at
+// the power cap over the warm-up's second half and the timed replays (bench/clock_monitor.h).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -16,6 +18,7 @@
 #include <vector>
 
 #include "cli/args.h"
+#include "bench/clock_monitor.h"
 #include "bench/cuda/comm_bench.h"
 #include "bench/cuda/stream_bench.h"
 #include "bench/cuda/random_fill.h"
@@ -84,6 +87,7 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
   // The floor uses the ceilings measured on this card (flags override them).
   const std::optional<Ceilings> card = measured_ceilings(prop.name);
   const Ceilings ceilings = o.ceiling_flags.over(card.value_or(Ceilings{}));
+  bench::ClockMonitor clock_monitor(comm.device());
   if (rank == 0) {
     std::printf("ceilings (%s%s): HBM %.0f GB/s, bf16 %.0f TFLOP/s, fp8 %.0f TFLOP/s, NVLink %.0f GB/s\n", prop.name,
                 card ? ", measured" : ": not measured, H100 SXM defaults; pass --hbm-gbps etc.", ceilings.hbm_gbps,
@@ -121,8 +125,10 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
                   layout.windowed() ? " (windows)" : "");
       // "tile floor": the floor with each expert's rows rounded up to 64-row tensor-core tiles, expected
       // under uniform routing (Roofline::tile_floor_us); what a kernel of such tiles can reach.
-      std::printf("%8s %12s %12s %10s %12s %10s %14s %10s\n", "T/rank", "median us", "min us", "TFLOP/s", "floor us",
-                  "vs floor", "tile floor us", "vs tile");
+      // "SM MHz" / "capped": the slowest rank's median SM clock and largest share of samples at the
+      // power cap (bench/clock_monitor.h; "-" where NVML is not there).
+      std::printf("%8s %12s %12s %10s %12s %10s %14s %10s %7s %7s\n", "T/rank", "median us", "min us", "TFLOP/s",
+                  "floor us", "vs floor", "tile floor us", "vs tile", "SM MHz", "capped");
     }
     for (int64_t T : tokens) {
       const size_t H = size_t(shape.hidden), K = size_t(shape.top_k);
@@ -152,7 +158,24 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
         MEGAMOE_CUDA_CHECK(cudaGraphInstantiate(&set.graph, g, 0));
         MEGAMOE_CUDA_CHECK(cudaGraphDestroy(g));
       }
+      // Warm-up: 3 replays of each set, timed to learn a replay's length, then enough more to fill
+      // --warmup-ms.
+      clock_monitor.start();
+      cudaEvent_t warm_begin, warm_end;
+      MEGAMOE_CUDA_CHECK(cudaEventCreate(&warm_begin));
+      MEGAMOE_CUDA_CHECK(cudaEventCreate(&warm_end));
+      MEGAMOE_CUDA_CHECK(cudaEventRecord(warm_begin, s));
       for (int w = 0; w < 3 * sets; w++) MEGAMOE_CUDA_CHECK(cudaGraphLaunch(in[size_t(w % sets)].graph, s));
+      MEGAMOE_CUDA_CHECK(cudaEventRecord(warm_end, s));
+      synchronize_or_exit(layer, s);
+      float warm_ms = 0;
+      MEGAMOE_CUDA_CHECK(cudaEventElapsedTime(&warm_ms, warm_begin, warm_end));
+      MEGAMOE_CUDA_CHECK(cudaEventDestroy(warm_begin));
+      MEGAMOE_CUDA_CHECK(cudaEventDestroy(warm_end));
+      const double replay_ms = std::max(double(warm_ms) / (3 * sets), 1e-3);
+      // The same count on every rank (each replay waits for its peers).
+      const int more = int(comm.all_reduce_max(std::clamp(std::ceil((o.warmup_ms - warm_ms) / replay_ms), 0.0, 1e6)));
+      for (int w = 0; w < more; w++) MEGAMOE_CUDA_CHECK(cudaGraphLaunch(in[size_t(w % sets)].graph, s));
       synchronize_or_exit(layer, s);
       comm.host_barrier();
       std::vector<cudaEvent_t> ev(2 * size_t(iters));
@@ -163,6 +186,7 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
         MEGAMOE_CUDA_CHECK(cudaEventRecord(ev[2 * size_t(i) + 1], s));
       }
       synchronize_or_exit(layer, s);
+      const bench::ClockSummary clock = clock_monitor.stop(0.5);
       std::vector<double> us(static_cast<size_t>(iters));
       for (int i = 0; i < iters; i++) {
         float ms = 0;
@@ -179,6 +203,17 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
       }
       const double slowest_median = comm.all_reduce_max(median(us));
       const double slowest_min = comm.all_reduce_max(*std::min_element(us.begin(), us.end()));
+      // The slowest clock and the most capped rank; a rank without a reading makes the row say "-".
+      const bool clock_known = clock.available && clock.samples > 0;
+      const bool all_clocks_known = -comm.all_reduce_max(clock_known ? -1.0 : 0.0) > 0.5;
+      const double lowest_mhz = -comm.all_reduce_max(-clock.sm_mhz);
+      const double most_capped = comm.all_reduce_max(clock.power_capped);
+      char mhz_text[16] = "-", capped_text[16] = "-", clock_json[96] = "\"sm_mhz\": null, \"power_capped\": null";
+      if (all_clocks_known) {
+        std::snprintf(mhz_text, sizeof mhz_text, "%.0f", lowest_mhz);
+        std::snprintf(capped_text, sizeof capped_text, "%.0f%%", 100.0 * most_capped);
+        std::snprintf(clock_json, sizeof clock_json, "\"sm_mhz\": %.0f, \"power_capped\": %.3f", lowest_mhz, most_capped);
+      }
       for (auto& set : in) MEGAMOE_CUDA_CHECK(cudaGraphExecDestroy(set.graph));
       std::string stage_line, stage_json;
       if (o.stages) {  // one eager forward, timed stage by stage (slowest rank per stage)
@@ -207,9 +242,9 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
       const Roofline roof = roofline(shape, T, ceilings);
       const double tflops = roof.flops / (slowest_median * 1e6);
       if (rank == 0) {
-        std::printf("%8lld %12.1f %12.1f %10.1f %12.1f %10.2f %14.1f %10.2f\n", (long long)T, slowest_median, slowest_min,
-                    tflops, roof.floor_us, slowest_median / roof.floor_us, roof.tile_floor_us,
-                    slowest_median / roof.tile_floor_us);
+        std::printf("%8lld %12.1f %12.1f %10.1f %12.1f %10.2f %14.1f %10.2f %7s %7s\n", (long long)T, slowest_median,
+                    slowest_min, tflops, roof.floor_us, slowest_median / roof.floor_us, roof.tile_floor_us,
+                    slowest_median / roof.tile_floor_us, mhz_text, capped_text);
         std::fputs(stage_line.c_str(), stdout);
         std::fflush(stdout);
         if (!json_path.empty()) {
@@ -219,11 +254,11 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
                         "{\"impl\": \"megamoe\", \"variant\": \"%s\", \"dtype\": \"%s\", \"preset\": \"%s\", "
                         "\"experts\": %lld, \"ep\": %d, \"tokens\": %lld, \"latency_us\": %.2f, \"min_us\": %.2f, "
                         "\"tflops\": %.2f, \"floor_us\": %.2f, \"vs_floor\": %.3f, \"tile_floor_us\": %.2f, \"vs_tile_floor\": %.3f, "
-                        "\"gpu\": \"%s\", \"routing\": \"%s\", "
+                        "%s, \"gpu\": \"%s\", \"routing\": \"%s\", "
                         "\"sms\": %d, \"pool_rows\": %lld, \"workspace_bytes\": %zu%s}\n",
                         impl_name, std::string(to_string(shape.weight_format)).c_str(), preset.c_str(), (long long)shape.num_experts, W,
                         (long long)T, slowest_median, slowest_min, tflops, roof.floor_us, slowest_median / roof.floor_us,
-                        roof.tile_floor_us, slowest_median / roof.tile_floor_us, prop.name, std::string(to_string(routing)).c_str(), layer.num_sms(),
+                        roof.tile_floor_us, slowest_median / roof.tile_floor_us, clock_json, prop.name, std::string(to_string(routing)).c_str(), layer.num_sms(),
                         static_cast<long long>(layer.layout().pool_rows()), layer.layout().total_bytes(), stage_json.c_str());
           out << line;
         }

@@ -131,6 +131,7 @@ TEST_F(Cli, BenchDefaults) {
   EXPECT_EQ(o.max_tokens(), 8192);
   EXPECT_EQ(o.routing, RoutingKind::kUniform);
   EXPECT_EQ(o.iters, 30);
+  EXPECT_EQ(o.warmup_ms, 300);
   EXPECT_EQ(o.json_path, "");
   EXPECT_EQ(o.experts, 0);
   EXPECT_FALSE(o.stages);
@@ -141,7 +142,7 @@ TEST_F(Cli, BenchDefaults) {
 TEST_F(Cli, BenchParsesEveryFlag) {
   const std::string json = (std::filesystem::temp_directory_path() / "megamoe_test_cli.json").string();
   const BenchOptions o = bench({"--preset", "tiny,dsv3", "--dtype", "fp8", "--tokens", "0,128", "--gpus", "2",
-                                "--routing", "skewed", "--iters", "7", "--json", json.c_str(), "--experts", "64",
+                                "--routing", "skewed", "--iters", "7", "--warmup-ms", "0", "--json", json.c_str(), "--experts", "64",
                                 "--stages", "--gemm-cluster-m", "2", "--sms", "66"});
   EXPECT_EQ(o.presets, (std::vector<std::string>{"tiny", "dsv3"}));
   EXPECT_EQ(o.format, WeightFormat::kFp8);  // accepted: the fp8 layer is the layer's business
@@ -150,6 +151,7 @@ TEST_F(Cli, BenchParsesEveryFlag) {
   EXPECT_EQ(o.gpus, 2);
   EXPECT_EQ(o.routing, RoutingKind::kSkewed);
   EXPECT_EQ(o.iters, 7);
+  EXPECT_EQ(o.warmup_ms, 0);
   EXPECT_EQ(o.json_path, json);
   EXPECT_EQ(o.experts, 64);
   EXPECT_TRUE(o.stages);
@@ -228,6 +230,7 @@ TEST_F(Cli, BenchRejectsBadValuesNamingTheFlag) {
   EXPECT_INVALID(bench({"--tokens", "2000000"}), HasSubstr("--tokens = '2000000': must be an integer in [0, 1048576]"));
   EXPECT_INVALID(bench({"--tokens", "-1"}), HasSubstr("--tokens = '-1'"));
   EXPECT_INVALID(bench({"--iters", "0"}), HasSubstr("--iters = '0': must be an integer in [1, 100000]"));
+  EXPECT_INVALID(bench({"--warmup-ms", "-1"}), HasSubstr("--warmup-ms = '-1': must be an integer in [0, 60000]"));
   EXPECT_INVALID(bench({"--gpus", "0"}), HasSubstr("--gpus = '0': must be an integer in [1, 64]"));
   EXPECT_INVALID(bench({"--sms", "0"}), HasSubstr("--sms = '0': must be an integer in [1, 1024]"));
   EXPECT_INVALID(bench({"--sms", "x"}), HasSubstr("--sms = 'x'"));
