@@ -1,6 +1,6 @@
-// The SM clock and the power cap while the bench replays the layer. An H200 running the FP8 layer at
-// 2048 or more tokens per rank reaches its 700 W cap within ~0.1 s and lowers its SM clock (1.98 GHz
-// at rest, 1.4-1.75 GHz there), so a timing says little without the clock it ran at
+// The SM clock and the power cap while the bench replays the layer. An H200 replaying the FP8 layer
+// back to back at 64 or more tokens per rank reaches its 700 W cap within ~0.1 s and lowers its SM
+// clock (1.98 GHz at rest, 1.14-1.77 GHz there), so a timing says little without the clock it ran at
 // (docs/PERFORMANCE.md, twenty-sixth session). Read through NVML, the driver's library, opened at run
 // time so that nothing links against it; without it (or without the device in it) every summary says
 // it is unavailable.

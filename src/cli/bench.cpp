@@ -4,7 +4,7 @@
 //
 // Method: one graph per input set (x, routing, y), several sets so that inputs larger than L2 rotate;
 // warm-up replays for at least --warmup-ms (the card settles at the clock it holds under sustained
-// load: at its power cap from ~2048 tokens on), then each timed replay bracketed by CUDA events; per
+// load: an H200 at its power cap from ~64 tokens on), then each timed replay bracketed by CUDA events; per
 // rank the median; reported: the slowest rank's median, and the SM clock and the share of time at
 // the power cap over the warm-up's second half and the timed replays (bench/clock_monitor.h).
 #include <algorithm>

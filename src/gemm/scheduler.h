@@ -169,9 +169,9 @@ MEGAMOE_HOST_DEVICE inline PairTile decode_pair_item(const GroupedSchedule& s, i
 // the expert has more units in the window than the item computes on (two for a pair that multicasts
 // the tile, one otherwise). The GEMM keeps such tiles in L2 (EVICT_NORMAL) and streams the others
 // through it (EVICT_FIRST). At 4096-8192 tokens per rank an expert's tile is loaded by 2-3 items;
-// streamed through, it came from HBM each time, and the power the card spent on those reads took
-// its clock (at the 700 W cap from 2048 tokens on) ~6% lower: docs/PERFORMANCE.md, twenty-sixth
-// session.
+// streamed through, it came from HBM each time, and under sustained load (the card at its 700 W
+// cap) the power spent on those reads cost 4-5% of the SM clock and of the layer's speed at 8192
+// tokens: docs/PERFORMANCE.md, twenty-sixth session.
 MEGAMOE_HOST_DEVICE inline bool weight_tile_read_again(const GroupedSchedule& s, int window, int expert,
                                                        bool shares_weights) {
   const PoolWindow w = schedule_window(s, window);
