@@ -2,7 +2,6 @@
 
 #include <dlfcn.h>
 
-#include <algorithm>
 #include <chrono>
 #include <cuda_runtime.h>
 
@@ -34,7 +33,7 @@ ClockMonitor::ClockMonitor(int cuda_device) {
     return;
   }
   void* device = nullptr;
-  Sample probe{};
+  ClockSample probe{};
   if (cudaDeviceGetPCIBusId(bus_id, int(sizeof bus_id), cuda_device) == cudaSuccess && by_bus_id(bus_id, &device) == 0) {
     device_ = device;
     if (!sample(probe)) device_ = nullptr;
@@ -50,11 +49,11 @@ ClockMonitor::~ClockMonitor() {
   }
 }
 
-bool ClockMonitor::sample(Sample& out) const {
+bool ClockMonitor::sample(ClockSample& out) const {
   unsigned mhz = 0;
   unsigned long long reasons = 0;
   if (clock_info_(device_, kNvmlClockSm, &mhz) != 0 || clock_reasons_(device_, &reasons) != 0) return false;
-  out = Sample{mhz, (reasons & kReasonSwPowerCap) != 0};
+  out = ClockSample{mhz, (reasons & kReasonSwPowerCap) != 0};
   return true;
 }
 
@@ -67,7 +66,7 @@ void ClockMonitor::start() {
   running_ = true;
   thread_ = std::thread([this] {
     while (running_) {
-      Sample s{};
+      ClockSample s{};
       if (sample(s)) {
         std::lock_guard<std::mutex> lock(mutex_);
         samples_.push_back(s);
@@ -78,29 +77,11 @@ void ClockMonitor::start() {
 }
 
 ClockSummary ClockMonitor::stop(double keep_fraction) {
-  ClockSummary summary;
-  if (!available() || !running_) return summary;
+  if (!available() || !running_) return ClockSummary{};
   running_ = false;
   thread_.join();
-  std::vector<Sample> kept;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const size_t keep = std::max<size_t>(1, size_t(double(samples_.size()) * std::clamp(keep_fraction, 0.0, 1.0)));
-    if (samples_.empty()) return ClockSummary{true, 0, 0, 0};
-    kept.assign(samples_.end() - std::min(keep, samples_.size()), samples_.end());
-  }
-  summary.available = true;
-  summary.samples = int(kept.size());
-  std::vector<unsigned> mhz;
-  int capped = 0;
-  for (const Sample& s : kept) {
-    mhz.push_back(s.sm_mhz);
-    capped += s.power_capped ? 1 : 0;
-  }
-  std::nth_element(mhz.begin(), mhz.begin() + mhz.size() / 2, mhz.end());
-  summary.sm_mhz = mhz[mhz.size() / 2];
-  summary.power_capped = double(capped) / double(kept.size());
-  return summary;
+  std::lock_guard<std::mutex> lock(mutex_);
+  return summarize_clock_samples(samples_, keep_fraction);
 }
 
 }  // namespace megamoe::bench

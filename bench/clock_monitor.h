@@ -5,13 +5,19 @@
 // time so that nothing links against it; without it (or without the device in it) every summary says
 // it is unavailable.
 #pragma once
+#include <algorithm>
 #include <atomic>
-#include <cstdint>
+#include <cstddef>
 #include <mutex>
 #include <thread>
 #include <vector>
 
 namespace megamoe::bench {
+
+struct ClockSample {
+  unsigned sm_mhz;
+  bool power_capped;  // the software power cap was lowering the clock
+};
 
 struct ClockSummary {
   bool available = false;
@@ -19,6 +25,27 @@ struct ClockSummary {
   double sm_mhz = 0;        // median SM clock of the samples kept
   double power_capped = 0;  // fraction of them with the software power cap lowering the clock
 };
+
+// The last `keep_fraction` (clamped to [0, 1]; at least one sample) of `samples`, in the order taken:
+// their median clock (the upper one of an even count) and their share at the power cap.
+inline ClockSummary summarize_clock_samples(const std::vector<ClockSample>& samples, double keep_fraction) {
+  ClockSummary summary;
+  summary.available = true;
+  if (samples.empty()) return summary;
+  const size_t keep = std::clamp<size_t>(size_t(double(samples.size()) * std::clamp(keep_fraction, 0.0, 1.0)), 1,
+                                         samples.size());
+  std::vector<unsigned> mhz;
+  int capped = 0;
+  for (size_t i = samples.size() - keep; i < samples.size(); i++) {
+    mhz.push_back(samples[i].sm_mhz);
+    capped += samples[i].power_capped ? 1 : 0;
+  }
+  std::nth_element(mhz.begin(), mhz.begin() + std::ptrdiff_t(mhz.size() / 2), mhz.end());
+  summary.samples = int(keep);
+  summary.sm_mhz = mhz[mhz.size() / 2];
+  summary.power_capped = double(capped) / double(keep);
+  return summary;
+}
 
 class ClockMonitor {
  public:
@@ -30,15 +57,12 @@ class ClockMonitor {
   bool available() const { return device_ != nullptr; }
   // Starts sampling every 10 ms on a thread of its own.
   void start();
-  // Stops, and summarises the last `keep_fraction` (0, 1] of the samples taken since start().
+  // Stops, and summarises the last `keep_fraction` of the samples taken since start()
+  // (summarize_clock_samples).
   ClockSummary stop(double keep_fraction);
 
  private:
-  struct Sample {
-    unsigned sm_mhz;
-    bool power_capped;
-  };
-  bool sample(Sample& out) const;
+  bool sample(ClockSample& out) const;
 
   void* library_ = nullptr;
   void* device_ = nullptr;  // nvmlDevice_t
@@ -50,7 +74,7 @@ class ClockMonitor {
   std::thread thread_;
   std::atomic<bool> running_{false};
   std::mutex mutex_;
-  std::vector<Sample> samples_;
+  std::vector<ClockSample> samples_;
 };
 
 }  // namespace megamoe::bench
