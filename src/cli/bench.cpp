@@ -205,7 +205,7 @@ int bench_layer(Communicator& comm, const BenchOptions& o) {
       const double slowest_min = comm.all_reduce_max(*std::min_element(us.begin(), us.end()));
       // The slowest clock and the most capped rank; a rank without a reading makes the row say "-".
       const bool clock_known = clock.available && clock.samples > 0;
-      const bool all_clocks_known = -comm.all_reduce_max(clock_known ? -1.0 : 0.0) > 0.5;
+      const bool all_clocks_known = comm.all_reduce_max(clock_known ? 0.0 : 1.0) == 0.0;
       const double lowest_mhz = -comm.all_reduce_max(-clock.sm_mhz);
       const double most_capped = comm.all_reduce_max(clock.power_capped);
       char mhz_text[16] = "-", capped_text[16] = "-", clock_json[96] = "\"sm_mhz\": null, \"power_capped\": null";

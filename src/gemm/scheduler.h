@@ -105,12 +105,21 @@ struct ItemPlace {
   PoolWindow window;
   int expert, first_unit, expert_units, unit, column;
 };
+// An expert's share of a window: its first unit there and its number of units there.
+struct ExpertShare {
+  int first_unit, units;
+};
+MEGAMOE_HOST_DEVICE inline ExpertShare expert_share(const PoolWindow& w, const int32_t* unit_offset, int expert) {
+  const int first_unit = std::max(w.unit_begin, unit_offset[expert]);
+  return ExpertShare{first_unit, std::min(w.unit_end, unit_offset[expert + 1]) - first_unit};
+}
 MEGAMOE_HOST_DEVICE inline ItemPlace locate_item(const GroupedSchedule& s, int window, int item, int unit_items) {
   ItemPlace e;
   e.window = schedule_window(s, window);
   e.expert = expert_of_unit(s.unit_offset, s.experts, e.window.unit_begin + item / unit_items);
-  e.first_unit = std::max(e.window.unit_begin, s.unit_offset[e.expert]);
-  e.expert_units = std::min(e.window.unit_end, s.unit_offset[e.expert + 1]) - e.first_unit;
+  const ExpertShare share = expert_share(e.window, s.unit_offset, e.expert);
+  e.first_unit = share.first_unit;
+  e.expert_units = share.units;
   const int local = item - (e.first_unit - e.window.unit_begin) * unit_items;
   e.unit = local % e.expert_units;
   e.column = local / e.expert_units;
@@ -174,9 +183,7 @@ MEGAMOE_HOST_DEVICE inline PairTile decode_pair_item(const GroupedSchedule& s, i
 // tokens: docs/PERFORMANCE.md, twenty-sixth session.
 MEGAMOE_HOST_DEVICE inline bool weight_tile_read_again(const GroupedSchedule& s, int window, int expert,
                                                        bool shares_weights) {
-  const PoolWindow w = schedule_window(s, window);
-  const int units = std::min(w.unit_end, s.unit_offset[expert + 1]) - std::max(w.unit_begin, s.unit_offset[expert]);
-  return units > (shares_weights ? 2 : 1);
+  return expert_share(schedule_window(s, window), s.unit_offset, expert).units > (shares_weights ? 2 : 1);
 }
 
 // Host: the schedule of the given row counts (tests and tools).

@@ -2,7 +2,7 @@
 // for a windowed pool), on the host: over adversarial row counts, the windows cover every unit and
 // every row once, in order, each within the pool, each cut at a unit boundary. The GEMM's work items
 // over the same schedules, for single CTAs (gemm::decode_unit) and CTA pairs (gemm::decode_pair_item):
-// every tile once, and which weight tiles another item loads too (gemm::weight_tile_read_again).
+// every tile once, and which weight tiles another item computes with too (gemm::weight_tile_read_again).
 // And the CTA pairing heuristic (gemm::cluster_m_for).
 #include <gtest/gtest.h>
 
@@ -85,8 +85,13 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
               const int items = gemm::total_units(g, w) * unit_items;
               // The items of the window that compute with each weight tile (expert, N block), and what
               // weight_tile_read_again said of each item.
-              std::map<std::pair<int, int>, std::set<int>> loaders;
-              std::vector<std::pair<std::vector<std::pair<int, int>>, bool>> item_tiles;
+              using WeightTile = std::pair<int, int>;  // (expert, N block)
+              struct ItemWeights {
+                std::vector<WeightTile> tiles;
+                bool read_again;
+              };
+              std::map<WeightTile, std::set<int>> loaders;
+              std::vector<ItemWeights> item_weights;
               for (int item = 0; item < items; item++) {
                 std::vector<gemm::TileCoord> tiles;
                 bool shares_weights = false;
@@ -109,11 +114,11 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
                 }
                 // The weight tiles the item computes with (a pair's N block past the last, which loads
                 // the last N block's operands for nothing, is not counted).
-                item_tiles.push_back({{}, gemm::weight_tile_read_again(g, w, tiles[0].expert, shares_weights)});
+                item_weights.push_back({{}, gemm::weight_tile_read_again(g, w, tiles[0].expert, shares_weights)});
                 for (const gemm::TileCoord& c : tiles) {
                   if (c.rows_valid <= 0) continue;
                   loaders[{c.expert, c.n_block}].insert(item);
-                  item_tiles.back().first.push_back({c.expert, c.n_block});
+                  item_weights.back().tiles.push_back({c.expert, c.n_block});
                 }
                 for (const gemm::TileCoord& c : tiles) {
                   ASSERT_GE(c.n_block, 0);
@@ -131,9 +136,9 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
               }
               // weight_tile_read_again: true exactly where another item of the window computes with
               // the tile.
-              for (size_t item = 0; item < item_tiles.size(); item++)
-                for (const auto& tile : item_tiles[item].first)
-                  ASSERT_EQ(item_tiles[item].second, loaders[tile].size() > 1)
+              for (size_t item = 0; item < item_weights.size(); item++)
+                for (const WeightTile& tile : item_weights[item].tiles)
+                  ASSERT_EQ(item_weights[item].read_again, loaders[tile].size() > 1)
                       << "item " << item << ", expert " << tile.first << ", N block " << tile.second
                       << ", cluster_m " << cluster_m;
             }
