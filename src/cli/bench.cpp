@@ -6,7 +6,8 @@
 // warm-up replays for at least --warmup-ms (the card settles at the clock it holds under sustained
 // load: an H200 at its power cap from ~64 tokens on), then each timed replay bracketed by CUDA events; per
 // rank the median; reported: the slowest rank's median, and the SM clock and the share of time at
-// the power cap over the warm-up's second half and the timed replays (bench/clock_monitor.h).
+// the power cap over the later half of the samples taken from the warm-up's start to the last timed
+// replay (bench/clock_monitor.h).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
