@@ -44,6 +44,8 @@ enum class Arena { kSymmetric, kLocal };
   X(kExpertTileOffset, expert_tile_offset, kLocal, int32_t, "int32", "E/W+1", 128, false)                               \
   /* the fused forward's FC1 tiles stored per local expert (zeroed in its kernel before FC1 starts) */                  \
   X(kFc1TilesDone, fc1_tiles_done, kLocal, int32_t, "int32", "E/W", 128, false)                                         \
+  /* the GEMMs' work counters, [0] FC1's and [1] FC2's (zero at creation; each GEMM sets its own back to zero) */       \
+  X(kGemmItemsTaken, gemm_items_taken, kLocal, int32_t, "int32", "2", 128, false)                                       \
   X(kPoolWindows, pool_windows, kLocal, ::megamoe::PoolWindow, "PoolWindow", "windows (P < W*Tmax*K)", 128, false)      \
   X(kFc1Out, fc1_out, kLocal, uint8_t, "bf16|e4m3", "P*I", 1024, false)                                                 \
   X(kFc1OutScale, fc1_out_scale, kLocal, float, "-|fp32", "I/128*P128 (fp8)", 1024, false)                              \
@@ -194,7 +196,8 @@ struct DeviceStatus {
   uint64_t peer_epoch_seen;    // kBarrierTimeout: the last barrier waited_for_rank had signalled
   // kPipelineStall: which pipeline (StalledPipeline), which wait (0: the producer for a free stage,
   // 1: a consumer for a full one, 2: the fused forward's FC2 producer for FC1's tiles of the item's
-  // expert), which CTA, which work item, and the bound that wait gave up after (the fused forward's
+  // expert), which CTA, which work item (a consumer waiting for its next tile: the item it computed
+  // last, -1 before its first), and the bound that wait gave up after (the fused forward's
   // FC2 waits twice the layer's timeout, so that a stalled FC1 it waits behind reports the cause).
   int32_t stalled_pipeline, stalled_wait, stalled_cta, stalled_item;
   uint64_t stalled_after_ns;

@@ -75,6 +75,7 @@ void size_region(const MoeShape& s, size_t pool_rows, Region r, size_t& element_
     case Region::kExpertRowOffset: element_bytes = 4; count = El + 1; return;
     case Region::kExpertTileOffset: element_bytes = 4; count = El + 1; return;
     case Region::kFc1TilesDone: element_bytes = 4; count = El; return;
+    case Region::kGemmItemsTaken: element_bytes = 4; count = 2; return;
     case Region::kPoolWindows: element_bytes = sizeof(PoolWindow); count = count_pool_windows(s, pool_rows); return;
     case Region::kFc1Out: element_bytes = activation_bytes; count = mul(pool, I); return;
     case Region::kFc1OutScale: element_bytes = 4; count = fp8 ? mul(I / 128, pitch) : 0; return;

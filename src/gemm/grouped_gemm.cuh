@@ -21,7 +21,9 @@
 //     shared-memory stages with TMA (128B swizzle); in a CTA pair whose two tiles need the same
 //     weight tile, its share is multicast to both, so those weights cross L2 once per pair
 //     (decode_pair_item says which tiles a pair computes); with
-//     a tile's first stage it hands the consumers the tile's coordinates (the storage's `tile`);
+//     a tile's first stage it hands the consumers the tile's coordinates (the storage's `tile`),
+//     and after its last tile a stage with the marker that no item is left (kNoMoreItems); which
+//     items a CTA computes, the work counter says (GroupedProblem::items_taken) or a static walk;
 //   warpgroups 1-2 (consumers): each owns 64 of the tile's 128 rows, issues wgmma (SS, fp32
 //     accumulators) per stage, and each of its warps releases the stage on the "empty" mbarrier of
 //     every CTA of the cluster,
@@ -98,10 +100,21 @@ struct GroupedProblem {
   //     holds wait_tiles_per_unit (FC1's items per unit x consumer warps x CTAs per cluster) per unit;
   //   rotate_by_unit_items (FC2): FC1's items per unit; the item walk starts FC1's item count later,
   //     so the CTAs that FC1 left idle or finished first take the first FC2 items (the first experts').
+  //   (with a work counter the rotation sets only each CTA's first item; the counter hands out the
+  //   rest, first to the CTAs that finish first.)
   int32_t* tiles_done;
   const int32_t* wait_tiles;
   int32_t wait_tiles_per_unit;
   int32_t rotate_by_unit_items;
+  // The work counter (single CTAs; null, and always for CTA pairs: the static walk, every
+  // num_clusters-th item from the cluster's first). Each CTA computes its static first item, then
+  // its producer takes the next with an atomic add as it issues the current item's last k block, so
+  // a CTA whose tiles ran long (a hot expert's full tiles, an epilogue that waited) takes fewer, and
+  // the GEMM ends within about one item of the average, where the static walk ended with the CTA
+  // that drew the most work. Zero before the GEMM; back to zero after it (takes_last_value). Pairs
+  // would need the leader's take shared with its peer; they run where experts hold two or more
+  // units, where items are alike.
+  int32_t* items_taken;
   // Where a stalled pipeline is recorded (null: wait without bound) and after how long (the layer's
   // timeout; twice that for the one-window fused forward's FC2, which waits behind FC1).
   DeviceStatus* status;
@@ -459,7 +472,14 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     } else if (threadIdx.x == 0) {
       PipelineState write{0, 1, 0};  // a fresh "empty" barrier counts as already released once
       int tiles_waited_for = -1;  // the expert whose FC1 tiles are known done (wait_tiles)
-      for (int item = first_item; item < num_items; item += num_clusters) {
+      // GroupedProblem::items_taken, read where used (a kernel parameter: no register held for it).
+      // Every CTA's first item is its static one (no atomic's round trip before the first load); the
+      // counter hands out the items from num_clusters on.
+      auto counted = [&] { return kCluster == 1 && problem.items_taken != nullptr; };
+      int item = first_item;
+      if (counted() && item >= num_items) item = num_clusters + atomicAdd(problem.items_taken, 1);
+      while (item < num_items) {
+        int next_item = 0;  // taken from the counter at the last k block
         TileCoord c;
         bool shares_weights = false;  // CTA pairs: each loads half of the weight tile and multicasts it
         if constexpr (kCluster == 1) {
@@ -485,6 +505,9 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
         const int64_t b_scale_row = weight_scale_row(problem, c, k_blocks);
         for (int kb = 0; kb < k_blocks; kb++, ++write) {
           const int stage = write.index();
+          // Taken before the wait for this stage (~one k block of the consumers): the atomic's round
+          // trip is over by the time the next item's first load is due.
+          if (counted() && kb == k_blocks - 1) next_item = num_clusters + atomicAdd(problem.items_taken, 1);
           wait_stage(problem, &smem.empty[stage], write.phase(), 0, item, kb, stage, smem.full, 2 * kStages);
           // Published by the arrive below (release), read after the consumers' wait (acquire); the
           // slot is free again once every consumer warp has released the stage.
@@ -531,7 +554,15 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
                                    kb * BK, b_row);
           }
         }
+        item = counted() ? next_item : item + num_clusters;
       }
+      if (counted() && takes_last_value(item, num_items, num_clusters)) atomicExch(problem.items_taken, 0);
+      // No more items: the next stage carries the marker instead of a tile (the consumers leave at it).
+      // Its full barrier completes on this arrival alone, with no bytes to wait for.
+      wait_stage(problem, &smem.empty[write.index()], write.phase(), 0, item, 0, write.index(), smem.full, 2 * kStages);
+      smem.tile[write.index()].item = kNoMoreItems;
+      asm volatile("" ::: "memory");
+      cutlass::arch::ClusterBarrier::arrive(&smem.full[write.index()]);
     }
     // Warp 0 reconverges here: its lanes 1-31 wait for the TMA thread. The cluster barrier below is
     // .aligned (every lane of a warp must execute it together); lanes arriving while lane 0 still
@@ -579,10 +610,18 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
       uncounted_expert = -1;
     };
     PipelineState read;
-    for (int item = first_item; item < num_items; item += num_clusters) {
-      // The tile, from the producer (its first stage is waited for again, at once, by the mainloop).
-      wait_stage(problem, &smem.full[read.index()], read.phase(), 1, item, 0, read.index());
+    int item = -1;  // the stall log's: a wait for the next tile is logged as after the last one's k blocks
+    for (;;) {
+      // The tile, from the producer (its first stage is waited for again, at once, by the mainloop),
+      // or the marker that no item is left.
+      wait_stage(problem, &smem.full[read.index()], read.phase(), 1, item, k_blocks, read.index());
       TileCoord c = smem.tile[read.index()];
+      // A vote, not a shuffled value: with a shuffle in the loop's exit ptxas no longer kept the
+      // stages' wgmma descriptors in uniform registers (R2UR moves before every wgmma; FP8 forwards
+      // 3-7% slower at 2048-8192 tokens, where CTA pairs walk statically: docs/PERFORMANCE.md,
+      // twenty-eighth session).
+      if (__all_sync(0xffffffffu, c.item == kNoMoreItems)) break;
+      item = c.item;
       c.rows_valid = __shfl_sync(0xffffffffu, c.rows_valid, 0);  // warp-uniform, as consumer_wg
       // Tiles without rows (a pair's N block past the last: decode_pair_item), or a
       // warpgroup's half of a tile without rows (unless split), still take part in the pipeline but

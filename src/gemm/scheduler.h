@@ -5,7 +5,8 @@
 // owns rows [row_offset[e], row_offset[e+1]) and units [unit_offset[e], unit_offset[e+1]), one unit
 // being kScheduleUnitRows = 128 rows of one expert (ceil of its rows over 128): one tile. A GEMM work
 // item is (unit, N block) for single CTAs (decode_unit), (unit, pair of N blocks) for CTA pairs
-// (decode_pair_item); locate_item says in which order the items come.
+// (decode_pair_item); locate_item says in which order the items come, and the work counter
+// (takes_last_value) which CTA computes which.
 //
 // With a window table (the fused forward's pool windows, WorkspaceLayout::windowed), a GEMM computes
 // one window's units only: [unit_begin, unit_end) in the order above, whose rows are contiguous in
@@ -71,7 +72,20 @@ struct TileCoord {
   int schedule_row;    // the same row in schedule order (row_begin + the window's first row)
   int rows_valid;      // rows of the tile that belong to the expert (<= 128; <= 0: none)
   int n_block;
+  int item;            // the work item (of the window) whose tile this is; kNoMoreItems: none is left
 };
+// TileCoord::item of the marker a GEMM's producer hands its consumers after its last tile.
+inline constexpr int kNoMoreItems = -1;
+
+// The work counter (GroupedProblem::items_taken): every CTA starts with its static first item (one
+// of items 0..takers-1, each CTA another), then takes item takers + (the counter's value) with an
+// atomic add until it holds one past the last (a CTA whose first item is past the last takes once
+// all the same). So a GEMM of `items` items on `takers` CTAs hands out exactly max(items - takers, 0)
+// + takers values, and the CTA that takes the last of them, item max(items, takers) + takers - 1, is
+// the last to touch the counter: it sets it back to zero for the next GEMM (no host reset).
+MEGAMOE_HOST_DEVICE inline bool takes_last_value(int item, int items, int takers) {
+  return item == std::max(items, takers) + takers - 1;
+}
 
 // The window `window` of a schedule (every unit and row without a window table). Plain (coherent)
 // loads, not __ldg, here and in the decodes: in the fused forward the schedule is written by the
@@ -131,6 +145,7 @@ MEGAMOE_HOST_DEVICE inline TileCoord unit_tile(const GroupedSchedule& s, const I
   TileCoord c;
   c.expert = e.expert;
   c.n_block = n_block;
+  c.item = kNoMoreItems;  // the decodes set it
   c.schedule_row = s.row_offset[e.expert] + (e.first_unit - s.unit_offset[e.expert] + unit) * kScheduleUnitRows;
   const int rows_left = s.row_offset[e.expert + 1] - c.schedule_row;
   c.rows_valid = rows_left < kScheduleUnitRows ? rows_left : kScheduleUnitRows;
@@ -142,7 +157,9 @@ MEGAMOE_HOST_DEVICE inline TileCoord unit_tile(const GroupedSchedule& s, const I
 // its column as the N block.
 MEGAMOE_HOST_DEVICE inline TileCoord decode_unit(const GroupedSchedule& s, int window, int item, int n_blocks) {
   const ItemPlace e = locate_item(s, window, item, n_blocks);
-  return unit_tile(s, e, e.unit, e.column);
+  TileCoord c = unit_tile(s, e, e.unit, e.column);
+  c.item = item;
+  return c;
 }
 
 // CTA pairs (kClusterM = 2): the units are 128-row tiles as for single CTAs, and a work item is
@@ -171,6 +188,7 @@ MEGAMOE_HOST_DEVICE inline PairTile decode_pair_item(const GroupedSchedule& s, i
   const int n_block = 2 * e.column + (p.shares_weights ? e.unit & 1 : cluster_rank);
   p.tile = unit_tile(s, e, tile_unit, n_block < n_blocks ? n_block : n_blocks - 1);
   if (n_block >= n_blocks) p.tile.rows_valid = 0;
+  p.tile.item = item;
   return p;
 }
 

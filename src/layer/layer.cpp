@@ -134,7 +134,8 @@ std::string describe_device_status(const DeviceStatus& s, int rank, double timeo
         (s.stalled_wait == 2 ? std::string("for FC1 to finish the tiles of its expert")
                              : std::string("for a shared-memory stage to ") +
                                    (s.stalled_wait == 0 ? "free (producer)" : "fill (consumer)")) +
-        " at work item " + std::to_string(s.stalled_item));
+        (s.stalled_item < 0 ? std::string(" before its first work item")
+                            : " at work item " + std::to_string(s.stalled_item)));
   if (s.error_flags & kGridSyncTimeout)
     add("fused forward: only " + std::to_string(s.grid_sync_arrived) + " CTAs reached grid sync point " +
         std::to_string(s.grid_sync_point) + " within " + comm::format_seconds(2 * timeout_s) +
@@ -458,7 +459,8 @@ struct Layer::Impl {
 
   // For a stalled GEMM: every warp of the stalled CTA and its pair that timed out in a pipeline wait
   // (work item, k block, stage, phase; wait 0 the producer's for a free stage, 1 a consumer's for a
-  // full one), and the raw words of their stages' mbarriers (full..., empty...).
+  // full one; a consumer waiting for its next tile logs the item it computed last, -1 for none, and
+  // k block = the GEMM's k blocks), and the raw words of their stages' mbarriers (full..., empty...).
   std::string describe_stall_log(int stalled_cta) const {
     std::vector<int32_t> log(stall_log.count, 0);
     MEGAMOE_CUDA_CHECK(cudaMemcpyAsync(log.data(), stall_log.ptr, stall_log.bytes(), cudaMemcpyDeviceToHost, status_stream));
@@ -468,7 +470,7 @@ struct Layer::Impl {
     for (int cta = first_cta; cta < first_cta + 2 && cta < gemm::kStallLogCtas; cta++) {
       for (int w = 0; w < gemm::kStallLogWarps; w++) {
         const int32_t* e = &log[size_t(gemm::stall_log_warp_entry(cta, w)) * 4];
-        if (e[0] < 0) continue;
+        if (e[3] < 0) continue;  // unwritten (a consumer waiting for its first tile logs item -1)
         out += "\n  CTA " + std::to_string(cta) + " warp " + std::to_string(w) + " waited (wait " + std::to_string(e[3] / 2) +
                ") at item " + std::to_string(e[0]) + ", k block " + std::to_string(e[1]) + ", stage " +
                std::to_string(e[2]) + ", phase " + std::to_string(e[3] % 2);

@@ -242,6 +242,7 @@ Fc1Args<Operands, kClusterM> fc1_args(const LayerView& v, const ExpertGemmOperan
   problem.stall_log = v.stall_log;
   problem.timeout_ns = v.wait_timeout_ns;
   problem.pipeline = kFc1Pipeline;
+  problem.items_taken = kClusterM == 1 ? v.ws.gemm_items_taken : nullptr;  // [0]: FC1's work counter
   typename Epilogue::Params params{};
   if constexpr (Operands::kBlockScaled) {
     params = {v.ws.fc1_out, v.ws.fc1_out_scale, v.intermediate, v.scale_pitch, v.swiglu_limit};

@@ -85,6 +85,7 @@ Fc2Args<Operands, kBlockN, kClusterM> fc2_args(const LayerView& v, const ExpertG
   problem.stall_log = v.stall_log;
   problem.timeout_ns = v.wait_timeout_ns;
   problem.pipeline = kFc2Pipeline;
+  problem.items_taken = kClusterM == 1 && v.ws.gemm_items_taken ? v.ws.gemm_items_taken + 1 : nullptr;  // [1]: FC2's
   typename ScatterEpilogue<kBlockN>::Params params{v.ws.pool_source, v.peers, v.ws.combine_recv, v.hidden};
   return {problem, params};
 }

@@ -81,6 +81,10 @@ TEST(Layout, SizesFollowTheFormulas) {
   EXPECT_EQ(l[Region::kFc1TilesDone].bytes, El * 4);
   const RegionSpec& counters = workspace_table()[size_t(Region::kFc1TilesDone)];
   EXPECT_TRUE(counters.id == Region::kFc1TilesDone && counters.arena == Arena::kLocal && !counters.zero_per_forward);
+  // The GEMMs' work counters (FC1, FC2): each GEMM returns its own to zero, the host never resets them.
+  EXPECT_EQ(l[Region::kGemmItemsTaken].bytes, 2u * 4);
+  const RegionSpec& work = workspace_table()[size_t(Region::kGemmItemsTaken)];
+  EXPECT_TRUE(work.arena == Arena::kLocal && !work.zero_per_forward);
   EXPECT_EQ(l.pool_rows(), int64_t(W * T * K));
 
   MoeShape f = make_preset("dsv4-flash", 4, 4096, WeightFormat::kFp8);

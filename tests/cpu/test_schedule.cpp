@@ -121,6 +121,7 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
                   item_weights.back().tiles.push_back({c.expert, c.n_block});
                 }
                 for (const gemm::TileCoord& c : tiles) {
+                  ASSERT_EQ(c.item, item) << "the tile names its item (the consumers' stall log reads it)";
                   ASSERT_GE(c.n_block, 0);
                   ASSERT_LT(c.n_block, n_blocks);
                   ASSERT_EQ(c.row_begin, c.schedule_row - p.row_begin);
@@ -163,6 +164,52 @@ TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
         cases++;
       }
   EXPECT_EQ(cases, 4 * 5 * 200);
+}
+
+// The GEMM's work counter (GroupedProblem::items_taken), its protocol on the host: takers (CTA
+// producers) start with their static first items (a permutation of 0..takers-1, as the rotated walk
+// gives them), then take values in any interleaving, each until it holds an item past the last; the
+// one that takes_last_value resets the counter. Every item is computed once, the reset is the
+// counter's last touch, and the next GEMM (another item count, also none) starts from zero.
+TEST(Schedule, WorkCounterHandsOutEveryItemOnceAndEndsAtZero) {
+  std::mt19937 rng(20261202);
+  int counter = 0;
+  for (int gemm = 0; gemm < 400; gemm++) {
+    const int takers = 1 + int(rng() % 140);
+    const int items = gemm % 7 == 0 ? 0 : gemm % 7 == 1 ? int(rng() % uint32_t(takers)) : int(rng() % 2000);
+    ASSERT_EQ(counter, 0) << "GEMM " << gemm << " starts from a counter that was not reset";
+    std::vector<int> first(static_cast<size_t>(takers));
+    for (int t = 0; t < takers; t++) first[size_t(t)] = (t + gemm) % takers;
+    std::vector<int> computed_by(static_cast<size_t>(items), -1), holds(static_cast<size_t>(takers));
+    int resets = 0, takes_after_reset = 0, active = takers;
+    auto compute = [&](int t, int item) {
+      ASSERT_EQ(computed_by[size_t(item)], -1) << "item " << item << " computed twice";
+      computed_by[size_t(item)] = t;
+    };
+    for (int t = 0; t < takers; t++) {
+      holds[size_t(t)] = first[size_t(t)];
+      if (holds[size_t(t)] < items) compute(t, holds[size_t(t)]);
+    }
+    while (active > 0) {
+      const int t = int(rng() % uint32_t(takers));
+      if (holds[size_t(t)] >= items && holds[size_t(t)] != first[size_t(t)]) continue;  // done
+      if (resets > 0) takes_after_reset++;
+      const int item = takers + counter++;  // the atomic add
+      holds[size_t(t)] = item;
+      if (item < items) {
+        compute(t, item);
+        continue;
+      }
+      active--;
+      if (gemm::takes_last_value(item, items, takers)) {
+        counter = 0;  // the atomic exchange
+        resets++;
+      }
+    }
+    EXPECT_EQ(resets, 1) << "GEMM " << gemm << ": " << takers << " takers, " << items << " items";
+    EXPECT_EQ(takes_after_reset, 0) << "a taker touched the counter after its reset";
+    for (int i = 0; i < items; i++) ASSERT_GE(computed_by[size_t(i)], 0) << "item " << i << " never computed";
+  }
 }
 
 }  // namespace

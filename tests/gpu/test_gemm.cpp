@@ -93,7 +93,9 @@ double row_error(const double* got, const double* want, int n) {
 }
 
 // One case in one format with one cluster size: everything built fresh, run once, checked.
-void run_case(const GemmCase& gc, bool fp8, int cluster_m, uint64_t seed) {
+// work_counter: single CTAs take their items from the work counter (as the layer runs them), or walk
+// them statically (as CTA pairs always do).
+void run_case(const GemmCase& gc, bool fp8, int cluster_m, bool work_counter, uint64_t seed) {
   const int H = gc.hidden, I = gc.intermediate, E = int(gc.rows_per_expert.size());
   const gemm::HostSchedule schedule = gemm::build_schedule(gc.rows_per_expert);
   const int rows = schedule.row_offset.back();
@@ -102,7 +104,8 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, uint64_t seed) {
   const int pool_rows = rows + 64;
   const int scale_pitch = int(round_up(size_t(pool_rows), 128));
   const size_t eb = fp8 ? 1 : 2;  // bytes per operand element
-  const std::string what = std::string(gc.name) + (fp8 ? " fp8" : " bf16") + " cluster_m=" + std::to_string(cluster_m);
+  const std::string what = std::string(gc.name) + (fp8 ? " fp8" : " bf16") + " cluster_m=" + std::to_string(cluster_m) +
+                           (work_counter ? " counter" : " static");
   SCOPED_TRACE(what);
 
   // Inputs: tokens (the staging area, token r = pool row r) and weights, from the CPU reference's
@@ -154,6 +157,8 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, uint64_t seed) {
   arrived.zero();
   DeviceBuffer<DeviceStatus> status(1);
   status.zero();
+  DeviceBuffer<int32_t> items_taken(2);  // the work counters of FC1 and FC2: zero before the first GEMM
+  items_taken.zero();
 
   // Weights in the layer's layout: w1 interleaved (gate j, up j) by the layer's own kernel, fp8 scales
   // in checkpoint order.
@@ -206,6 +211,7 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, uint64_t seed) {
   v.ws.fc1_out = fc1_out.get();
   v.ws.fc1_out_scale = fc1_scale.get();
   v.ws.device_status = status.get();
+  v.ws.gemm_items_taken = work_counter ? items_taken.get() : nullptr;
   v.peers.local = reinterpret_cast<char*>(symmetric.get());
   v.peers.base[0] = v.peers.local;
 
@@ -236,6 +242,7 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, uint64_t seed) {
   const DeviceStatus st = status.download()[0];
   EXPECT_EQ(st.error_flags, 0) << "device status reports an error";
   EXPECT_EQ(arrived.download(), gc.rows_per_expert) << "rows FC1's feed counted in per expert";
+  EXPECT_EQ(items_taken.download(), std::vector<int32_t>({0, 0})) << "each GEMM sets its work counter back to zero";
 
   // The feed copied exactly the experts' rows (and, fp8, their scales into the block-column-major
   // matrix) and nothing past them.
@@ -391,8 +398,8 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, uint64_t seed) {
     for (size_t i = 0; i < size_t(H) * 2; i++) written_spare += out_bytes[size_t(r) * H * 2 + i] != 0xFF;
     for (int b = 0; fp8 && b < I / 128; b++) written_spare += !std::isnan(h_scale[size_t(b) * scale_pitch + r]);
   }
-  std::printf("%-22s %s cluster_m=%d rows=%4d: worst row rel err FC1 %.2e, FC2 %.2e", gc.name, fp8 ? "fp8 " : "bf16",
-              cluster_m, rows, worst_fc1, worst_fc2);
+  std::printf("%-22s %s cluster_m=%d %-7s rows=%4d: worst row rel err FC1 %.2e, FC2 %.2e", gc.name,
+              fp8 ? "fp8 " : "bf16", cluster_m, work_counter ? "counter" : "static", rows, worst_fc1, worst_fc2);
   if (fp8)
     std::printf(", e4m3 one-step flips %lld of %lld (%lld outside the error model), more than one step %lld",
                 (long long)flips, (long long)rows * I, (long long)unpredicted_flips, (long long)wrong_codes);
@@ -415,8 +422,11 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, uint64_t seed) {
   }
 }
 
-void run_both_cluster_sizes(const GemmCase& gc, bool fp8) {
-  for (int cluster_m : {1, 2}) run_case(gc, fp8, cluster_m, test_seed() + uint64_t(cluster_m));
+// Single CTAs with the work counter and with the static walk, and CTA pairs (static).
+void run_every_item_walk(const GemmCase& gc, bool fp8) {
+  run_case(gc, fp8, 1, true, test_seed() + 1);
+  run_case(gc, fp8, 1, false, test_seed() + 3);
+  run_case(gc, fp8, 2, false, test_seed() + 2);
 }
 
 const GemmCase kTileBoundaries{"tile boundaries", 256, 128, {0, 1, 63, 64, 65, 127, 128, 129, 300, 0}, 0.0f};
@@ -442,18 +452,18 @@ GemmCase empty_half_tiles() {
   return gc;
 }
 
-MEGAMOE_GPU_TEST(GroupedGemmBf16, TileBoundaries) { run_both_cluster_sizes(kTileBoundaries, false); }
-MEGAMOE_GPU_TEST(GroupedGemmBf16, SwigluClampAndLongK) { run_both_cluster_sizes(kClampAndLongK, false); }
-MEGAMOE_GPU_TEST(GroupedGemmBf16, HiddenNotAMultipleOf256) { run_both_cluster_sizes(kHidden384, false); }
-MEGAMOE_GPU_TEST(GroupedGemmBf16, ManyExperts) { run_both_cluster_sizes(many_experts(), false); }
+MEGAMOE_GPU_TEST(GroupedGemmBf16, TileBoundaries) { run_every_item_walk(kTileBoundaries, false); }
+MEGAMOE_GPU_TEST(GroupedGemmBf16, SwigluClampAndLongK) { run_every_item_walk(kClampAndLongK, false); }
+MEGAMOE_GPU_TEST(GroupedGemmBf16, HiddenNotAMultipleOf256) { run_every_item_walk(kHidden384, false); }
+MEGAMOE_GPU_TEST(GroupedGemmBf16, ManyExperts) { run_every_item_walk(many_experts(), false); }
 
-MEGAMOE_GPU_TEST(GroupedGemmBf16, EmptyHalfTilesThousandLaunches) { run_both_cluster_sizes(empty_half_tiles(), false); }
+MEGAMOE_GPU_TEST(GroupedGemmBf16, EmptyHalfTilesThousandLaunches) { run_every_item_walk(empty_half_tiles(), false); }
 
-MEGAMOE_GPU_TEST(GroupedGemmFp8, TileBoundaries) { run_both_cluster_sizes(kTileBoundaries, true); }
-MEGAMOE_GPU_TEST(GroupedGemmFp8, SwigluClampAndLongK) { run_both_cluster_sizes(kClampAndLongK, true); }
-MEGAMOE_GPU_TEST(GroupedGemmFp8, HiddenNotAMultipleOf256) { run_both_cluster_sizes(kHidden384, true); }
-MEGAMOE_GPU_TEST(GroupedGemmFp8, ManyExperts) { run_both_cluster_sizes(many_experts(), true); }
-MEGAMOE_GPU_TEST(GroupedGemmFp8, EmptyHalfTilesThousandLaunches) { run_both_cluster_sizes(empty_half_tiles(), true); }
+MEGAMOE_GPU_TEST(GroupedGemmFp8, TileBoundaries) { run_every_item_walk(kTileBoundaries, true); }
+MEGAMOE_GPU_TEST(GroupedGemmFp8, SwigluClampAndLongK) { run_every_item_walk(kClampAndLongK, true); }
+MEGAMOE_GPU_TEST(GroupedGemmFp8, HiddenNotAMultipleOf256) { run_every_item_walk(kHidden384, true); }
+MEGAMOE_GPU_TEST(GroupedGemmFp8, ManyExperts) { run_every_item_walk(many_experts(), true); }
+MEGAMOE_GPU_TEST(GroupedGemmFp8, EmptyHalfTilesThousandLaunches) { run_every_item_walk(empty_half_tiles(), true); }
 
 // The device weight quantiser (quantize_weights_fp8, used by the layer for bf16 weights on an fp8
 // layer) and the host one the tests use agree bit for bit: same scales, same codes (+0 and -0 alike),
