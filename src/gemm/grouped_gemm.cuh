@@ -615,14 +615,23 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
       // The tile, from the producer (its first stage is waited for again, at once, by the mainloop),
       // or the marker that no item is left.
       wait_stage(problem, &smem.full[read.index()], read.phase(), 1, item, k_blocks, read.index());
-      TileCoord c = smem.tile[read.index()];
+      // Read by the warp's releasing lane alone and handed to the others: racecheck does not carry a
+      // __syncwarp over to another lane's arrive, so lanes 1-31 reading a slot that the producer
+      // writes again after lane 0's release (the end marker, one ring lap after a tile) was
+      // reported as a race. Shuffled from lane 0, the values are also known warp-uniform.
+      TileCoord c{};
+      if (releases) c = smem.tile[read.index()];
       // A vote, not a shuffled value: with a shuffle in the loop's exit ptxas no longer kept the
       // stages' wgmma descriptors in uniform registers (R2UR moves before every wgmma; FP8 forwards
       // 3-7% slower at 2048-8192 tokens, where CTA pairs walk statically: docs/PERFORMANCE.md,
       // twenty-eighth session).
-      if (__all_sync(0xffffffffu, c.item == kNoMoreItems)) break;
-      item = c.item;
-      c.rows_valid = __shfl_sync(0xffffffffu, c.rows_valid, 0);  // warp-uniform, as consumer_wg
+      if (__any_sync(0xffffffffu, releases && c.item == kNoMoreItems)) break;
+      c.expert = __shfl_sync(0xffffffffu, c.expert, 0);
+      c.row_begin = __shfl_sync(0xffffffffu, c.row_begin, 0);
+      c.schedule_row = __shfl_sync(0xffffffffu, c.schedule_row, 0);
+      c.rows_valid = __shfl_sync(0xffffffffu, c.rows_valid, 0);
+      c.n_block = __shfl_sync(0xffffffffu, c.n_block, 0);
+      c.item = item = __shfl_sync(0xffffffffu, c.item, 0);
       // Tiles without rows (a pair's N block past the last: decode_pair_item), or a
       // warpgroup's half of a tile without rows (unless split), still take part in the pipeline but
       // skip the math; the epilogue stores only valid rows.
