@@ -5,7 +5,8 @@
 // in ordinary device memory. The regions that must read zero at the start of every forward (the
 // counters) come first in the symmetric arena, so the per-forward reset is one small memset of the
 // arena's prefix; bulk data is overwritten before it is read and is never memset. Both arenas are
-// zeroed once at creation (the barrier flags and the device status rely on that, and never again).
+// zeroed once at creation (the barrier flags, the device status and the GEMMs' work counters rely on
+// that, and never again).
 #pragma once
 #include <array>
 #include <cstddef>

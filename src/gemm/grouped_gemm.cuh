@@ -98,10 +98,10 @@ struct GroupedProblem {
   //     is stored and fenced (a tile later: see the consumers' count_stored_tile);
   //   wait_tiles (FC2): the producer waits (bounded) before an expert's first A load until [expert]
   //     holds wait_tiles_per_unit (FC1's items per unit x consumer warps x CTAs per cluster) per unit;
-  //   rotate_by_unit_items (FC2): FC1's items per unit; the item walk starts FC1's item count later,
-  //     so the CTAs that FC1 left idle or finished first take the first FC2 items (the first experts').
-  //   (with a work counter the rotation sets only each CTA's first item; the counter hands out the
-  //   rest, first to the CTAs that finish first.)
+  //   rotate_by_unit_items (FC2): FC1's items per unit; each CTA's first item comes FC1's item count
+  //     later, so the CTAs that FC1 left without an item take the first FC2 items (the first
+  //     experts'). The work counter hands out the rest, first to the CTAs that finish first (the
+  //     static walk of CTA pairs goes on every num_clusters-th item).
   int32_t* tiles_done;
   const int32_t* wait_tiles;
   int32_t wait_tiles_per_unit;
@@ -123,6 +123,9 @@ struct GroupedProblem {
   // Optional (null: none), for the layer's stall report: a warp whose wait times out writes {item,
   // k block, stage, phase + 2 * which} at stall_log_warp_entry(CTA, warp); the producer also copies
   // its CTA's mbarrier words to stall_log_barrier_entry(CTA) (config.h). Unwritten entries read -1.
+  // A consumer waiting for its next tile logs the item it computed last (-1: none) and k block =
+  // the GEMM's k blocks; the producer waiting for the end marker's stage, the value past the last
+  // item it took.
   int4* stall_log;
 };
 
@@ -315,7 +318,8 @@ struct alignas(1024) GroupedGemmSharedStorage {
   alignas(8) uint64_t empty[Config::kStages];
   // The tile of the item whose first k block a stage holds, written by the producer before it arms
   // the stage's full barrier: consumers read it there instead of decoding the item themselves (a
-  // binary search over the schedule: dependent global loads at the start of every tile).
+  // binary search over the schedule: dependent global loads at the start of every tile). Or, in
+  // the stage after the producer's last tile, the end marker: only `item` (kNoMoreItems) written.
   alignas(16) TileCoord tile[Config::kStages];
 };
 
@@ -454,7 +458,8 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
     else return false;
   }();
   const int num_items = total_units(problem.schedule, window) * items_per_unit<kCluster>(n_blocks);
-  // This cluster's first item (GroupedProblem::rotate_by_unit_items); then every num_clusters-th.
+  // This cluster's first item (GroupedProblem::rotate_by_unit_items); then the work counter's
+  // (GroupedProblem::items_taken) or every num_clusters-th.
   const int first_item = [&] {
     if (!kCountedTiles || problem.rotate_by_unit_items == 0) return cluster_id;
     const int rotation = total_units(problem.schedule, window) * problem.rotate_by_unit_items % num_clusters;

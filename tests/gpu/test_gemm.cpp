@@ -44,7 +44,7 @@ struct GemmCase {
   int hidden, intermediate;
   std::vector<int> rows_per_expert;
   float swiglu_limit;
-  int launches = 1;  // FC1 + FC2 launched this many times on the same inputs; the last one is checked
+  int launches = 1;  // FC1 + FC2 launched this many times on the same inputs; the last one, on poisoned outputs, is checked
 };
 
 // Waits for the stream; when the device records a stalled GEMM pipeline, reports it and ends the
@@ -229,6 +229,13 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, bool work_counter, ui
   }
 
   for (int launch = 0; launch < gc.launches; launch++) {
+    if (launch > 0 && launch == gc.launches - 1) {
+      // The outputs poisoned again before the checked launch: an item it skipped (a work counter
+      // that did not return to zero) must not hide behind an earlier launch's rows.
+      for (DeviceBuffer<uint8_t>* b : {&pool, &fc1_out}) b->poison();
+      for (DeviceBuffer<float>* b : {&pool_scale, &fc1_scale}) b->poison();
+      MEGAMOE_CUDA_CHECK(cudaMemsetAsync(combine_recv, 0xFF, combine_bytes, stream()));
+    }
     // FC1's feed counts each expert's rows in again; the layer zeroes the counters per forward.
     MEGAMOE_CUDA_CHECK(cudaMemsetAsync(arrived.get(), 0, size_t(E) * sizeof(int32_t), stream()));
     moe::launch_fc1(v, g, cluster_m, device_sm_count(), stream());
