@@ -45,6 +45,9 @@ struct GemmCase {
   std::vector<int> rows_per_expert;
   float swiglu_limit;
   int launches = 1;  // FC1 + FC2 launched this many times on the same inputs; the last one, on poisoned outputs, is checked
+  // Both GEMMs have more single-CTA items than the GPU has SMs: the work counter hands out items
+  // beyond every CTA's first (asserted, so that a larger GPU does not quietly skip that path).
+  bool more_items_than_sms = false;
 };
 
 // Waits for the stream; when the device records a stalled GEMM pipeline, reports it and ends the
@@ -107,6 +110,11 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, bool work_counter, ui
   const std::string what = std::string(gc.name) + (fp8 ? " fp8" : " bf16") + " cluster_m=" + std::to_string(cluster_m) +
                            (work_counter ? " counter" : " static");
   SCOPED_TRACE(what);
+  if (gc.more_items_than_sms) {
+    const int units = schedule.unit_offset.back();
+    ASSERT_GT(units * (2 * I / gemm::kFc1BlockN), device_sm_count()) << "FC1's items";
+    ASSERT_GT(units * (H / gemm::fc2_block_n(H)), device_sm_count()) << "FC2's items";
+  }
 
   // Inputs: tokens (the staging area, token r = pool row r) and weights, from the CPU reference's
   // generators (bf16, O(1) activations).
@@ -440,6 +448,15 @@ const GemmCase kTileBoundaries{"tile boundaries", 256, 128, {0, 1, 63, 64, 65, 1
 const GemmCase kClampAndLongK{"clamp, long K", 1024, 512, {200, 0, 64, 257}, 0.3f};
 // Five experts: 90 and 45 weight scales, whose last boxes reach past the arrays (onto NaN guards).
 const GemmCase kHidden384{"hidden 384", 384, 384, {5, 130, 0, 260, 7}, 0.0f};
+// More single-CTA items than SMs with one FP8 k block in FC2 (I = 128): the counter's path where
+// each item is a single stage. 200 experts of 1-5 rows: 200 units, split tiles (<= 64 rows).
+GemmCase many_items_one_k_block() {
+  std::vector<int> rows(200);
+  for (size_t e = 0; e < rows.size(); e++) rows[e] = 1 + int((e * 7) % 5);
+  GemmCase gc{"many items, 1 k block", 256, 128, rows, 0.0f};
+  gc.more_items_than_sms = true;
+  return gc;
+}
 GemmCase many_experts() {
   std::vector<int> rows(96);
   for (size_t e = 0; e < rows.size(); e++) rows[e] = int((e * 37) % 23);
@@ -463,6 +480,7 @@ MEGAMOE_GPU_TEST(GroupedGemmBf16, TileBoundaries) { run_every_item_walk(kTileBou
 MEGAMOE_GPU_TEST(GroupedGemmBf16, SwigluClampAndLongK) { run_every_item_walk(kClampAndLongK, false); }
 MEGAMOE_GPU_TEST(GroupedGemmBf16, HiddenNotAMultipleOf256) { run_every_item_walk(kHidden384, false); }
 MEGAMOE_GPU_TEST(GroupedGemmBf16, ManyExperts) { run_every_item_walk(many_experts(), false); }
+MEGAMOE_GPU_TEST(GroupedGemmBf16, ManyItemsOneKBlock) { run_every_item_walk(many_items_one_k_block(), false); }
 
 MEGAMOE_GPU_TEST(GroupedGemmBf16, EmptyHalfTilesThousandLaunches) { run_every_item_walk(empty_half_tiles(), false); }
 
@@ -470,6 +488,7 @@ MEGAMOE_GPU_TEST(GroupedGemmFp8, TileBoundaries) { run_every_item_walk(kTileBoun
 MEGAMOE_GPU_TEST(GroupedGemmFp8, SwigluClampAndLongK) { run_every_item_walk(kClampAndLongK, true); }
 MEGAMOE_GPU_TEST(GroupedGemmFp8, HiddenNotAMultipleOf256) { run_every_item_walk(kHidden384, true); }
 MEGAMOE_GPU_TEST(GroupedGemmFp8, ManyExperts) { run_every_item_walk(many_experts(), true); }
+MEGAMOE_GPU_TEST(GroupedGemmFp8, ManyItemsOneKBlock) { run_every_item_walk(many_items_one_k_block(), true); }
 MEGAMOE_GPU_TEST(GroupedGemmFp8, EmptyHalfTilesThousandLaunches) { run_every_item_walk(empty_half_tiles(), true); }
 
 // The device weight quantiser (quantize_weights_fp8, used by the layer for bf16 weights on an fp8
