@@ -476,20 +476,17 @@ GemmCase empty_half_tiles() {
   return gc;
 }
 
-MEGAMOE_GPU_TEST(GroupedGemmBf16, TileBoundaries) { run_every_item_walk(kTileBoundaries, false); }
-MEGAMOE_GPU_TEST(GroupedGemmBf16, SwigluClampAndLongK) { run_every_item_walk(kClampAndLongK, false); }
-MEGAMOE_GPU_TEST(GroupedGemmBf16, HiddenNotAMultipleOf256) { run_every_item_walk(kHidden384, false); }
-MEGAMOE_GPU_TEST(GroupedGemmBf16, ManyExperts) { run_every_item_walk(many_experts(), false); }
-MEGAMOE_GPU_TEST(GroupedGemmBf16, ManyItemsOneKBlock) { run_every_item_walk(many_items_one_k_block(), false); }
-
-MEGAMOE_GPU_TEST(GroupedGemmBf16, EmptyHalfTilesThousandLaunches) { run_every_item_walk(empty_half_tiles(), false); }
-
-MEGAMOE_GPU_TEST(GroupedGemmFp8, TileBoundaries) { run_every_item_walk(kTileBoundaries, true); }
-MEGAMOE_GPU_TEST(GroupedGemmFp8, SwigluClampAndLongK) { run_every_item_walk(kClampAndLongK, true); }
-MEGAMOE_GPU_TEST(GroupedGemmFp8, HiddenNotAMultipleOf256) { run_every_item_walk(kHidden384, true); }
-MEGAMOE_GPU_TEST(GroupedGemmFp8, ManyExperts) { run_every_item_walk(many_experts(), true); }
-MEGAMOE_GPU_TEST(GroupedGemmFp8, ManyItemsOneKBlock) { run_every_item_walk(many_items_one_k_block(), true); }
-MEGAMOE_GPU_TEST(GroupedGemmFp8, EmptyHalfTilesThousandLaunches) { run_every_item_walk(empty_half_tiles(), true); }
+// Every case in both formats: GroupedGemmBf16.<name> and GroupedGemmFp8.<name>.
+#define MEGAMOE_GEMM_CASE(name, make_case)                                              \
+  MEGAMOE_GPU_TEST(GroupedGemmBf16, name) { run_every_item_walk(make_case, false); } \
+  MEGAMOE_GPU_TEST(GroupedGemmFp8, name) { run_every_item_walk(make_case, true); }
+MEGAMOE_GEMM_CASE(TileBoundaries, kTileBoundaries)
+MEGAMOE_GEMM_CASE(SwigluClampAndLongK, kClampAndLongK)
+MEGAMOE_GEMM_CASE(HiddenNotAMultipleOf256, kHidden384)
+MEGAMOE_GEMM_CASE(ManyExperts, many_experts())
+MEGAMOE_GEMM_CASE(ManyItemsOneKBlock, many_items_one_k_block())
+MEGAMOE_GEMM_CASE(EmptyHalfTilesThousandLaunches, empty_half_tiles())
+#undef MEGAMOE_GEMM_CASE
 
 // The device weight quantiser (quantize_weights_fp8, used by the layer for bf16 weights on an fp8
 // layer) and the host one the tests use agree bit for bit: same scales, same codes (+0 and -0 alike),
