@@ -140,12 +140,13 @@ MEGAMOE_HOST_DEVICE inline ItemPlace locate_item(const GroupedSchedule& s, int w
   return e;
 }
 
-// The rows of unit `unit` (counted in the expert's share of the window) as a tile's.
-MEGAMOE_HOST_DEVICE inline TileCoord unit_tile(const GroupedSchedule& s, const ItemPlace& e, int unit, int n_block) {
+// The rows of unit `unit` (counted in the expert's share of the window) as the tile of work item `item`.
+MEGAMOE_HOST_DEVICE inline TileCoord unit_tile(const GroupedSchedule& s, const ItemPlace& e, int unit, int n_block,
+                                               int item) {
   TileCoord c;
   c.expert = e.expert;
   c.n_block = n_block;
-  c.item = kNoMoreItems;  // the decodes set it
+  c.item = item;
   c.schedule_row = s.row_offset[e.expert] + (e.first_unit - s.unit_offset[e.expert] + unit) * kScheduleUnitRows;
   const int rows_left = s.row_offset[e.expert + 1] - c.schedule_row;
   c.rows_valid = rows_left < kScheduleUnitRows ? rows_left : kScheduleUnitRows;
@@ -157,9 +158,7 @@ MEGAMOE_HOST_DEVICE inline TileCoord unit_tile(const GroupedSchedule& s, const I
 // its column as the N block.
 MEGAMOE_HOST_DEVICE inline TileCoord decode_unit(const GroupedSchedule& s, int window, int item, int n_blocks) {
   const ItemPlace e = locate_item(s, window, item, n_blocks);
-  TileCoord c = unit_tile(s, e, e.unit, e.column);
-  c.item = item;
-  return c;
+  return unit_tile(s, e, e.unit, e.column, item);
 }
 
 // CTA pairs (kClusterM = 2): the units are 128-row tiles as for single CTAs, and a work item is
@@ -186,9 +185,8 @@ MEGAMOE_HOST_DEVICE inline PairTile decode_pair_item(const GroupedSchedule& s, i
   p.shares_weights = (e.unit | 1) < e.expert_units;
   const int tile_unit = p.shares_weights ? (e.unit & ~1) + cluster_rank : e.unit;
   const int n_block = 2 * e.column + (p.shares_weights ? e.unit & 1 : cluster_rank);
-  p.tile = unit_tile(s, e, tile_unit, n_block < n_blocks ? n_block : n_blocks - 1);
+  p.tile = unit_tile(s, e, tile_unit, n_block < n_blocks ? n_block : n_blocks - 1, item);
   if (n_block >= n_blocks) p.tile.rows_valid = 0;
-  p.tile.item = item;
   return p;
 }
 

@@ -112,8 +112,8 @@ void run_case(const GemmCase& gc, bool fp8, int cluster_m, bool work_counter, ui
   SCOPED_TRACE(what);
   if (gc.more_items_than_sms) {
     const int units = schedule.unit_offset.back();
-    ASSERT_GT(units * (2 * I / gemm::kFc1BlockN), device_sm_count()) << "FC1's items";
-    ASSERT_GT(units * (H / gemm::fc2_block_n(H)), device_sm_count()) << "FC2's items";
+    ASSERT_GT(units * gemm::items_per_unit<1>(2 * I / gemm::kFc1BlockN), device_sm_count()) << "FC1's items";
+    ASSERT_GT(units * gemm::items_per_unit<1>(H / gemm::fc2_block_n(H)), device_sm_count()) << "FC2's items";
   }
 
   // Inputs: tokens (the staging area, token r = pool row r) and weights, from the CPU reference's
