@@ -628,7 +628,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
       if (releases) c = smem.tile[read.index()];
       // A vote, not a shuffled value: with a shuffle in the loop's exit ptxas no longer kept the
       // stages' wgmma descriptors in uniform registers (R2UR moves before every wgmma; FP8 forwards
-      // 3-7% slower at 2048-8192 tokens, where CTA pairs walk statically: docs/PERFORMANCE.md,
+      // 2.5-7% slower at 2048-8192 tokens, where CTA pairs walk statically: docs/PERFORMANCE.md,
       // twenty-eighth session).
       if (__any_sync(0xffffffffu, releases && c.item == kNoMoreItems)) break;
       c.expert = __shfl_sync(0xffffffffu, c.expert, 0);
