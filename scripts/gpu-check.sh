@@ -120,7 +120,10 @@ for s in $steps; do
     ceilings) step ceilings 120 python3 bench/ceilings.py ;;
     sass)
       # The GEMMs must run on the tensor cores through wgmma: bf16 HGMMA and fp8 (E4M3) GMMA in the SASS.
-      step sass 120 bash -c "cuobjdump -sass $LIB/libmegamoe.so | grep -oE '[HQ]GMMA\.[0-9x]+\.F32\.[A-Z0-9.]+' | sort | uniq -c | tee /dev/stderr | grep -q BF16 && cuobjdump -sass $LIB/libmegamoe.so | grep -qE 'GMMA.*E4M3'" ;;
+      step sass 120 bash -c "cuobjdump -sass $LIB/libmegamoe.so | grep -oE '[HQ]GMMA\.[0-9x]+\.F32\.[A-Z0-9.]+' | sort | uniq -c | tee /dev/stderr | grep -q BF16 && cuobjdump -sass $LIB/libmegamoe.so | grep -qE 'GMMA.*E4M3'"
+      # Per kernel: instructions, spills, and spills and R2UR moves inside its wgmma loops; fails if a
+      # grouped GEMM spills inside one (scripts/sass_check.py).
+      step sass-loops 120 python3 scripts/sass_check.py "$LIB/libmegamoe.so" ;;
     gemm) step gemm 300 env MEGAMOE_TEST_RANKS=1 "$BIN/test_gpu_gemm" "${filter[@]}" ;;
     runtime|layer)
       limit=$([ $s = layer ] && echo 500 || echo 300)
