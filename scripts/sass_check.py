@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
-BRANCH_TARGET = re.compile(r"BRA\s+(?:`\(\.L_x_\d+\)|\(?0x([0-9a-f]+))")
+BRANCH_TARGET = re.compile(r"BRA\s+\(?0x([0-9a-f]+)")
 
 
 def kernels(listing):
@@ -43,7 +43,7 @@ def wgmma_loops(code):
     for address, opcode, operands in code:
         if opcode.startswith("BRA"):
             m = BRANCH_TARGET.search(opcode + operands)
-            if m and m.group(1) and int(m.group(1), 16) <= address:
+            if m and int(m.group(1), 16) <= address:
                 loops.append((int(m.group(1), 16), address))
     spans = set()
     for address, opcode, _ in code:
