@@ -127,10 +127,8 @@ def _row(table, region):
 
 REGIONS = ["expert_recv_count", "send_pair_count", "dispatch_done_ctas", "expert_arrived_rows", "barrier_flags",
            "source_pair_count", "recv_pairs", "token_staging", "token_staging_scale", "combine_recv", "token_pool",
-           "token_pool_scale", "pool_source", "expert_row_offset", "expert_tile_offset", "fc1_tiles_done", "gemm_items_taken",
-           "fc1_out",
-           "fc1_out_scale",
-           "device_status"]
+           "token_pool_scale", "pool_source", "expert_row_offset", "expert_tile_offset", "fc1_tiles_done",
+           "gemm_items_taken", "fc1_out", "fc1_out_scale", "device_status"]
 
 
 def test_workspace_table_bf16(lib):

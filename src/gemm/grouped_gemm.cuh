@@ -481,8 +481,9 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
       // Every CTA's first item is its static one (no atomic's round trip before the first load); the
       // counter hands out the items from num_clusters on.
       auto counted = [&] { return kCluster == 1 && problem.items_taken != nullptr; };
+      auto take_item = [&] { return num_clusters + atomicAdd(problem.items_taken, 1); };
       int item = first_item;
-      if (counted() && item >= num_items) item = num_clusters + atomicAdd(problem.items_taken, 1);
+      if (counted() && item >= num_items) item = take_item();
       while (item < num_items) {
         int next_item = 0;  // taken from the counter at the last k block
         TileCoord c;
@@ -512,7 +513,7 @@ __device__ __forceinline__ void grouped_gemm_cta(const CUtensorMap* tma_a_ptr, c
           const int stage = write.index();
           // Taken before the wait for this stage (~one k block of the consumers): the atomic's round
           // trip is over by the time the next item's first load is due.
-          if (counted() && kb == k_blocks - 1) next_item = num_clusters + atomicAdd(problem.items_taken, 1);
+          if (counted() && kb == k_blocks - 1) next_item = take_item();
           wait_stage(problem, &smem.empty[stage], write.phase(), 0, item, kb, stage, smem.full, 2 * kStages);
           // Published by the arrive below (release), read after the consumers' wait (acquire); the
           // slot is free again once every consumer warp has released the stage.
