@@ -30,8 +30,8 @@ struct LayerOptions {
   bool debug_checks = false;
   // Record CUDA events between the stages of eager forwards (see Layer::last_stage_times).
   bool stage_timing = false;
-  // GEMM CTA pairing (src/gemm/config.h): 0 picks per forward from the expected rows per expert;
-  // 1 or 2 forces single CTAs or CTA pairs (which share weight tiles where two tiles need one).
+  // GEMM CTA pairing (src/gemm/config.h): 0, the default, is single CTAs; 1 single CTAs; 2 CTA
+  // pairs (which share weight tiles where two tiles need one).
   int gemm_cluster_m = 0;
   // Streaming multiprocessors every kernel of a forward may occupy at once (0: all of the GPU's).
   // Leaves the rest to other work (a shared expert, attention); ranks that share one GPU (the

@@ -388,7 +388,7 @@ const char* kBenchUsage =
     "  --json PATH         append one JSON line per row to PATH\n"
     "  --stages            also time one eager forward stage by stage\n"
     "  --experts E         override the preset's expert count (e.g. one GPU as one rank of EP 4)\n"
-    "  --gemm-cluster-m M  GEMM CTA pairing: 0 = chosen per forward (default), 1 = single CTAs, 2 = pairs\n"
+    "  --gemm-cluster-m M  GEMM CTA pairing: 0 = the default (single CTAs), 1 = single CTAs, 2 = pairs\n"
     "  --sms N             SMs the layer's kernels may occupy, 1..1024 (default: all of the GPU's)\n"
     "  --impl I,...        staged (one kernel per stage, default) and/or fused (one persistent kernel)\n"
     "  --zeroing Z,...     ablation, staged only: prefix (zero the counters, default) and/or full (memset\n"

@@ -2,7 +2,6 @@
 // (host and device read the same constants; `megamoe info` prints describe_gemm_heuristics()).
 #pragma once
 #include <algorithm>
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -35,21 +34,23 @@ inline constexpr int stages_for(size_t stage_bytes, size_t other_bytes) {
   return int(std::min<size_t>(8, available / stage_bytes));
 }
 
-// CTAs per cluster (cluster_m), chosen per forward:
-//   1: every CTA computes its own 128-row tiles and loads their weight tiles;
-//   2: pairs (decode_pair_item in scheduler.h): two 128-row tiles of one expert and N block share
-//      their weight tile (each CTA loads half and multicasts it to both: half the weight traffic
-//      through L2), and a unit left alone (an expert's last when it has an odd number) is split by
-//      N blocks between the two CTAs, so no CTA idles.
-// Pairs win once many experts have a second tile, and are level below (one H200, dsv4-flash FP8, 64
-// experts, uniform routing, staged / fused: 1024 tokens 541-545 / 572-607 us either way, 2048
-// 1008-1011 -> 884-887 / 1029 -> 907-930, 4096 1666-1740 -> 1535-1561 / 1711-1743 -> 1552-1623, 8192
-// 3267-3286 -> 2980-2994 / 3399-3406 -> 3105-3160; BF16 2048 1749 -> 1257 staged; skewed routing
-// within 2.5% or faster at 64-8192 tokens; docs/PERFORMANCE.md, nineteenth session). With uniform
-// routing an expert's row count is about Poisson(expected), so pair when expected rows plus two
-// standard deviations reach a second tile. (Pairs whose unit was 256 rows idled the second CTA
-// wherever an expert's last unit held 128 rows or fewer: they lost 40-64% below 2048 tokens and were
-// kept from FP8 then.)
+// CTAs per cluster (cluster_m):
+//   1 (the default): every CTA computes its own 128-row tiles and loads their weight tiles, taking
+//      items from the work counter (GroupedProblem::items_taken);
+//   2 (LayerOptions::gemm_cluster_m = 2): pairs (decode_pair_item in scheduler.h): two 128-row tiles
+//      of one expert and N block share their weight tile (each CTA loads half and multicasts it to
+//      both: half the weight traffic through L2), and a unit left alone (an expert's last when it
+//      has an odd number) is split by N blocks between the two CTAs, so no CTA idles; the items
+//      follow a static walk.
+// Pairs once won wherever experts had a second tile (nineteenth session: dsv4-flash FP8 at 2048
+// tokens 1008 -> 884 us), while single CTAs read a weight tile's second use from HBM and walked their
+// items statically. Since weight tiles read again stay in L2 (weight_tile_read_again) and single
+// CTAs take items from a counter, single CTAs are level or faster: one H200 under sustained load,
+// FP8, dsv4-flash / dsv4-pro / dsv3, 2048-8192 tokens, staged and fused, 2-5 rounds: 2-8% faster at
+// 4096-8192 tokens on dsv4-pro and dsv3 and in the fused forward, level at 2048 (BF16: 1-3% slower
+// at 2048, 3-8% faster at 8192; docs/PERFORMANCE.md, thirtieth session).
+inline constexpr int kDefaultClusterM = 1;
+
 // FP8 tiles with <= 64 valid rows: split N instead of M between the two consumer warpgroups (both
 // on the same 64 rows, one 128-column pass each), so that at decode sizes the second warpgroup
 // works instead of idling. On by default since its first GPU run (one H200, 64 experts: FC1 at 64
@@ -72,11 +73,6 @@ inline constexpr int stall_log_barrier_entry(int cta) {
 }
 inline constexpr int kStallLogEntries = stall_log_barrier_entry(kStallLogCtas);
 
-inline int cluster_m_for(double expected_rows_per_expert) {
-  const double high = expected_rows_per_expert + 2.0 * std::sqrt(std::max(expected_rows_per_expert, 0.0));
-  return high > kBlockM ? 2 : 1;
-}
-
 // Rows of a weight (B) TMA box: each CTA of a cluster loads its share of the tile's block_n rows.
 inline constexpr uint32_t weight_box_rows(int block_n, int cluster_m) { return uint32_t(block_n / cluster_m); }
 
@@ -87,8 +83,8 @@ inline std::string describe_gemm_heuristics() {
          "one waited-for 128-column partial per pass" +
          std::string(kFp8SplitSmallTiles ? "; 256-column tiles of <= 64 rows split by columns between the warpgroups"
                                          : "") +
-         "); stages: as many as fit in 227 KiB beside the epilogue; CTA pairs (two units of an expert share each "
-         "weight tile, a unit alone is split by N blocks) when expected rows per expert + 2 sqrt(expected) > 128";
+         "); stages: as many as fit in 227 KiB beside the epilogue; single CTAs taking items from a work counter "
+         "(CTA pairs, two units of an expert sharing each weight tile, on request: gemm_cluster_m = 2)";
 }
 
 }  // namespace megamoe::gemm

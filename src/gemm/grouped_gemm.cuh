@@ -13,8 +13,8 @@
 //     tile ("promotion"), one 128-column pass at a time: the warpgroup waits for the pass's wgmma
 //     and promotes it while the other consumer warpgroup's wgmma run.
 //
-// One persistent CTA per SM, 384 threads, warp-specialised, in clusters of kClusterM CTAs (see
-// cluster_m_for in config.h for when 2 pays):
+// One persistent CTA per SM, 384 threads, warp-specialised, in clusters of kClusterM CTAs (1 by
+// default; kDefaultClusterM in config.h says why):
 //   warpgroup 0 (producer): warps 1-3 run the Feed (FC1: copy the pool rows in over NVLink);
 //     one thread of warp 0 streams the CTA's 128 x BK A tile and the BN x BK weight tile (or its
 //     share; and, fp8, the k block's row and weight-block scales, unswizzled) into a ring of

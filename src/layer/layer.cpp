@@ -192,7 +192,6 @@ struct Layer::Impl {
     MEGAMOE_CUDA_CHECK(cudaStreamCreateWithFlags(&status_stream, cudaStreamNonBlocking));
     // Every kernel of a forward is loaded now, not at its first launch (runtime/cuda_check.h).
     impl = o.impl;  // resolved by Layer::Layer
-    uniform_pairing = impl == ForwardImpl::kFused && std::string(c.transport()) == "loopback";
     moe::preload_kernels(fp8);
     if (impl == ForwardImpl::kFused) moe::preload_fused_kernels(fp8, view.pool_windowed);
     comm::preload_barrier_kernels();
@@ -247,14 +246,11 @@ struct Layer::Impl {
       if (timing) MEGAMOE_CUDA_CHECK(cudaEventRecord(stage_events[size_t(mark)], stream));
       mark++;
     };
-    // GEMM CTA pairing from the rows per expert expected under uniform routing (cluster_m_for in
-    // gemm/config.h); with a device-side count, the capacity is what is known.
-    // Ranks that share one GPU (the loopback transport) and run the fused kernel need every rank's
-    // grid resident at once; a rank of CTA pairs beside ranks of single CTAs may not fit (pairs must
-    // share a GPC), so there the pairing follows the capacity, the same on every rank.
-    const double pairing_tokens = uniform_pairing ? double(shape.max_tokens_per_rank) : double(in.launch_tokens);
-    const double expected_rows = pairing_tokens * v.top_k * v.world_size / v.num_experts;
-    int cluster_m = forced_cluster_m ? forced_cluster_m : gemm::cluster_m_for(expected_rows);
+    // GEMM CTA pairing: single CTAs unless the options ask for pairs (gemm/config.h,
+    // kDefaultClusterM). The same on every rank: ranks that share one GPU (the loopback transport)
+    // and run the fused kernel need every rank's grid resident at once, and a rank of CTA pairs beside
+    // ranks of single CTAs may not fit (pairs must share a GPC).
+    int cluster_m = forced_cluster_m ? forced_cluster_m : gemm::kDefaultClusterM;
     if (num_sms < 2) cluster_m = 1;  // a pair needs two SMs of the budget
     if (impl == ForwardImpl::kFused) {
       while (mark < 4) stage_done();  // the events bracket the one kernel; last_stage_times reads its own stamps
@@ -514,7 +510,6 @@ struct Layer::Impl {
   double watchdog_s = env_watchdog_s();
   bool fp8;
   ForwardImpl impl = ForwardImpl::kStaged;
-  bool uniform_pairing = false;  // the GEMM pairing from the capacity, not the forward's tokens (enqueue)
   Workspace workspace;
   moe::LayerView view{};  // the workspace's view plus the layer's wait bound
   int device = 0, num_sms = 0;
@@ -545,7 +540,7 @@ Layer::Layer(const MoeShape& shape, Communicator& comm, const LayerOptions& opti
     throw InvalidArgument("options.num_sms = " + std::to_string(options.num_sms) + ": must be in [0 (all), " +
                           std::to_string(device_sms) + "] (the SMs of GPU " + std::to_string(device) + ")");
   if (options.gemm_cluster_m < 0 || options.gemm_cluster_m > 2)
-    throw InvalidArgument("options.gemm_cluster_m = " + std::to_string(options.gemm_cluster_m) + ": must be 0 (auto), 1 or 2");
+    throw InvalidArgument("options.gemm_cluster_m = " + std::to_string(options.gemm_cluster_m) + ": must be 0 (the default), 1 or 2");
   LayerOptions resolved = options;
   resolved.impl = resolve_impl(options.impl);  // MEGAMOE_IMPL, checked before anything is allocated
   resolved.pool_rows = resolve_pool_rows(shape, options.pool_rows, resolved.impl);

@@ -3,7 +3,6 @@
 // every row once, in order, each within the pool, each cut at a unit boundary. The GEMM's work items
 // over the same schedules, for single CTAs (gemm::decode_unit) and CTA pairs (gemm::decode_pair_item):
 // every tile once, and which weight tiles another item computes with too (gemm::weight_tile_read_again).
-// And the CTA pairing heuristic (gemm::cluster_m_for).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,22 +12,10 @@
 #include <utility>
 #include <vector>
 
-#include "gemm/config.h"
 #include "gemm/scheduler.h"
 
 namespace megamoe {
 namespace {
-
-// Pairs once expected rows per expert plus two standard deviations pass one 128-row tile:
-// 107 + 2 sqrt(107) = 127.7, 108 -> 128.8.
-TEST(GemmHeuristics, PairsFromASecondTile) {
-  EXPECT_EQ(gemm::cluster_m_for(0.0), 1);
-  EXPECT_EQ(gemm::cluster_m_for(96.0), 1);
-  EXPECT_EQ(gemm::cluster_m_for(107.0), 1);
-  EXPECT_EQ(gemm::cluster_m_for(108.0), 2);
-  EXPECT_EQ(gemm::cluster_m_for(192.0), 2);
-  EXPECT_EQ(gemm::cluster_m_for(1e6), 2);
-}
 
 TEST(Schedule, PoolWindowsCoverTheScheduleInPoolSizedPieces) {
   std::mt19937 rng(12345);
