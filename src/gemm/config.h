@@ -45,10 +45,11 @@ inline constexpr int stages_for(size_t stage_bytes, size_t other_bytes) {
 // Pairs once won wherever experts had a second tile (nineteenth session: dsv4-flash FP8 at 2048
 // tokens 1008 -> 884 us), while single CTAs read a weight tile's second use from HBM and walked their
 // items statically. Since weight tiles read again stay in L2 (weight_tile_read_again) and single
-// CTAs take items from a counter, single CTAs are level or faster: one H200 under sustained load,
-// FP8, dsv4-flash / dsv4-pro / dsv3, 2048-8192 tokens, staged and fused, 2-5 rounds: 2-8% faster at
-// 4096-8192 tokens on dsv4-pro and dsv3 and in the fused forward, level at 2048 (BF16: 1-3% slower
-// at 2048, 3-8% faster at 8192; docs/PERFORMANCE.md, thirtieth session).
+// CTAs take items from a counter, single CTAs are level or faster in 25 of 30 cases: one H200 under
+// sustained load, dsv4-flash / dsv4-pro / dsv3, 2048-8192 tokens, staged and fused, 1-5 rounds:
+// 2-7% faster at 4096-8192 tokens on dsv4-pro and dsv3, 2.5-4% in dsv4-flash's fused forward at
+// 6144-8192, level at dsv4-flash's 2048; BF16 1-3% slower at 2048, 3-6% faster at 8192
+// (docs/PERFORMANCE.md, thirtieth session).
 inline constexpr int kDefaultClusterM = 1;
 
 // FP8 tiles with <= 64 valid rows: split N instead of M between the two consumer warpgroups (both
